@@ -1,1 +1,19 @@
-//! placeholder
+//! Storage locations for tidemark: one small async trait, its implementations, and the layers
+//! (retry, timeout, bandwidth limit, fault injection) that wrap any of them.
+//!
+//! A location is named by a URL (`file:///…`, `s3://bucket/prefix`, `gs://…`, `az://…`,
+//! `memory://`) plus options; see [`Location`]. Everything above this crate sees only
+//! `Arc<dyn Storage>`.
+
+mod error;
+pub mod layer;
+mod local;
+mod location;
+mod object;
+mod storage;
+
+pub use error::{Error, ErrorKind, Result};
+pub use local::LocalStorage;
+pub use location::{Location, LocationError, StorageOptions};
+pub use object::ObjectStorage;
+pub use storage::{Capabilities, ObjectMeta, PutMode, Storage, Upload};

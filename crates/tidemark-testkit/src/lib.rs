@@ -1,0 +1,11 @@
+//! Test support shared by the crates' integration tests: real servers started on 127.0.0.1 in
+//! temporary directories, stopped by PID when dropped.
+//!
+//! A missing server binary is a test failure with a message saying how to install it, never a
+//! silent skip: `.ci/run` installs everything.
+
+mod process;
+mod servers;
+
+pub use process::{free_port, find_binary, Server};
+pub use servers::{Azurite, FakeGcs, Moto};
