@@ -1,0 +1,316 @@
+//! Backup: chunk, deduplicate, compress and seal streams in parallel, pack and upload the blobs,
+//! then write the index and, last, the snapshot (format §8.2).
+
+use std::collections::{BTreeMap, HashSet};
+use std::io::Read;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use tidemark_storage::{ErrorKind, PutMode};
+use tokio::task::JoinSet;
+
+use crate::chunker::Chunker;
+use crate::error::{Error, Result};
+use crate::id::{ChunkId, SnapshotId};
+use crate::index::{IndexFile, IndexPack, MasterIndex};
+use crate::key::{hostname, username};
+use crate::lock::LockGuard;
+use crate::pack::{Blob, PackBuilder};
+use crate::progress::Progress;
+use crate::repository::Repository;
+use crate::snapshot::{DatabaseIdentity, EntryType, Snapshot, SnapshotKind, StreamEntry, Summary};
+
+/// Options for one backup: shared by the CLI, the agent and tests.
+#[derive(Debug, Clone)]
+pub struct BackupOptions {
+    /// Engine name recorded in the snapshot.
+    pub engine: String,
+    /// Logical, physical or files.
+    pub kind: SnapshotKind,
+    /// The database.
+    pub database: DatabaseIdentity,
+    /// Tags.
+    pub tags: Vec<String>,
+    /// Threads that hash, compress and seal (default: the number of CPUs).
+    pub threads: usize,
+    /// Pack uploads in flight (default 2; each holds up to one pack in memory).
+    pub uploads: usize,
+}
+
+impl Default for BackupOptions {
+    fn default() -> Self {
+        BackupOptions {
+            engine: "stdin".into(),
+            kind: SnapshotKind::Logical,
+            database: DatabaseIdentity::default(),
+            tags: Vec::new(),
+            threads: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
+            uploads: 2,
+        }
+    }
+}
+
+/// Chunks waiting between the reader and the workers, and between workers and the packer.
+const QUEUE: usize = 8;
+
+struct Packer {
+    repo: Repository,
+    current: PackBuilder,
+    uploads: JoinSet<Result<IndexPack>>,
+    done: Vec<IndexPack>,
+    max_uploads: usize,
+}
+
+impl Packer {
+    fn new(repo: Repository, max_uploads: usize) -> Self {
+        Packer { repo, current: PackBuilder::new(), uploads: JoinSet::new(), done: Vec::new(), max_uploads: max_uploads.max(1) }
+    }
+
+    async fn add(&mut self, blob: &Blob) -> Result<()> {
+        self.current.add(blob);
+        if self.current.len() >= self.repo.config().pack_size.min as usize {
+            self.flush_current().await?;
+        }
+        Ok(())
+    }
+
+    async fn flush_current(&mut self) -> Result<()> {
+        if self.current.is_empty() {
+            return Ok(());
+        }
+        while self.uploads.len() >= self.max_uploads {
+            self.join_one().await?;
+        }
+        let pack = std::mem::take(&mut self.current);
+        let repo = self.repo.clone();
+        self.uploads.spawn(async move {
+            let keys = repo.keys().clone();
+            let (id, bytes, entries) = tokio::task::spawn_blocking(move || pack.finish(&keys))
+                .await
+                .map_err(|e| Error::Invalid(format!("pack task failed: {e}")))?;
+            let size = bytes.len() as u64;
+            match repo.storage().put(&id.path(), bytes, PutMode::CreateNew).await {
+                Ok(()) => {}
+                Err(e) if e.kind == ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(e.into()),
+            }
+            Ok(IndexPack::new(id, size, &entries))
+        });
+        Ok(())
+    }
+
+    async fn join_one(&mut self) -> Result<()> {
+        if let Some(r) = self.uploads.join_next().await {
+            let p = r.map_err(|e| Error::Invalid(format!("upload task failed: {e}")))??;
+            self.done.push(p);
+        }
+        Ok(())
+    }
+
+    async fn finish(mut self) -> Result<Vec<IndexPack>> {
+        self.flush_current().await?;
+        while !self.uploads.is_empty() {
+            self.join_one().await?;
+        }
+        Ok(self.done)
+    }
+}
+
+/// A backup in progress: add streams, then `finish` to write the index and the snapshot.
+pub struct Backup<'l> {
+    repo: Repository,
+    lock: &'l LockGuard,
+    index: Arc<MasterIndex>,
+    claimed: Arc<Mutex<HashSet<ChunkId>>>,
+    packer: Packer,
+    streams: Vec<StreamEntry>,
+    summary: Summary,
+    opts: BackupOptions,
+    started: DateTime<Utc>,
+    progress: Arc<Progress>,
+}
+
+enum Work {
+    Chunk(u64, Bytes),
+    Failed(std::io::Error),
+}
+
+struct Done {
+    seq: u64,
+    id: ChunkId,
+    raw: u64,
+    blob: Option<Blob>,
+}
+
+impl<'l> Backup<'l> {
+    /// Start a backup under a shared lock: loads the index for deduplication.
+    ///
+    /// # Errors
+    /// Storage errors and damaged index objects.
+    pub async fn start(repo: &Repository, lock: &'l LockGuard, opts: BackupOptions, progress: Arc<Progress>) -> Result<Backup<'l>> {
+        lock.check()?;
+        let index = Arc::new(repo.load_index().await?);
+        Ok(Backup {
+            repo: repo.clone(),
+            lock,
+            index,
+            claimed: Arc::new(Mutex::new(HashSet::new())),
+            packer: Packer::new(repo.clone(), opts.uploads),
+            streams: Vec::new(),
+            summary: Summary::default(),
+            started: Utc::now(),
+            opts,
+            progress,
+        })
+    }
+
+    /// Add a directory or symlink entry (no content).
+    pub fn add_entry(&mut self, entry: StreamEntry) {
+        self.streams.push(entry);
+    }
+
+    /// Read `reader` to its end as the stream `name` of type `kind`.
+    ///
+    /// # Errors
+    /// `Io` when the reader fails (the backup must then be abandoned), storage errors, `LockLost`.
+    pub async fn add_stream<R: Read + Send + 'static>(
+        &mut self,
+        name: &str,
+        kind: EntryType,
+        reader: R,
+        mode: Option<u32>,
+        mtime: Option<DateTime<Utc>>,
+    ) -> Result<StreamEntry> {
+        self.lock.check()?;
+        let params = self.repo.config().chunker;
+        let keys = self.repo.keys().clone();
+        let level = self.repo.config().compression.level;
+        let (work_tx, work_rx) = std::sync::mpsc::sync_channel::<Work>(QUEUE);
+        let work_rx = Arc::new(Mutex::new(work_rx));
+        let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<Done>(QUEUE);
+
+        let seed = keys.gear_seed();
+        let reader_thread = std::thread::spawn(move || {
+            let mut chunker = Chunker::new(reader, params, seed);
+            let mut seq = 0u64;
+            loop {
+                match chunker.next_chunk() {
+                    Ok(Some(c)) => {
+                        if work_tx.send(Work::Chunk(seq, c)).is_err() {
+                            return;
+                        }
+                        seq += 1;
+                    }
+                    Ok(None) => return,
+                    Err(e) => {
+                        let _ = work_tx.send(Work::Failed(e));
+                        return;
+                    }
+                }
+            }
+        });
+
+        let (io_tx, mut io_rx) = tokio::sync::mpsc::channel::<std::io::Error>(1);
+        let mut workers = Vec::new();
+        for _ in 0..self.opts.threads.max(1) {
+            let (rx, tx, io_tx) = (work_rx.clone(), done_tx.clone(), io_tx.clone());
+            let (keys, index, claimed) = (keys.clone(), self.index.clone(), self.claimed.clone());
+            workers.push(std::thread::spawn(move || loop {
+                let item = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
+                let (seq, chunk) = match item {
+                    Ok(Work::Chunk(s, c)) => (s, c),
+                    Ok(Work::Failed(e)) => {
+                        let _ = io_tx.blocking_send(e);
+                        return;
+                    }
+                    Err(_) => return,
+                };
+                let id = keys.chunk_id(&chunk);
+                let new = !index.has_for_dedup(&id) && claimed.lock().unwrap_or_else(|p| p.into_inner()).insert(id);
+                let blob = new.then(|| Blob::seal(&keys, id, &chunk, level));
+                if tx.blocking_send(Done { seq, id, raw: chunk.len() as u64, blob }).is_err() {
+                    return;
+                }
+            }));
+        }
+        drop(done_tx);
+        drop(io_tx);
+
+        let mut pending: BTreeMap<u64, ChunkId> = BTreeMap::new();
+        let mut chunks = Vec::new();
+        let mut size = 0u64;
+        let result: Result<()> = async {
+            while let Some(d) = done_rx.recv().await {
+                size += d.raw;
+                self.summary.chunks += 1;
+                Progress::add(&self.progress.bytes, d.raw);
+                if let Some(blob) = &d.blob {
+                    self.summary.new_chunks += 1;
+                    self.summary.new_raw_bytes += d.raw;
+                    self.summary.new_stored_bytes += blob.data.len() as u64;
+                    Progress::add(&self.progress.stored, blob.data.len() as u64);
+                    self.packer.add(blob).await?;
+                }
+                pending.insert(d.seq, d.id);
+                while let Some(e) = pending.first_entry() {
+                    if *e.key() != chunks.len() as u64 {
+                        break;
+                    }
+                    chunks.push(e.remove());
+                }
+            }
+            if let Ok(e) = io_rx.try_recv() {
+                return Err(Error::io("read", name, e));
+            }
+            Ok(())
+        }
+        .await;
+        drop(done_rx);
+        let _ = reader_thread.join();
+        for w in workers {
+            let _ = w.join();
+        }
+        result?;
+        if !pending.is_empty() {
+            return Err(Error::Invalid(format!("internal error: {} chunks of {name:?} were not ordered", pending.len())));
+        }
+        self.summary.raw_bytes += size;
+        Progress::add(&self.progress.items, 1);
+        let entry = StreamEntry { name: name.to_owned(), kind, size, mode, mtime, target: None, chunks };
+        self.streams.push(entry.clone());
+        Ok(entry)
+    }
+
+    /// Flush packs, write the index, then the snapshot. Only now does the snapshot exist.
+    ///
+    /// # Errors
+    /// Storage errors, `LockLost`.
+    pub async fn finish(mut self, positions: BTreeMap<String, serde_json::Value>) -> Result<(SnapshotId, Snapshot)> {
+        let packs = self.packer.finish().await?;
+        self.lock.check()?;
+        if !packs.is_empty() {
+            self.repo.save_index(&IndexFile { version: 1, supersedes: Vec::new(), packs }).await?;
+        }
+        self.lock.check()?;
+        let now = Utc::now();
+        self.summary.duration_seconds = (now - self.started).num_milliseconds() as f64 / 1000.0;
+        let snapshot = Snapshot {
+            version: 1,
+            time: self.started,
+            time_end: now,
+            hostname: hostname(),
+            username: username(),
+            engine: self.opts.engine.clone(),
+            kind: self.opts.kind,
+            database: self.opts.database.clone(),
+            tags: self.opts.tags.clone(),
+            parent: None,
+            streams: self.streams,
+            positions,
+            summary: self.summary,
+        };
+        let id = self.repo.save_snapshot(&snapshot).await?;
+        Ok((id, snapshot))
+    }
+}

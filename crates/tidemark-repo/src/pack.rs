@@ -1,0 +1,212 @@
+//! Packs: blobs followed by an encrypted header that lists them (format §5).
+
+use bytes::Bytes;
+
+use crate::crypto::{aad, Keys};
+use crate::error::{Error, Result};
+use crate::id::{ChunkId, PackId};
+
+/// Blob payload is the raw chunk.
+pub const COMPRESSION_NONE: u8 = 0;
+/// Blob payload is a zstd frame.
+pub const COMPRESSION_ZSTD: u8 = 1;
+
+const MAGIC: &[u8; 4] = b"TMPH";
+const ENTRY_LEN: usize = 32 + 4 + 4 + 4 + 1;
+
+/// Where a chunk is inside a pack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PackEntry {
+    /// The chunk.
+    pub id: ChunkId,
+    /// Offset of its blob in the pack.
+    pub offset: u32,
+    /// Length of its blob (envelope).
+    pub length: u32,
+    /// Length of the chunk.
+    pub raw_length: u32,
+    /// `COMPRESSION_NONE` or `COMPRESSION_ZSTD`.
+    pub compression: u8,
+}
+
+/// A chunk made ready for a pack: compressed (if that helps) and sealed.
+#[derive(Debug, Clone)]
+pub struct Blob {
+    /// The chunk id.
+    pub id: ChunkId,
+    /// The envelope.
+    pub data: Vec<u8>,
+    /// Length of the chunk.
+    pub raw_length: u32,
+    /// Compression of the payload.
+    pub compression: u8,
+}
+
+impl Blob {
+    /// Compress `chunk` with zstd at `level` when that makes it smaller, then seal it.
+    pub fn seal(keys: &Keys, id: ChunkId, chunk: &[u8], level: i32) -> Blob {
+        let compressed = zstd::bulk::compress(chunk, level).ok().filter(|c| c.len() < chunk.len());
+        let (payload, compression) = match &compressed {
+            Some(c) => (&c[..], COMPRESSION_ZSTD),
+            None => (chunk, COMPRESSION_NONE),
+        };
+        Blob { id, data: keys.seal(&id.0, payload), raw_length: chunk.len() as u32, compression }
+    }
+}
+
+/// Open a blob read from a pack: authenticate, decompress, and check length and id.
+///
+/// # Errors
+/// `Corrupt` naming `object` if any check fails; no plaintext is returned then.
+pub fn open_blob(keys: &Keys, entry: &PackEntry, data: &[u8], object: &str) -> Result<Bytes> {
+    let bad = |reason: &str| Error::corrupt(format!("{object} (chunk {})", entry.id.short()), reason);
+    let payload = keys.open(&entry.id.0, data).map_err(|_| bad("authentication failed"))?;
+    let chunk = match entry.compression {
+        COMPRESSION_NONE => payload,
+        COMPRESSION_ZSTD => zstd::bulk::decompress(&payload, entry.raw_length as usize).map_err(|_| bad("zstd frame is invalid"))?,
+        c => return Err(bad(&format!("unknown compression {c}"))),
+    };
+    if chunk.len() != entry.raw_length as usize {
+        return Err(bad("length does not match the index"));
+    }
+    if keys.chunk_id(&chunk) != entry.id {
+        return Err(bad("content does not match the chunk id"));
+    }
+    Ok(Bytes::from(chunk))
+}
+
+/// Builds one pack in memory.
+#[derive(Debug, Default)]
+pub struct PackBuilder {
+    data: Vec<u8>,
+    entries: Vec<PackEntry>,
+}
+
+impl PackBuilder {
+    /// An empty pack.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Bytes of blobs so far.
+    pub fn len(&self) -> usize {
+        self.data.len()
+    }
+
+    /// Whether no blob was added.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Append a blob.
+    pub fn add(&mut self, blob: &Blob) {
+        self.entries.push(PackEntry {
+            id: blob.id,
+            offset: self.data.len() as u32,
+            length: blob.data.len() as u32,
+            raw_length: blob.raw_length,
+            compression: blob.compression,
+        });
+        self.data.extend_from_slice(&blob.data);
+    }
+
+    /// Append the sealed header and its length; return the pack's id, bytes and entries.
+    pub fn finish(mut self, keys: &Keys) -> (PackId, Bytes, Vec<PackEntry>) {
+        let mut header = Vec::with_capacity(9 + self.entries.len() * ENTRY_LEN);
+        header.extend_from_slice(MAGIC);
+        header.push(1);
+        header.extend_from_slice(&(self.entries.len() as u32).to_le_bytes());
+        for e in &self.entries {
+            header.extend_from_slice(&e.id.0);
+            header.extend_from_slice(&e.offset.to_le_bytes());
+            header.extend_from_slice(&e.length.to_le_bytes());
+            header.extend_from_slice(&e.raw_length.to_le_bytes());
+            header.push(e.compression);
+        }
+        let sealed = keys.seal(aad::PACK_HEADER, &header);
+        self.data.extend_from_slice(&sealed);
+        self.data.extend_from_slice(&(sealed.len() as u32).to_le_bytes());
+        let id = PackId::of_bytes(&self.data);
+        (id, Bytes::from(self.data), self.entries)
+    }
+}
+
+/// Read the header of a whole pack (used by `check` and index rebuilds).
+///
+/// # Errors
+/// `Corrupt` naming `object` when the trailer or header is damaged.
+pub fn read_header(keys: &Keys, pack: &[u8], object: &str) -> Result<Vec<PackEntry>> {
+    let bad = |reason: &str| Error::corrupt(object, reason);
+    if pack.len() < 4 {
+        return Err(bad("too short for a pack"));
+    }
+    let hlen = u32::from_le_bytes(pack[pack.len() - 4..].try_into().expect("4 bytes")) as usize;
+    if hlen + 4 > pack.len() {
+        return Err(bad("header length is beyond the start of the pack"));
+    }
+    let start = pack.len() - 4 - hlen;
+    let header = keys.open(aad::PACK_HEADER, &pack[start..pack.len() - 4]).map_err(|_| bad("header authentication failed"))?;
+    if header.len() < 9 || &header[..4] != MAGIC {
+        return Err(bad("header has no magic"));
+    }
+    if header[4] != 1 {
+        return Err(Error::UnsupportedVersion { object: object.to_owned(), version: header[4] as u32 });
+    }
+    let count = u32::from_le_bytes(header[5..9].try_into().expect("4 bytes")) as usize;
+    if header.len() != 9 + count * ENTRY_LEN {
+        return Err(bad("header length does not match its entry count"));
+    }
+    let mut out = Vec::with_capacity(count);
+    for e in header[9..].chunks_exact(ENTRY_LEN) {
+        let u = |i: usize| u32::from_le_bytes(e[i..i + 4].try_into().expect("4 bytes"));
+        let entry = PackEntry {
+            id: ChunkId(e[..32].try_into().expect("32 bytes")),
+            offset: u(32),
+            length: u(36),
+            raw_length: u(40),
+            compression: e[44],
+        };
+        if entry.offset as usize + entry.length as usize > start {
+            return Err(bad("a blob extends past the header"));
+        }
+        out.push(entry);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::MasterKey;
+
+    #[test]
+    fn a_pack_round_trips_through_its_header() {
+        let keys = Keys::derive(&MasterKey::generate());
+        let chunks: Vec<Vec<u8>> = vec![vec![1u8; 5000], (0..3000u32).map(|i| (i * 7) as u8).collect(), b"x".to_vec()];
+        let mut b = PackBuilder::new();
+        for c in &chunks {
+            b.add(&Blob::seal(&keys, keys.chunk_id(c), c, 1));
+        }
+        let (id, bytes, entries) = b.finish(&keys);
+        assert_eq!(id, PackId::of_bytes(&bytes));
+        let header = read_header(&keys, &bytes, "p").unwrap();
+        assert_eq!(header, entries);
+        for (e, c) in header.iter().zip(&chunks) {
+            let blob = &bytes[e.offset as usize..(e.offset + e.length) as usize];
+            assert_eq!(&open_blob(&keys, e, blob, "p").unwrap()[..], &c[..]);
+        }
+        assert_eq!(header[0].compression, COMPRESSION_ZSTD);
+    }
+
+    #[test]
+    fn a_flipped_byte_in_a_blob_is_reported_as_damage() {
+        let keys = Keys::derive(&MasterKey::generate());
+        let c = vec![9u8; 1000];
+        let blob = Blob::seal(&keys, keys.chunk_id(&c), &c, 1);
+        let e = PackEntry { id: blob.id, offset: 0, length: blob.data.len() as u32, raw_length: 1000, compression: blob.compression };
+        let mut bad = blob.data.clone();
+        bad[30] ^= 0x40;
+        let err = open_blob(&keys, &e, &bad, "data/ab/x").unwrap_err();
+        assert!(err.to_string().contains("damaged"), "{err}");
+    }
+}

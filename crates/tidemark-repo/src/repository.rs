@@ -1,0 +1,331 @@
+//! Opening and creating a repository, and reading and writing its sealed JSON objects.
+
+use std::collections::HashSet;
+use std::io::Read;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tidemark_storage::{ErrorKind, ObjectMeta, PutMode, Storage};
+
+use crate::config::{InitOptions, RepoConfig};
+use crate::crypto::{aad, AuthFailed, Keys, MasterKey};
+use crate::error::{Error, Result};
+use crate::id::{IndexId, KeyId, SnapshotId};
+use crate::index::{IndexFile, MasterIndex};
+use crate::key::{KdfParams, KeyFile, Secret};
+use crate::snapshot::Snapshot;
+
+/// Reads of JSON objects in flight at once.
+const LOAD_CONCURRENCY: usize = 16;
+/// Largest JSON object we decompress (a defence against decompression bombs).
+const MAX_JSON: u64 = 1 << 30;
+
+/// An open repository: a location, its keys and its config. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Repository {
+    storage: Arc<dyn Storage>,
+    keys: Arc<Keys>,
+    // Kept (zeroed on drop) so that `key add` can wrap it for a new secret.
+    master: Arc<MasterKey>,
+    config: Arc<RepoConfig>,
+    key_id: KeyId,
+}
+
+impl Repository {
+    /// Create a repository on an empty location, with `secret` as its first key.
+    ///
+    /// # Errors
+    /// `AlreadyInitialized` if a config or keys exist; storage errors.
+    pub async fn init(storage: Arc<dyn Storage>, secret: &Secret, opts: &InitOptions) -> Result<Repository> {
+        let location = storage.name().to_owned();
+        match storage.head("config").await {
+            Ok(_) => return Err(Error::AlreadyInitialized { location }),
+            Err(e) if e.kind == ErrorKind::NotFound => {}
+            Err(e) => return Err(e.into()),
+        }
+        if !storage.list("keys/").await?.is_empty() {
+            return Err(Error::AlreadyInitialized { location });
+        }
+        let config = RepoConfig::new(opts)?;
+        let master = MasterKey::generate();
+        let keys = Keys::derive(&master);
+        let key_id = write_key(&*storage, &master, secret, opts.kdf).await?;
+        let json = serde_json::to_vec(&config).expect("config serializes");
+        let sealed = keys.seal(aad::CONFIG, &json);
+        match storage.put("config", Bytes::from(sealed), PutMode::CreateNew).await {
+            Ok(()) => {}
+            Err(e) if e.kind == ErrorKind::AlreadyExists => {
+                // Another init won the race; leave its repository alone.
+                storage.delete(&format!("keys/{key_id}")).await?;
+                return Err(Error::AlreadyInitialized { location });
+            }
+            Err(e) => return Err(e.into()),
+        }
+        Ok(Repository { storage, keys: Arc::new(keys), master: Arc::new(master), config: Arc::new(config), key_id })
+    }
+
+    /// Open a repository with `secret`.
+    ///
+    /// # Errors
+    /// `NotARepository` when there is no config, `WrongPassword` when no key opens,
+    /// `Corrupt` or `UnsupportedVersion` for a damaged or newer config.
+    pub async fn open(storage: Arc<dyn Storage>, secret: &Secret) -> Result<Repository> {
+        let location = storage.name().to_owned();
+        let config_bytes = match storage.get("config").await {
+            Ok(b) => b,
+            Err(e) if e.kind == ErrorKind::NotFound => return Err(Error::NotARepository { location }),
+            Err(e) => return Err(e.into()),
+        };
+        let key_objects = storage.list("keys/").await?;
+        if key_objects.is_empty() {
+            return Err(Error::NotARepository { location });
+        }
+        let mut found = None;
+        for meta in &key_objects {
+            let kf = load_key(&*storage, &meta.path).await?;
+            if let Some(master) = kf.unwrap_master(secret, &meta.path)? {
+                let id: KeyId = meta.path.trim_start_matches("keys/").parse()?;
+                found = Some((master, id));
+                break;
+            }
+        }
+        let Some((master, key_id)) = found else {
+            return Err(Error::WrongPassword { location });
+        };
+        let keys = Keys::derive(&master);
+        let plain = keys
+            .open(aad::CONFIG, &config_bytes)
+            .map_err(|AuthFailed| Error::corrupt("config", "authentication failed (the config object was modified or replaced)"))?;
+        let value: serde_json::Value =
+            serde_json::from_slice(&plain).map_err(|e| Error::corrupt("config", format!("not valid JSON: {e}")))?;
+        let version = value.get("version").and_then(|v| v.as_u64()).unwrap_or(0) as u32;
+        if version != 1 {
+            return Err(Error::UnsupportedVersion { object: "config".into(), version });
+        }
+        let config: RepoConfig = serde_json::from_value(value).map_err(|e| Error::corrupt("config", e.to_string()))?;
+        Ok(Repository { storage, keys: Arc::new(keys), master: Arc::new(master), config: Arc::new(config), key_id })
+    }
+
+    /// The storage location.
+    pub fn storage(&self) -> &Arc<dyn Storage> {
+        &self.storage
+    }
+
+    /// The location's name, for messages.
+    pub fn location(&self) -> &str {
+        self.storage.name()
+    }
+
+    /// The derived keys.
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    /// The config.
+    pub fn config(&self) -> &RepoConfig {
+        &self.config
+    }
+
+    /// The key this repository was opened with.
+    pub fn key_id(&self) -> KeyId {
+        self.key_id
+    }
+
+    /// Seal `value` as zstd-compressed JSON and store it under `dir/<id>`; return the id bytes.
+    pub(crate) async fn save_json<T: Serialize>(&self, dir: &str, aad: &[u8], value: &T) -> Result<[u8; 32]> {
+        let json = serde_json::to_vec(value).expect("repository objects serialize");
+        let compressed = zstd::bulk::compress(&json, 3).map_err(|e| Error::io("compress", dir, e))?;
+        let sealed = self.keys.seal(aad, &compressed);
+        let id = *blake3::hash(&sealed).as_bytes();
+        let path = format!("{dir}/{}", hex::encode(id));
+        match self.storage.put(&path, Bytes::from(sealed), PutMode::CreateNew).await {
+            // Same name means same bytes (the name is their hash).
+            Ok(()) => Ok(id),
+            Err(e) if e.kind == ErrorKind::AlreadyExists => Ok(id),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Load and verify a sealed JSON object.
+    pub(crate) async fn load_json<T: DeserializeOwned>(&self, path: &str, aad: &[u8]) -> Result<T> {
+        let bytes = self.storage.get(path).await?;
+        let name = path.rsplit('/').next().unwrap_or(path);
+        if hex::encode(blake3::hash(&bytes).as_bytes()) != name {
+            return Err(Error::corrupt(path, "content does not match its name (hash mismatch)"));
+        }
+        let compressed = self.keys.open(aad, &bytes).map_err(|AuthFailed| Error::corrupt(path, "authentication failed"))?;
+        let mut json = Vec::new();
+        zstd::stream::read::Decoder::new(&compressed[..])
+            .and_then(|d| d.take(MAX_JSON).read_to_end(&mut json))
+            .map_err(|e| Error::corrupt(path, format!("zstd: {e}")))?;
+        let value: serde_json::Value = serde_json::from_slice(&json).map_err(|e| Error::corrupt(path, format!("JSON: {e}")))?;
+        let version = value.get("version").and_then(|v| v.as_u64()).unwrap_or(1) as u32;
+        if version != 1 {
+            return Err(Error::UnsupportedVersion { object: path.to_owned(), version });
+        }
+        serde_json::from_value(value).map_err(|e| Error::corrupt(path, format!("JSON: {e}")))
+    }
+
+    /// Objects under `dir/` whose names are ids.
+    pub async fn list_objects(&self, dir: &str) -> Result<Vec<ObjectMeta>> {
+        let mut v = self.storage.list(&format!("{dir}/")).await?;
+        v.retain(|m| m.path.rsplit('/').next().is_some_and(|n| n.len() == 64 && n.bytes().all(|b| b.is_ascii_hexdigit())));
+        Ok(v)
+    }
+
+    /// Load every index object and build the in-memory index, ignoring superseded objects.
+    ///
+    /// # Errors
+    /// Storage errors and damaged index objects.
+    pub async fn load_index(&self) -> Result<MasterIndex> {
+        Ok(self.load_index_files().await?.1)
+    }
+
+    /// Load every index object: the ids read, and the index built from those not superseded.
+    pub(crate) async fn load_index_files(&self) -> Result<(Vec<IndexId>, MasterIndex)> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let metas = self.list_objects("index").await?;
+            let loaded: Result<Vec<(IndexId, IndexFile)>> = futures::stream::iter(metas)
+                .map(|m| async move {
+                    let id: IndexId = m.path.trim_start_matches("index/").parse()?;
+                    let f: IndexFile = self.load_json(&m.path, aad::INDEX).await?;
+                    Ok((id, f))
+                })
+                .buffer_unordered(LOAD_CONCURRENCY)
+                .try_collect()
+                .await;
+            let files = match loaded {
+                Ok(f) => f,
+                // Prune replaced an index between our list and read (format §6.1): list again once.
+                Err(Error::Storage(e)) if e.kind == ErrorKind::NotFound && attempt == 1 => continue,
+                Err(e) => return Err(e),
+            };
+            let superseded: HashSet<IndexId> = files.iter().flat_map(|(_, f)| f.supersedes.iter().copied()).collect();
+            let mut index = MasterIndex::new();
+            let mut ids = Vec::new();
+            for (id, f) in files {
+                ids.push(id);
+                if superseded.contains(&id) {
+                    continue;
+                }
+                for p in f.packs {
+                    index.add_pack(p);
+                }
+            }
+            return Ok((ids, index));
+        }
+    }
+
+    /// Store an index object.
+    pub(crate) async fn save_index(&self, f: &IndexFile) -> Result<IndexId> {
+        Ok(IndexId(self.save_json("index", aad::INDEX, f).await?))
+    }
+
+    /// Store a snapshot: the last write of a backup (format §8.2).
+    pub async fn save_snapshot(&self, s: &Snapshot) -> Result<SnapshotId> {
+        Ok(SnapshotId(self.save_json("snapshots", aad::SNAPSHOT, s).await?))
+    }
+
+    /// Load one snapshot.
+    pub async fn load_snapshot(&self, id: SnapshotId) -> Result<Snapshot> {
+        self.load_json(&format!("snapshots/{id}"), aad::SNAPSHOT).await
+    }
+
+    /// Every snapshot, oldest first.
+    pub async fn snapshots(&self) -> Result<Vec<(SnapshotId, Snapshot)>> {
+        let metas = self.list_objects("snapshots").await?;
+        let mut v: Vec<(SnapshotId, Snapshot)> = futures::stream::iter(metas)
+            .map(|m| async move {
+                let id: SnapshotId = m.path.trim_start_matches("snapshots/").parse()?;
+                match self.load_snapshot(id).await {
+                    Ok(s) => Ok(Some((id, s))),
+                    // Forgotten between list and read.
+                    Err(Error::Storage(e)) if e.kind == ErrorKind::NotFound => Ok(None),
+                    Err(e) => Err(e),
+                }
+            })
+            .buffer_unordered(LOAD_CONCURRENCY)
+            .try_filter_map(|x| async move { Ok(x) })
+            .try_collect()
+            .await?;
+        v.sort_by(|a, b| a.1.time.cmp(&b.1.time).then(a.0.cmp(&b.0)));
+        Ok(v)
+    }
+
+    /// Find a snapshot by id prefix, or `latest`.
+    ///
+    /// # Errors
+    /// `SnapshotNotFound`, `AmbiguousSnapshot`.
+    pub async fn find_snapshot(&self, which: &str) -> Result<(SnapshotId, Snapshot)> {
+        if which == "latest" {
+            return self.snapshots().await?.pop().ok_or_else(|| Error::SnapshotNotFound(which.into()));
+        }
+        if which.is_empty() || !which.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(Error::SnapshotNotFound(which.into()));
+        }
+        let metas = self.list_objects("snapshots").await?;
+        let matches: Vec<_> = metas.iter().filter(|m| m.path["snapshots/".len()..].starts_with(&which.to_ascii_lowercase())).collect();
+        match matches.as_slice() {
+            [] => Err(Error::SnapshotNotFound(which.into())),
+            [m] => {
+                let id: SnapshotId = m.path["snapshots/".len()..].parse()?;
+                Ok((id, self.load_snapshot(id).await?))
+            }
+            _ => Err(Error::AmbiguousSnapshot(which.into())),
+        }
+    }
+
+    /// Add a key for `secret`.
+    pub async fn add_key(&self, secret: &Secret, kdf: KdfParams) -> Result<KeyId> {
+        write_key(&*self.storage, &self.master, secret, kdf).await
+    }
+
+    /// Every key: id and record.
+    pub async fn keys_list(&self) -> Result<Vec<(KeyId, KeyFile)>> {
+        let mut out = Vec::new();
+        for m in self.storage.list("keys/").await? {
+            let id: KeyId = m.path.trim_start_matches("keys/").parse()?;
+            out.push((id, load_key(&*self.storage, &m.path).await?));
+        }
+        out.sort_by(|a, b| a.1.created.cmp(&b.1.created));
+        Ok(out)
+    }
+
+    /// Remove a key. Refuses the last key and the key in use.
+    pub async fn remove_key(&self, id: KeyId) -> Result<()> {
+        let keys = self.keys_list().await?;
+        if !keys.iter().any(|(k, _)| *k == id) {
+            return Err(Error::Invalid(format!("no key {id} in the repository")));
+        }
+        if id == self.key_id {
+            return Err(Error::Invalid("refusing to remove the key in use; open the repository with another key first".into()));
+        }
+        if keys.len() <= 1 {
+            return Err(Error::Invalid("refusing to remove the last key".into()));
+        }
+        self.storage.delete(&format!("keys/{id}")).await?;
+        Ok(())
+    }
+}
+
+async fn write_key(storage: &dyn Storage, master: &MasterKey, secret: &Secret, kdf: KdfParams) -> Result<KeyId> {
+    let secret = secret.clone();
+    let master = master.clone();
+    let kf = tokio::task::spawn_blocking(move || KeyFile::wrap(&master, &secret, kdf))
+        .await
+        .map_err(|e| Error::Invalid(format!("key derivation failed: {e}")))??;
+    let bytes = serde_json::to_vec_pretty(&kf).expect("key file serializes");
+    let id = KeyId::of_bytes(&bytes);
+    storage.put(&format!("keys/{id}"), Bytes::from(bytes), PutMode::CreateNew).await?;
+    Ok(id)
+}
+
+async fn load_key(storage: &dyn Storage, path: &str) -> Result<KeyFile> {
+    let bytes = storage.get(path).await?;
+    serde_json::from_slice(&bytes).map_err(|e| Error::corrupt(path, format!("not a key object: {e}")))
+}
