@@ -81,7 +81,18 @@ impl<R: Read> Chunker<R> {
             return Ok(None);
         }
         let [ms, ml, msl, mll] = self.masks;
-        let (_, len) = cut_gear(&self.buf, self.min, self.avg, self.max, ms, ml, msl, mll, &self.gear, &self.gear_ls);
+        let (_, len) = cut_gear(
+            &self.buf,
+            self.min,
+            self.avg,
+            self.max,
+            ms,
+            ml,
+            msl,
+            mll,
+            &self.gear,
+            &self.gear_ls,
+        );
         Ok(Some(self.buf.split_to(len.max(1)).freeze()))
     }
 }
@@ -118,7 +129,11 @@ mod tests {
         assert_eq!(cs.concat(), input);
         let p = ChunkerParams::default();
         for c in &cs[..cs.len() - 1] {
-            assert!(c.len() >= p.min as usize && c.len() <= p.max as usize, "{}", c.len());
+            assert!(
+                c.len() >= p.min as usize && c.len() <= p.max as usize,
+                "{}",
+                c.len()
+            );
         }
         let avg = input.len() / cs.len();
         assert!(avg > 128 << 10 && avg < 512 << 10, "average {avg}");
@@ -131,14 +146,21 @@ mod tests {
         b.splice(2_000_000..2_000_000, b"inserted bytes".iter().copied());
         let (ca, cb) = (chunks(&a, 7), chunks(&b, 7));
         let shared = ca.iter().filter(|c| cb.contains(c)).count();
-        assert!(shared + 3 >= ca.len(), "{shared} of {} chunks shared", ca.len());
+        assert!(
+            shared + 3 >= ca.len(),
+            "{shared} of {} chunks shared",
+            ca.len()
+        );
     }
 
     #[test]
     fn the_seed_moves_the_boundaries() {
         let input = data(2 << 20, 3);
         let (a, b) = (chunks(&input, 1), chunks(&input, 2));
-        assert_ne!(a.iter().map(|c| c.len()).collect::<Vec<_>>(), b.iter().map(|c| c.len()).collect::<Vec<_>>());
+        assert_ne!(
+            a.iter().map(|c| c.len()).collect::<Vec<_>>(),
+            b.iter().map(|c| c.len()).collect::<Vec<_>>()
+        );
     }
 
     #[test]

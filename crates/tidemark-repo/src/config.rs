@@ -19,7 +19,11 @@ pub struct ChunkerParams {
 
 impl Default for ChunkerParams {
     fn default() -> Self {
-        ChunkerParams { min: 64 << 10, avg: 256 << 10, max: 1 << 20 }
+        ChunkerParams {
+            min: 64 << 10,
+            avg: 256 << 10,
+            max: 1 << 20,
+        }
     }
 }
 
@@ -76,7 +80,10 @@ impl Default for InitOptions {
         InitOptions {
             chunker: ChunkerParams::default(),
             compression_level: 1,
-            pack_size: PackSize { min: 16 << 20, max: 32 << 20 },
+            pack_size: PackSize {
+                min: 16 << 20,
+                max: 32 << 20,
+            },
             kdf: KdfParams::default(),
         }
     }
@@ -102,16 +109,27 @@ impl RepoConfig {
             )));
         }
         if !(1..=19).contains(&opts.compression_level) {
-            return Err(Error::Invalid(format!("zstd level {} is out of range 1..=19", opts.compression_level)));
+            return Err(Error::Invalid(format!(
+                "zstd level {} is out of range 1..=19",
+                opts.compression_level
+            )));
         }
-        if opts.pack_size.min == 0 || opts.pack_size.min > opts.pack_size.max || opts.pack_size.max > 1 << 30 {
-            return Err(Error::Invalid("pack sizes must satisfy 0 < min ≤ max ≤ 1 GiB".into()));
+        if opts.pack_size.min == 0
+            || opts.pack_size.min > opts.pack_size.max
+            || opts.pack_size.max > 1 << 30
+        {
+            return Err(Error::Invalid(
+                "pack sizes must satisfy 0 < min ≤ max ≤ 1 GiB".into(),
+            ));
         }
         Ok(RepoConfig {
             version: 1,
             id: hex::encode(rand::random::<[u8; 16]>()),
             chunker: c,
-            compression: Compression { algorithm: "zstd".into(), level: opts.compression_level },
+            compression: Compression {
+                algorithm: "zstd".into(),
+                level: opts.compression_level,
+            },
             pack_size: opts.pack_size,
             created: Utc::now(),
         })

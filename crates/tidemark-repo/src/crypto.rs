@@ -64,7 +64,13 @@ pub fn seal_with(cipher: &XChaCha20Poly1305, aad: &[u8], plaintext: &[u8]) -> Ve
     let mut nonce = [0u8; NONCE_LEN];
     rand::rngs::OsRng.fill_bytes(&mut nonce);
     let ct = cipher
-        .encrypt(XNonce::from_slice(&nonce), Payload { msg: plaintext, aad })
+        .encrypt(
+            XNonce::from_slice(&nonce),
+            Payload {
+                msg: plaintext,
+                aad,
+            },
+        )
         .expect("XChaCha20-Poly1305 encryption cannot fail for in-memory buffers");
     let mut out = Vec::with_capacity(NONCE_LEN + ct.len());
     out.extend_from_slice(&nonce);
@@ -73,12 +79,18 @@ pub fn seal_with(cipher: &XChaCha20Poly1305, aad: &[u8], plaintext: &[u8]) -> Ve
 }
 
 /// Open an envelope; fails if it is too short or its tag does not verify.
-pub fn open_with(cipher: &XChaCha20Poly1305, aad: &[u8], envelope: &[u8]) -> Result<Vec<u8>, AuthFailed> {
+pub fn open_with(
+    cipher: &XChaCha20Poly1305,
+    aad: &[u8],
+    envelope: &[u8],
+) -> Result<Vec<u8>, AuthFailed> {
     if envelope.len() < OVERHEAD {
         return Err(AuthFailed);
     }
     let (nonce, ct) = envelope.split_at(NONCE_LEN);
-    cipher.decrypt(XNonce::from_slice(nonce), Payload { msg: ct, aad }).map_err(|_| AuthFailed)
+    cipher
+        .decrypt(XNonce::from_slice(nonce), Payload { msg: ct, aad })
+        .map_err(|_| AuthFailed)
 }
 
 /// The subkeys every repository operation uses (format §3.1).
@@ -111,7 +123,11 @@ impl Keys {
         let gear_seed = u64::from_le_bytes(gear[..8].try_into().expect("8 bytes"));
         let cipher = XChaCha20Poly1305::new((&enc).into());
         enc.zeroize();
-        Keys { cipher, id_key, gear_seed }
+        Keys {
+            cipher,
+            id_key,
+            gear_seed,
+        }
     }
 
     /// Seal `plaintext` with associated data `aad`.
@@ -174,6 +190,9 @@ mod tests {
     #[test]
     fn nonces_are_fresh_for_every_envelope() {
         let k = Keys::derive(&MasterKey::generate());
-        assert_ne!(k.seal(b"a", b"same")[..NONCE_LEN], k.seal(b"a", b"same")[..NONCE_LEN]);
+        assert_ne!(
+            k.seal(b"a", b"same")[..NONCE_LEN],
+            k.seal(b"a", b"same")[..NONCE_LEN]
+        );
     }
 }

@@ -56,7 +56,13 @@ impl IndexPack {
             delete_marked: None,
             chunks: entries
                 .iter()
-                .map(|e| IndexChunk { id: e.id, offset: e.offset, length: e.length, raw_length: e.raw_length, compression: e.compression })
+                .map(|e| IndexChunk {
+                    id: e.id,
+                    offset: e.offset,
+                    length: e.length,
+                    raw_length: e.raw_length,
+                    compression: e.compression,
+                })
                 .collect(),
         }
     }
@@ -106,17 +112,27 @@ impl MasterIndex {
         }
         let pos = self.packs.len() as u32;
         for (i, c) in p.chunks.iter().enumerate() {
-            let loc = Loc { pack: pos, entry: i as u32 };
+            let loc = Loc {
+                pack: pos,
+                entry: i as u32,
+            };
             match self.chunks.get(&c.id) {
                 // Prefer a copy in an unmarked pack.
-                Some(old) if self.packs[old.pack as usize].delete_marked.is_none() || p.delete_marked.is_some() => {}
+                Some(old)
+                    if self.packs[old.pack as usize].delete_marked.is_none()
+                        || p.delete_marked.is_some() => {}
                 _ => {
                     self.chunks.insert(c.id, loc);
                 }
             }
         }
         self.pack_pos.insert(p.id, pos);
-        self.packs.push(PackInfo { id: p.id, size: p.size, delete_marked: p.delete_marked, chunks: p.chunks });
+        self.packs.push(PackInfo {
+            id: p.id,
+            size: p.size,
+            delete_marked: p.delete_marked,
+            chunks: p.chunks,
+        });
     }
 
     /// Where a chunk is: its pack and entry.

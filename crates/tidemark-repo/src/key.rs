@@ -46,14 +46,22 @@ pub struct KdfParams {
 
 impl Default for KdfParams {
     fn default() -> Self {
-        KdfParams { m_cost_kib: 65536, t_cost: 3, p_cost: 1 }
+        KdfParams {
+            m_cost_kib: 65536,
+            t_cost: 3,
+            p_cost: 1,
+        }
     }
 }
 
 impl KdfParams {
     /// Cheap parameters for tests only; never for real repositories.
     pub fn insecure_for_tests() -> Self {
-        KdfParams { m_cost_kib: 64, t_cost: 1, p_cost: 1 }
+        KdfParams {
+            m_cost_kib: 64,
+            t_cost: 1,
+            p_cost: 1,
+        }
     }
 }
 
@@ -95,13 +103,23 @@ pub fn hostname() -> String {
 
 /// The user name, for key and snapshot records.
 pub fn username() -> String {
-    std::env::var("USER").or_else(|_| std::env::var("LOGNAME")).unwrap_or_default()
+    std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_default()
 }
 
 fn kek(secret: &Secret, kdf: &Kdf) -> Result<Zeroizing<[u8; 32]>> {
     let mut out = Zeroizing::new([0u8; 32]);
     match (secret, kdf) {
-        (Secret::Password(p), Kdf::Argon2id { m_cost_kib, t_cost, p_cost, salt }) => {
+        (
+            Secret::Password(p),
+            Kdf::Argon2id {
+                m_cost_kib,
+                t_cost,
+                p_cost,
+                salt,
+            },
+        ) => {
             let salt = hex::decode(salt).map_err(|_| Error::corrupt("key", "salt is not hex"))?;
             let params = argon2::Params::new(*m_cost_kib, *t_cost, *p_cost, Some(32))
                 .map_err(|e| Error::corrupt("key", format!("bad Argon2id parameters: {e}")))?;
@@ -113,7 +131,11 @@ fn kek(secret: &Secret, kdf: &Kdf) -> Result<Zeroizing<[u8; 32]>> {
             *out = blake3::derive_key("tidemark 2026-11 raw key v1", r);
         }
         // A passphrase cannot open a raw key and vice versa; this is "wrong secret".
-        _ => return Err(Error::WrongPassword { location: String::new() }),
+        _ => {
+            return Err(Error::WrongPassword {
+                location: String::new(),
+            })
+        }
     }
     Ok(out)
 }
@@ -139,7 +161,10 @@ impl KeyFile {
             }
             Secret::Raw(r) => {
                 if r.len() < 32 {
-                    return Err(Error::Invalid(format!("a raw key must have at least 32 bytes; this one has {}", r.len())));
+                    return Err(Error::Invalid(format!(
+                        "a raw key must have at least 32 bytes; this one has {}",
+                        r.len()
+                    )));
                 }
                 Kdf::None
             }
@@ -147,7 +172,14 @@ impl KeyFile {
         let k = kek(secret, &kdf)?;
         let cipher = XChaCha20Poly1305::new((&*k).into());
         let wrapped = hex::encode(seal_with(&cipher, aad::KEY, &master.0));
-        Ok(KeyFile { version: 1, created: Utc::now(), hostname: hostname(), username: username(), kdf, wrapped })
+        Ok(KeyFile {
+            version: 1,
+            created: Utc::now(),
+            hostname: hostname(),
+            username: username(),
+            kdf,
+            wrapped,
+        })
     }
 
     /// Unwrap the master key. `Ok(None)` means the secret does not fit this key.
@@ -156,7 +188,10 @@ impl KeyFile {
     /// `Corrupt` when the key object is malformed, `UnsupportedVersion` for a newer format.
     pub fn unwrap_master(&self, secret: &Secret, object: &str) -> Result<Option<MasterKey>> {
         if self.version != 1 {
-            return Err(Error::UnsupportedVersion { object: object.to_owned(), version: self.version });
+            return Err(Error::UnsupportedVersion {
+                object: object.to_owned(),
+                version: self.version,
+            });
         }
         let k = match kek(secret, &self.kdf) {
             Ok(k) => k,
@@ -164,11 +199,14 @@ impl KeyFile {
             Err(e) => return Err(e),
         };
         let cipher = XChaCha20Poly1305::new((&*k).into());
-        let wrapped = hex::decode(&self.wrapped).map_err(|_| Error::corrupt(object, "wrapped key is not hex"))?;
+        let wrapped = hex::decode(&self.wrapped)
+            .map_err(|_| Error::corrupt(object, "wrapped key is not hex"))?;
         match open_with(&cipher, aad::KEY, &wrapped) {
             Ok(plain) => {
                 let plain = Zeroizing::new(plain);
-                let bytes: [u8; 32] = plain[..].try_into().map_err(|_| Error::corrupt(object, "wrapped key has the wrong length"))?;
+                let bytes: [u8; 32] = plain[..]
+                    .try_into()
+                    .map_err(|_| Error::corrupt(object, "wrapped key has the wrong length"))?;
                 Ok(Some(MasterKey(bytes)))
             }
             Err(_) => Ok(None),
@@ -191,24 +229,55 @@ mod tests {
     #[test]
     fn a_password_key_opens_only_with_its_password() {
         let m = MasterKey::generate();
-        let kf = KeyFile::wrap(&m, &Secret::password("right"), KdfParams::insecure_for_tests()).unwrap();
-        assert_eq!(kf.unwrap_master(&Secret::password("right"), "k").unwrap().unwrap().0, m.0);
-        assert!(kf.unwrap_master(&Secret::password("wrong"), "k").unwrap().is_none());
-        assert!(kf.unwrap_master(&Secret::Raw(Zeroizing::new(vec![1; 32])), "k").unwrap().is_none());
+        let kf = KeyFile::wrap(
+            &m,
+            &Secret::password("right"),
+            KdfParams::insecure_for_tests(),
+        )
+        .unwrap();
+        assert_eq!(
+            kf.unwrap_master(&Secret::password("right"), "k")
+                .unwrap()
+                .unwrap()
+                .0,
+            m.0
+        );
+        assert!(kf
+            .unwrap_master(&Secret::password("wrong"), "k")
+            .unwrap()
+            .is_none());
+        assert!(kf
+            .unwrap_master(&Secret::Raw(Zeroizing::new(vec![1; 32])), "k")
+            .unwrap()
+            .is_none());
     }
 
     #[test]
     fn a_raw_key_must_be_long_enough() {
         let m = MasterKey::generate();
-        assert!(KeyFile::wrap(&m, &Secret::Raw(Zeroizing::new(vec![1; 8])), KdfParams::default()).is_err());
-        let kf = KeyFile::wrap(&m, &Secret::Raw(Zeroizing::new(vec![1; 32])), KdfParams::default()).unwrap();
-        assert!(kf.unwrap_master(&Secret::Raw(Zeroizing::new(vec![1; 32])), "k").unwrap().is_some());
+        assert!(KeyFile::wrap(
+            &m,
+            &Secret::Raw(Zeroizing::new(vec![1; 8])),
+            KdfParams::default()
+        )
+        .is_err());
+        let kf = KeyFile::wrap(
+            &m,
+            &Secret::Raw(Zeroizing::new(vec![1; 32])),
+            KdfParams::default(),
+        )
+        .unwrap();
+        assert!(kf
+            .unwrap_master(&Secret::Raw(Zeroizing::new(vec![1; 32])), "k")
+            .unwrap()
+            .is_some());
     }
 
     #[test]
     fn key_files_do_not_contain_the_master_key() {
         let m = MasterKey::generate();
-        let kf = KeyFile::wrap(&m, &Secret::password("p"), KdfParams::insecure_for_tests()).unwrap();
+        let kf =
+            KeyFile::wrap(&m, &Secret::password("p"), KdfParams::insecure_for_tests()).unwrap();
         let json = serde_json::to_string(&kf).unwrap();
         assert!(!json.contains(&hex::encode(m.0)));
     }

@@ -75,11 +75,20 @@ impl LockRecord {
         if self.expires + skew < now {
             return true;
         }
-        self.hostname == hostname() && self.pid != std::process::id() && !std::path::Path::new(&format!("/proc/{}", self.pid)).exists()
+        self.hostname == hostname()
+            && self.pid != std::process::id()
+            && !std::path::Path::new(&format!("/proc/{}", self.pid)).exists()
     }
 
     fn describe(&self) -> String {
-        format!("{} ({}) on {} pid {} since {}", self.operation, kind_name(self.kind), self.hostname, self.pid, self.created.format("%Y-%m-%d %H:%M:%S UTC"))
+        format!(
+            "{} ({}) on {} pid {} since {}",
+            self.operation,
+            kind_name(self.kind),
+            self.hostname,
+            self.pid,
+            self.created.format("%Y-%m-%d %H:%M:%S UTC")
+        )
     }
 }
 
@@ -91,7 +100,11 @@ fn kind_name(k: LockKind) -> &'static str {
 }
 
 /// Every lock object that is not stale (removing stale ones when `remove_stale`).
-pub async fn live_locks(repo: &Repository, skew: Duration, remove_stale: bool) -> Result<Vec<(String, LockRecord)>> {
+pub async fn live_locks(
+    repo: &Repository,
+    skew: Duration,
+    remove_stale: bool,
+) -> Result<Vec<(String, LockRecord)>> {
     let now = Utc::now();
     let mut live = Vec::new();
     for m in repo.list_objects("locks").await? {
@@ -131,14 +144,24 @@ impl LockGuard {
     ///
     /// # Errors
     /// `Locked` naming the holder when a live conflicting lock remains after `opts.wait`.
-    pub async fn acquire(repo: &Repository, kind: LockKind, operation: &str, opts: &LockOptions) -> Result<LockGuard> {
+    pub async fn acquire(
+        repo: &Repository,
+        kind: LockKind,
+        operation: &str,
+        opts: &LockOptions,
+    ) -> Result<LockGuard> {
         let created = Utc::now();
         let deadline = tokio::time::Instant::now() + opts.wait;
         loop {
             let record = new_record(kind, operation, created, opts.lease);
-            let path = format!("locks/{}", hex::encode(repo.save_json("locks", aad::LOCK, &record).await?));
+            let path = format!(
+                "locks/{}",
+                hex::encode(repo.save_json("locks", aad::LOCK, &record).await?)
+            );
             let others = live_locks(repo, opts.skew, kind == LockKind::Exclusive).await?;
-            let conflict = others.iter().find(|(p, r)| *p != path && r.kind == LockKind::Exclusive);
+            let conflict = others
+                .iter()
+                .find(|(p, r)| *p != path && r.kind == LockKind::Exclusive);
             match conflict {
                 None => return Ok(LockGuard::start(repo.clone(), path, record, opts)),
                 Some((_, holder)) => {
@@ -159,7 +182,8 @@ impl LockGuard {
         let (stop, mut stop_rx) = watch::channel(false);
         let (lost_tx, lost) = watch::channel(None);
         let path = Arc::new(Mutex::new(path));
-        let (repo2, path2, rec2, opts2) = (repo.clone(), path.clone(), record.clone(), opts.clone());
+        let (repo2, path2, rec2, opts2) =
+            (repo.clone(), path.clone(), record.clone(), opts.clone());
         let task = tokio::spawn(async move {
             let mut expires = rec2.expires;
             loop {
@@ -171,7 +195,10 @@ impl LockGuard {
                 match repo2.save_json("locks", aad::LOCK, &fresh).await {
                     Ok(id) => {
                         let new_path = format!("locks/{}", hex::encode(id));
-                        let old = std::mem::replace(&mut *path2.lock().unwrap_or_else(|p| p.into_inner()), new_path);
+                        let old = std::mem::replace(
+                            &mut *path2.lock().unwrap_or_else(|p| p.into_inner()),
+                            new_path,
+                        );
                         expires = fresh.expires;
                         if let Err(e) = repo2.storage().delete(&old).await {
                             tracing::warn!(error = %e, "failed to remove the previous lock object");
@@ -179,15 +206,27 @@ impl LockGuard {
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "failed to refresh the repository lock");
-                        if Utc::now() + chrono::Duration::from_std(opts2.refresh).unwrap_or_default() >= expires {
-                            let _ = lost_tx.send(Some(format!("could not refresh it before its lease ended: {e}")));
+                        if Utc::now()
+                            + chrono::Duration::from_std(opts2.refresh).unwrap_or_default()
+                            >= expires
+                        {
+                            let _ = lost_tx.send(Some(format!(
+                                "could not refresh it before its lease ended: {e}"
+                            )));
                             return;
                         }
                     }
                 }
             }
         });
-        LockGuard { repo, path, record, stop, lost, task: Some(task) }
+        LockGuard {
+            repo,
+            path,
+            record,
+            stop,
+            lost,
+            task: Some(task),
+        }
     }
 
     /// Fail if the lease could not be kept; writers call this before each step.
@@ -228,7 +267,12 @@ impl Drop for LockGuard {
     }
 }
 
-fn new_record(kind: LockKind, operation: &str, created: DateTime<Utc>, lease: Duration) -> LockRecord {
+fn new_record(
+    kind: LockKind,
+    operation: &str,
+    created: DateTime<Utc>,
+    lease: Duration,
+) -> LockRecord {
     LockRecord {
         kind,
         operation: operation.to_owned(),

@@ -45,12 +45,19 @@ pub struct Blob {
 impl Blob {
     /// Compress `chunk` with zstd at `level` when that makes it smaller, then seal it.
     pub fn seal(keys: &Keys, id: ChunkId, chunk: &[u8], level: i32) -> Blob {
-        let compressed = zstd::bulk::compress(chunk, level).ok().filter(|c| c.len() < chunk.len());
+        let compressed = zstd::bulk::compress(chunk, level)
+            .ok()
+            .filter(|c| c.len() < chunk.len());
         let (payload, compression) = match &compressed {
             Some(c) => (&c[..], COMPRESSION_ZSTD),
             None => (chunk, COMPRESSION_NONE),
         };
-        Blob { id, data: keys.seal(&id.0, payload), raw_length: chunk.len() as u32, compression }
+        Blob {
+            id,
+            data: keys.seal(&id.0, payload),
+            raw_length: chunk.len() as u32,
+            compression,
+        }
     }
 }
 
@@ -59,11 +66,15 @@ impl Blob {
 /// # Errors
 /// `Corrupt` naming `object` if any check fails; no plaintext is returned then.
 pub fn open_blob(keys: &Keys, entry: &PackEntry, data: &[u8], object: &str) -> Result<Bytes> {
-    let bad = |reason: &str| Error::corrupt(format!("{object} (chunk {})", entry.id.short()), reason);
-    let payload = keys.open(&entry.id.0, data).map_err(|_| bad("authentication failed"))?;
+    let bad =
+        |reason: &str| Error::corrupt(format!("{object} (chunk {})", entry.id.short()), reason);
+    let payload = keys
+        .open(&entry.id.0, data)
+        .map_err(|_| bad("authentication failed"))?;
     let chunk = match entry.compression {
         COMPRESSION_NONE => payload,
-        COMPRESSION_ZSTD => zstd::bulk::decompress(&payload, entry.raw_length as usize).map_err(|_| bad("zstd frame is invalid"))?,
+        COMPRESSION_ZSTD => zstd::bulk::decompress(&payload, entry.raw_length as usize)
+            .map_err(|_| bad("zstd frame is invalid"))?,
         c => return Err(bad(&format!("unknown compression {c}"))),
     };
     if chunk.len() != entry.raw_length as usize {
@@ -125,7 +136,8 @@ impl PackBuilder {
         }
         let sealed = keys.seal(aad::PACK_HEADER, &header);
         self.data.extend_from_slice(&sealed);
-        self.data.extend_from_slice(&(sealed.len() as u32).to_le_bytes());
+        self.data
+            .extend_from_slice(&(sealed.len() as u32).to_le_bytes());
         let id = PackId::of_bytes(&self.data);
         (id, Bytes::from(self.data), self.entries)
     }
@@ -145,12 +157,17 @@ pub fn read_header(keys: &Keys, pack: &[u8], object: &str) -> Result<Vec<PackEnt
         return Err(bad("header length is beyond the start of the pack"));
     }
     let start = pack.len() - 4 - hlen;
-    let header = keys.open(aad::PACK_HEADER, &pack[start..pack.len() - 4]).map_err(|_| bad("header authentication failed"))?;
+    let header = keys
+        .open(aad::PACK_HEADER, &pack[start..pack.len() - 4])
+        .map_err(|_| bad("header authentication failed"))?;
     if header.len() < 9 || &header[..4] != MAGIC {
         return Err(bad("header has no magic"));
     }
     if header[4] != 1 {
-        return Err(Error::UnsupportedVersion { object: object.to_owned(), version: header[4] as u32 });
+        return Err(Error::UnsupportedVersion {
+            object: object.to_owned(),
+            version: header[4] as u32,
+        });
     }
     let count = u32::from_le_bytes(header[5..9].try_into().expect("4 bytes")) as usize;
     if header.len() != 9 + count * ENTRY_LEN {
@@ -182,7 +199,11 @@ mod tests {
     #[test]
     fn a_pack_round_trips_through_its_header() {
         let keys = Keys::derive(&MasterKey::generate());
-        let chunks: Vec<Vec<u8>> = vec![vec![1u8; 5000], (0..3000u32).map(|i| (i * 7) as u8).collect(), b"x".to_vec()];
+        let chunks: Vec<Vec<u8>> = vec![
+            vec![1u8; 5000],
+            (0..3000u32).map(|i| (i * 7) as u8).collect(),
+            b"x".to_vec(),
+        ];
         let mut b = PackBuilder::new();
         for c in &chunks {
             b.add(&Blob::seal(&keys, keys.chunk_id(c), c, 1));
@@ -203,7 +224,13 @@ mod tests {
         let keys = Keys::derive(&MasterKey::generate());
         let c = vec![9u8; 1000];
         let blob = Blob::seal(&keys, keys.chunk_id(&c), &c, 1);
-        let e = PackEntry { id: blob.id, offset: 0, length: blob.data.len() as u32, raw_length: 1000, compression: blob.compression };
+        let e = PackEntry {
+            id: blob.id,
+            offset: 0,
+            length: blob.data.len() as u32,
+            raw_length: 1000,
+            compression: blob.compression,
+        };
         let mut bad = blob.data.clone();
         bad[30] ^= 0x40;
         let err = open_blob(&keys, &e, &bad, "data/ab/x").unwrap_err();

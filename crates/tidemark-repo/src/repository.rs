@@ -39,7 +39,11 @@ impl Repository {
     ///
     /// # Errors
     /// `AlreadyInitialized` if a config or keys exist; storage errors.
-    pub async fn init(storage: Arc<dyn Storage>, secret: &Secret, opts: &InitOptions) -> Result<Repository> {
+    pub async fn init(
+        storage: Arc<dyn Storage>,
+        secret: &Secret,
+        opts: &InitOptions,
+    ) -> Result<Repository> {
         let location = storage.name().to_owned();
         match storage.head("config").await {
             Ok(_) => return Err(Error::AlreadyInitialized { location }),
@@ -55,7 +59,10 @@ impl Repository {
         let key_id = write_key(&*storage, &master, secret, opts.kdf).await?;
         let json = serde_json::to_vec(&config).expect("config serializes");
         let sealed = keys.seal(aad::CONFIG, &json);
-        match storage.put("config", Bytes::from(sealed), PutMode::CreateNew).await {
+        match storage
+            .put("config", Bytes::from(sealed), PutMode::CreateNew)
+            .await
+        {
             Ok(()) => {}
             Err(e) if e.kind == ErrorKind::AlreadyExists => {
                 // Another init won the race; leave its repository alone.
@@ -64,7 +71,13 @@ impl Repository {
             }
             Err(e) => return Err(e.into()),
         }
-        Ok(Repository { storage, keys: Arc::new(keys), master: Arc::new(master), config: Arc::new(config), key_id })
+        Ok(Repository {
+            storage,
+            keys: Arc::new(keys),
+            master: Arc::new(master),
+            config: Arc::new(config),
+            key_id,
+        })
     }
 
     /// Open a repository with `secret`.
@@ -76,7 +89,9 @@ impl Repository {
         let location = storage.name().to_owned();
         let config_bytes = match storage.get("config").await {
             Ok(b) => b,
-            Err(e) if e.kind == ErrorKind::NotFound => return Err(Error::NotARepository { location }),
+            Err(e) if e.kind == ErrorKind::NotFound => {
+                return Err(Error::NotARepository { location })
+            }
             Err(e) => return Err(e.into()),
         };
         let key_objects = storage.list("keys/").await?;
@@ -98,15 +113,30 @@ impl Repository {
         let keys = Keys::derive(&master);
         let plain = keys
             .open(aad::CONFIG, &config_bytes)
-            .map_err(|AuthFailed| Error::corrupt("config", "authentication failed (the config object was modified or replaced)"))?;
-        let value: serde_json::Value =
-            serde_json::from_slice(&plain).map_err(|e| Error::corrupt("config", format!("not valid JSON: {e}")))?;
+            .map_err(|AuthFailed| {
+                Error::corrupt(
+                    "config",
+                    "authentication failed (the config object was modified or replaced)",
+                )
+            })?;
+        let value: serde_json::Value = serde_json::from_slice(&plain)
+            .map_err(|e| Error::corrupt("config", format!("not valid JSON: {e}")))?;
         let version = value.get("version").and_then(|v| v.as_u64()).unwrap_or(0) as u32;
         if version != 1 {
-            return Err(Error::UnsupportedVersion { object: "config".into(), version });
+            return Err(Error::UnsupportedVersion {
+                object: "config".into(),
+                version,
+            });
         }
-        let config: RepoConfig = serde_json::from_value(value).map_err(|e| Error::corrupt("config", e.to_string()))?;
-        Ok(Repository { storage, keys: Arc::new(keys), master: Arc::new(master), config: Arc::new(config), key_id })
+        let config: RepoConfig =
+            serde_json::from_value(value).map_err(|e| Error::corrupt("config", e.to_string()))?;
+        Ok(Repository {
+            storage,
+            keys: Arc::new(keys),
+            master: Arc::new(master),
+            config: Arc::new(config),
+            key_id,
+        })
     }
 
     /// The storage location.
@@ -135,13 +165,23 @@ impl Repository {
     }
 
     /// Seal `value` as zstd-compressed JSON and store it under `dir/<id>`; return the id bytes.
-    pub(crate) async fn save_json<T: Serialize>(&self, dir: &str, aad: &[u8], value: &T) -> Result<[u8; 32]> {
+    pub(crate) async fn save_json<T: Serialize>(
+        &self,
+        dir: &str,
+        aad: &[u8],
+        value: &T,
+    ) -> Result<[u8; 32]> {
         let json = serde_json::to_vec(value).expect("repository objects serialize");
-        let compressed = zstd::bulk::compress(&json, 3).map_err(|e| Error::io("compress", dir, e))?;
+        let compressed =
+            zstd::bulk::compress(&json, 3).map_err(|e| Error::io("compress", dir, e))?;
         let sealed = self.keys.seal(aad, &compressed);
         let id = *blake3::hash(&sealed).as_bytes();
         let path = format!("{dir}/{}", hex::encode(id));
-        match self.storage.put(&path, Bytes::from(sealed), PutMode::CreateNew).await {
+        match self
+            .storage
+            .put(&path, Bytes::from(sealed), PutMode::CreateNew)
+            .await
+        {
             // Same name means same bytes (the name is their hash).
             Ok(()) => Ok(id),
             Err(e) if e.kind == ErrorKind::AlreadyExists => Ok(id),
@@ -154,17 +194,27 @@ impl Repository {
         let bytes = self.storage.get(path).await?;
         let name = path.rsplit('/').next().unwrap_or(path);
         if hex::encode(blake3::hash(&bytes).as_bytes()) != name {
-            return Err(Error::corrupt(path, "content does not match its name (hash mismatch)"));
+            return Err(Error::corrupt(
+                path,
+                "content does not match its name (hash mismatch)",
+            ));
         }
-        let compressed = self.keys.open(aad, &bytes).map_err(|AuthFailed| Error::corrupt(path, "authentication failed"))?;
+        let compressed = self
+            .keys
+            .open(aad, &bytes)
+            .map_err(|AuthFailed| Error::corrupt(path, "authentication failed"))?;
         let mut json = Vec::new();
         zstd::stream::read::Decoder::new(&compressed[..])
             .and_then(|d| d.take(MAX_JSON).read_to_end(&mut json))
             .map_err(|e| Error::corrupt(path, format!("zstd: {e}")))?;
-        let value: serde_json::Value = serde_json::from_slice(&json).map_err(|e| Error::corrupt(path, format!("JSON: {e}")))?;
+        let value: serde_json::Value = serde_json::from_slice(&json)
+            .map_err(|e| Error::corrupt(path, format!("JSON: {e}")))?;
         let version = value.get("version").and_then(|v| v.as_u64()).unwrap_or(1) as u32;
         if version != 1 {
-            return Err(Error::UnsupportedVersion { object: path.to_owned(), version });
+            return Err(Error::UnsupportedVersion {
+                object: path.to_owned(),
+                version,
+            });
         }
         serde_json::from_value(value).map_err(|e| Error::corrupt(path, format!("JSON: {e}")))
     }
@@ -172,7 +222,12 @@ impl Repository {
     /// Objects under `dir/` whose names are ids.
     pub async fn list_objects(&self, dir: &str) -> Result<Vec<ObjectMeta>> {
         let mut v = self.storage.list(&format!("{dir}/")).await?;
-        v.retain(|m| m.path.rsplit('/').next().is_some_and(|n| n.len() == 64 && n.bytes().all(|b| b.is_ascii_hexdigit())));
+        v.retain(|m| {
+            m.path
+                .rsplit('/')
+                .next()
+                .is_some_and(|n| n.len() == 64 && n.bytes().all(|b| b.is_ascii_hexdigit()))
+        });
         Ok(v)
     }
 
@@ -186,38 +241,47 @@ impl Repository {
 
     /// Load every index object: the ids read, and the index built from those not superseded.
     pub(crate) async fn load_index_files(&self) -> Result<(Vec<IndexId>, MasterIndex)> {
+        let files = self.read_index_files().await?;
+        let superseded: HashSet<IndexId> = files
+            .iter()
+            .flat_map(|(_, _, f)| f.supersedes.iter().copied())
+            .collect();
+        let mut index = MasterIndex::new();
+        let mut ids = Vec::new();
+        for (id, _, f) in files {
+            ids.push(id);
+            if superseded.contains(&id) {
+                continue;
+            }
+            for p in f.packs {
+                index.add_pack(p);
+            }
+        }
+        Ok((ids, index))
+    }
+
+    /// Every index object with its listing metadata (prune needs the write times).
+    pub(crate) async fn read_index_files(&self) -> Result<Vec<(IndexId, ObjectMeta, IndexFile)>> {
         let mut attempt = 0;
         loop {
             attempt += 1;
             let metas = self.list_objects("index").await?;
-            let loaded: Result<Vec<(IndexId, IndexFile)>> = futures::stream::iter(metas)
-                .map(|m| async move {
-                    let id: IndexId = m.path.trim_start_matches("index/").parse()?;
-                    let f: IndexFile = self.load_json(&m.path, aad::INDEX).await?;
-                    Ok((id, f))
-                })
-                .buffer_unordered(LOAD_CONCURRENCY)
-                .try_collect()
-                .await;
-            let files = match loaded {
-                Ok(f) => f,
+            let loaded: Result<Vec<(IndexId, ObjectMeta, IndexFile)>> =
+                futures::stream::iter(metas)
+                    .map(|m| async move {
+                        let id: IndexId = m.path.trim_start_matches("index/").parse()?;
+                        let f: IndexFile = self.load_json(&m.path, aad::INDEX).await?;
+                        Ok((id, m, f))
+                    })
+                    .buffer_unordered(LOAD_CONCURRENCY)
+                    .try_collect()
+                    .await;
+            match loaded {
+                Ok(f) => return Ok(f),
                 // Prune replaced an index between our list and read (format §6.1): list again once.
                 Err(Error::Storage(e)) if e.kind == ErrorKind::NotFound && attempt == 1 => continue,
                 Err(e) => return Err(e),
-            };
-            let superseded: HashSet<IndexId> = files.iter().flat_map(|(_, f)| f.supersedes.iter().copied()).collect();
-            let mut index = MasterIndex::new();
-            let mut ids = Vec::new();
-            for (id, f) in files {
-                ids.push(id);
-                if superseded.contains(&id) {
-                    continue;
-                }
-                for p in f.packs {
-                    index.add_pack(p);
-                }
             }
-            return Ok((ids, index));
         }
     }
 
@@ -228,12 +292,15 @@ impl Repository {
 
     /// Store a snapshot: the last write of a backup (format §8.2).
     pub async fn save_snapshot(&self, s: &Snapshot) -> Result<SnapshotId> {
-        Ok(SnapshotId(self.save_json("snapshots", aad::SNAPSHOT, s).await?))
+        Ok(SnapshotId(
+            self.save_json("snapshots", aad::SNAPSHOT, s).await?,
+        ))
     }
 
     /// Load one snapshot.
     pub async fn load_snapshot(&self, id: SnapshotId) -> Result<Snapshot> {
-        self.load_json(&format!("snapshots/{id}"), aad::SNAPSHOT).await
+        self.load_json(&format!("snapshots/{id}"), aad::SNAPSHOT)
+            .await
     }
 
     /// Every snapshot, oldest first.
@@ -263,13 +330,20 @@ impl Repository {
     /// `SnapshotNotFound`, `AmbiguousSnapshot`.
     pub async fn find_snapshot(&self, which: &str) -> Result<(SnapshotId, Snapshot)> {
         if which == "latest" {
-            return self.snapshots().await?.pop().ok_or_else(|| Error::SnapshotNotFound(which.into()));
+            return self
+                .snapshots()
+                .await?
+                .pop()
+                .ok_or_else(|| Error::SnapshotNotFound(which.into()));
         }
         if which.is_empty() || !which.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(Error::SnapshotNotFound(which.into()));
         }
         let metas = self.list_objects("snapshots").await?;
-        let matches: Vec<_> = metas.iter().filter(|m| m.path["snapshots/".len()..].starts_with(&which.to_ascii_lowercase())).collect();
+        let matches: Vec<_> = metas
+            .iter()
+            .filter(|m| m.path["snapshots/".len()..].starts_with(&which.to_ascii_lowercase()))
+            .collect();
         match matches.as_slice() {
             [] => Err(Error::SnapshotNotFound(which.into())),
             [m] => {
@@ -292,7 +366,7 @@ impl Repository {
             let id: KeyId = m.path.trim_start_matches("keys/").parse()?;
             out.push((id, load_key(&*self.storage, &m.path).await?));
         }
-        out.sort_by(|a, b| a.1.created.cmp(&b.1.created));
+        out.sort_by_key(|k| k.1.created);
         Ok(out)
     }
 
@@ -303,7 +377,10 @@ impl Repository {
             return Err(Error::Invalid(format!("no key {id} in the repository")));
         }
         if id == self.key_id {
-            return Err(Error::Invalid("refusing to remove the key in use; open the repository with another key first".into()));
+            return Err(Error::Invalid(
+                "refusing to remove the key in use; open the repository with another key first"
+                    .into(),
+            ));
         }
         if keys.len() <= 1 {
             return Err(Error::Invalid("refusing to remove the last key".into()));
@@ -313,7 +390,12 @@ impl Repository {
     }
 }
 
-async fn write_key(storage: &dyn Storage, master: &MasterKey, secret: &Secret, kdf: KdfParams) -> Result<KeyId> {
+async fn write_key(
+    storage: &dyn Storage,
+    master: &MasterKey,
+    secret: &Secret,
+    kdf: KdfParams,
+) -> Result<KeyId> {
     let secret = secret.clone();
     let master = master.clone();
     let kf = tokio::task::spawn_blocking(move || KeyFile::wrap(&master, &secret, kdf))
@@ -321,11 +403,18 @@ async fn write_key(storage: &dyn Storage, master: &MasterKey, secret: &Secret, k
         .map_err(|e| Error::Invalid(format!("key derivation failed: {e}")))??;
     let bytes = serde_json::to_vec_pretty(&kf).expect("key file serializes");
     let id = KeyId::of_bytes(&bytes);
-    storage.put(&format!("keys/{id}"), Bytes::from(bytes), PutMode::CreateNew).await?;
+    storage
+        .put(
+            &format!("keys/{id}"),
+            Bytes::from(bytes),
+            PutMode::CreateNew,
+        )
+        .await?;
     Ok(id)
 }
 
 async fn load_key(storage: &dyn Storage, path: &str) -> Result<KeyFile> {
     let bytes = storage.get(path).await?;
-    serde_json::from_slice(&bytes).map_err(|e| Error::corrupt(path, format!("not a key object: {e}")))
+    serde_json::from_slice(&bytes)
+        .map_err(|e| Error::corrupt(path, format!("not a key object: {e}")))
 }

@@ -16,7 +16,11 @@ async fn a_backed_up_stream_is_restored_byte_for_byte() {
     let data = dump_like(400_000, 1);
     let (_, snap) = backup_bytes(&repo, "dump.sql", data.clone()).await;
     assert_eq!(snap.streams[0].size, data.len() as u64);
-    assert!(snap.summary.new_stored_bytes < data.len() as u64 / 2, "compressed: {:?}", snap.summary);
+    assert!(
+        snap.summary.new_stored_bytes < data.len() as u64 / 2,
+        "compressed: {:?}",
+        snap.summary
+    );
     assert_eq!(restore_bytes(&repo, &snap).await.unwrap(), data);
 }
 
@@ -31,7 +35,12 @@ async fn a_second_backup_of_slightly_changed_data_stores_little() {
         changed[at..at + 200].copy_from_slice(&[b'x'; 200]);
     }
     let (_, second) = backup_bytes(&repo, "dump.sql", changed.clone()).await;
-    assert!(second.summary.new_stored_bytes * 3 < first.summary.new_stored_bytes, "{:?} vs {:?}", second.summary, first.summary);
+    assert!(
+        second.summary.new_stored_bytes * 3 < first.summary.new_stored_bytes,
+        "{:?} vs {:?}",
+        second.summary,
+        first.summary
+    );
     let (_, third) = backup_bytes(&repo, "dump.sql", changed.clone()).await;
     assert_eq!(third.summary.new_chunks, 0);
     assert_eq!(restore_bytes(&repo, &second).await.unwrap(), changed);
@@ -50,14 +59,19 @@ async fn empty_and_tiny_streams_round_trip() {
 #[tokio::test]
 async fn a_wrong_password_is_reported_as_such() {
     let (storage, _) = memory_repo().await;
-    let e = Repository::open(storage, &Secret::password("nope")).await.unwrap_err();
+    let e = Repository::open(storage, &Secret::password("nope"))
+        .await
+        .unwrap_err();
     assert!(matches!(e, Error::WrongPassword { .. }), "{e}");
 }
 
 #[tokio::test]
 async fn a_missing_repository_is_reported_as_such() {
-    let storage: Arc<dyn tidemark_storage::Storage> = Arc::new(tidemark_storage::ObjectStorage::memory());
-    let e = Repository::open(storage, &Secret::password("pw")).await.unwrap_err();
+    let storage: Arc<dyn tidemark_storage::Storage> =
+        Arc::new(tidemark_storage::ObjectStorage::memory());
+    let e = Repository::open(storage, &Secret::password("pw"))
+        .await
+        .unwrap_err();
     assert!(matches!(e, Error::NotARepository { .. }), "{e}");
 }
 
@@ -66,8 +80,13 @@ async fn a_corrupt_config_is_reported_as_damage() {
     let (storage, _) = memory_repo().await;
     let mut config = storage.get("config").await.unwrap().to_vec();
     config[40] ^= 1;
-    storage.put("config", Bytes::from(config), PutMode::Overwrite).await.unwrap();
-    let e = Repository::open(storage, &Secret::password("pw")).await.unwrap_err();
+    storage
+        .put("config", Bytes::from(config), PutMode::Overwrite)
+        .await
+        .unwrap();
+    let e = Repository::open(storage, &Secret::password("pw"))
+        .await
+        .unwrap_err();
     assert!(matches!(e, Error::Corrupt { .. }), "{e}");
     assert!(e.to_string().contains("config"), "{e}");
 }
@@ -75,7 +94,9 @@ async fn a_corrupt_config_is_reported_as_damage() {
 #[tokio::test]
 async fn init_refuses_an_existing_repository() {
     let (storage, _) = memory_repo().await;
-    let e = Repository::init(storage, &Secret::password("pw"), &small_init()).await.unwrap_err();
+    let e = Repository::init(storage, &Secret::password("pw"), &small_init())
+        .await
+        .unwrap_err();
     assert!(matches!(e, Error::AlreadyInitialized { .. }), "{e}");
 }
 
@@ -88,29 +109,59 @@ async fn a_flipped_byte_in_a_pack_fails_the_restore_without_writing_wrong_bytes(
     let mut bytes = storage.get(&pack.path).await.unwrap().to_vec();
     let at = bytes.len() / 2;
     bytes[at] ^= 0x10;
-    storage.put(&pack.path, Bytes::from(bytes), PutMode::Overwrite).await.unwrap();
+    storage
+        .put(&pack.path, Bytes::from(bytes), PutMode::Overwrite)
+        .await
+        .unwrap();
 
     let index = repo.load_index().await.unwrap();
     let out = SharedBuf::default();
-    let e = tidemark_repo::ops::restore::restore_stream(&repo, &index, &snap.streams[0], out.clone(), &Default::default(), Default::default())
-        .await
-        .unwrap_err();
+    let e = tidemark_repo::ops::restore::restore_stream(
+        &repo,
+        &index,
+        &snap.streams[0],
+        out.clone(),
+        &Default::default(),
+        Default::default(),
+    )
+    .await
+    .unwrap_err();
     assert!(matches!(e, Error::Corrupt { .. }), "{e}");
     assert!(e.to_string().contains(&pack.path), "names the pack: {e}");
     let written = out.0.lock().unwrap().clone();
     assert!(written.len() < data.len());
-    assert_eq!(&written[..], &data[..written.len()], "every byte written is correct");
+    assert_eq!(
+        &written[..],
+        &data[..written.len()],
+        "every byte written is correct"
+    );
 }
 
 #[tokio::test]
 async fn keys_can_be_added_listed_and_removed_but_not_the_last_or_current() {
     let (storage, repo) = memory_repo().await;
-    let k2 = repo.add_key(&Secret::password("second"), tidemark_repo::key::KdfParams::insecure_for_tests()).await.unwrap();
+    let k2 = repo
+        .add_key(
+            &Secret::password("second"),
+            tidemark_repo::key::KdfParams::insecure_for_tests(),
+        )
+        .await
+        .unwrap();
     assert_eq!(repo.keys_list().await.unwrap().len(), 2);
-    let repo2 = Repository::open(storage.clone(), &Secret::password("second")).await.unwrap();
+    let repo2 = Repository::open(storage.clone(), &Secret::password("second"))
+        .await
+        .unwrap();
     assert_eq!(repo2.key_id(), k2);
-    assert!(repo.remove_key(repo.key_id()).await.is_err(), "the key in use stays");
+    assert!(
+        repo.remove_key(repo.key_id()).await.is_err(),
+        "the key in use stays"
+    );
     repo2.remove_key(repo.key_id()).await.unwrap();
-    assert!(matches!(Repository::open(storage.clone(), &Secret::password("pw")).await.unwrap_err(), Error::WrongPassword { .. }));
+    assert!(matches!(
+        Repository::open(storage.clone(), &Secret::password("pw"))
+            .await
+            .unwrap_err(),
+        Error::WrongPassword { .. }
+    ));
     assert!(repo2.remove_key(k2).await.is_err(), "the last key stays");
 }

@@ -50,11 +50,20 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 impl Error {
     /// A new error without an underlying cause.
     pub fn new(kind: ErrorKind, op: &'static str, path: &str, location: &str) -> Self {
-        Error { kind, op, path: path.to_owned(), location: location.to_owned(), source: None }
+        Error {
+            kind,
+            op,
+            path: path.to_owned(),
+            location: location.to_owned(),
+            source: None,
+        }
     }
 
     /// Attach an underlying cause.
-    pub fn with_source(mut self, source: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+    pub fn with_source(
+        mut self,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
         self.source = Some(source.into());
         self
     }
@@ -73,9 +82,8 @@ impl Error {
     ) -> Self {
         let kind = match &e {
             object_store::Error::NotFound { .. } => ErrorKind::NotFound,
-            object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. } => {
-                ErrorKind::AlreadyExists
-            }
+            object_store::Error::AlreadyExists { .. }
+            | object_store::Error::Precondition { .. } => ErrorKind::AlreadyExists,
             object_store::Error::PermissionDenied { .. }
             | object_store::Error::Unauthenticated { .. } => ErrorKind::Denied,
             object_store::Error::NotSupported { .. }
@@ -152,13 +160,19 @@ impl fmt::Display for Error {
             ErrorKind::Timeout => " (timed out)",
             _ => "",
         };
-        write!(f, "failed to {} {:?} at location {:?}{}", self.op, self.path, self.location, what)
+        write!(
+            f,
+            "failed to {} {:?} at location {:?}{}",
+            self.op, self.path, self.location, what
+        )
     }
 }
 
 impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        self.source.as_deref().map(|e| e as &(dyn std::error::Error + 'static))
+        self.source
+            .as_deref()
+            .map(|e| e as &(dyn std::error::Error + 'static))
     }
 }
 
@@ -190,6 +204,9 @@ mod tests {
     #[test]
     fn display_names_the_operation_object_and_location() {
         let e = Error::new(ErrorKind::NotFound, "read", "config", "s3-eu");
-        assert_eq!(e.to_string(), r#"failed to read "config" at location "s3-eu" (not found)"#);
+        assert_eq!(
+            e.to_string(),
+            r#"failed to read "config" at location "s3-eu" (not found)"#
+        );
     }
 }

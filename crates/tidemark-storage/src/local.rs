@@ -30,14 +30,17 @@ impl LocalStorage {
     pub fn new(root: impl Into<PathBuf>, name: impl Into<String>) -> Result<Self> {
         let root = root.into();
         let name = name.into();
-        std::fs::create_dir_all(&root).map_err(|e| io_error(e, "create", &root.display().to_string(), &name))?;
+        std::fs::create_dir_all(&root)
+            .map_err(|e| io_error(e, "create", &root.display().to_string(), &name))?;
         Ok(LocalStorage { root, name })
     }
 
     fn path(&self, op: &'static str, rel: &str) -> Result<PathBuf> {
         if rel.is_empty()
             || rel.starts_with('/')
-            || rel.split('/').any(|c| c.is_empty() || c == "." || c == "..")
+            || rel
+                .split('/')
+                .any(|c| c.is_empty() || c == "." || c == "..")
         {
             return Err(Error::new(ErrorKind::Invalid, op, rel, &self.name));
         }
@@ -71,7 +74,10 @@ fn io_error(e: std::io::Error, op: &'static str, path: &str, location: &str) -> 
 }
 
 fn temp_name(dest: &Path) -> PathBuf {
-    let file = dest.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+    let file = dest
+        .file_name()
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_default();
     dest.with_file_name(format!(".tmp-{}-{:016x}", file, rand::random::<u64>()))
 }
 
@@ -111,7 +117,9 @@ fn write_file(dest: &Path, data: &[u8], mode: PutMode) -> std::io::Result<()> {
 }
 
 fn modified(meta: &std::fs::Metadata) -> DateTime<Utc> {
-    meta.modified().map(DateTime::<Utc>::from).unwrap_or_else(|_| Utc::now())
+    meta.modified()
+        .map(DateTime::<Utc>::from)
+        .unwrap_or_else(|_| Utc::now())
 }
 
 fn walk(root: &Path, dir: &Path, out: &mut Vec<ObjectMeta>) -> std::io::Result<()> {
@@ -136,8 +144,16 @@ fn walk(root: &Path, dir: &Path, out: &mut Vec<ObjectMeta>) -> std::io::Result<(
             walk(root, &path, out)?;
         } else if meta.is_file() {
             let rel = path.strip_prefix(root).unwrap_or(&path);
-            let rel = rel.components().map(|c| c.as_os_str().to_string_lossy()).collect::<Vec<_>>().join("/");
-            out.push(ObjectMeta { path: rel, size: meta.len(), modified: modified(&meta) });
+            let rel = rel
+                .components()
+                .map(|c| c.as_os_str().to_string_lossy())
+                .collect::<Vec<_>>()
+                .join("/");
+            out.push(ObjectMeta {
+                path: rel,
+                size: meta.len(),
+                modified: modified(&meta),
+            });
         }
     }
     Ok(())
@@ -161,7 +177,8 @@ impl Storage for LocalStorage {
 
     async fn put(&self, path: &str, data: Bytes, mode: PutMode) -> Result<()> {
         let dest = self.path("upload", path)?;
-        self.blocking("upload", path, move || write_file(&dest, &data, mode)).await
+        self.blocking("upload", path, move || write_file(&dest, &data, mode))
+            .await
     }
 
     async fn put_multipart(&self, path: &str) -> Result<Box<dyn Upload>> {
@@ -174,12 +191,19 @@ impl Storage for LocalStorage {
                 std::fs::File::create(&t2)
             })
             .await?;
-        Ok(Box::new(LocalUpload { file: Some(file), tmp, dest, path: path.to_owned(), name: self.name.clone() }))
+        Ok(Box::new(LocalUpload {
+            file: Some(file),
+            tmp,
+            dest,
+            path: path.to_owned(),
+            name: self.name.clone(),
+        }))
     }
 
     async fn get(&self, path: &str) -> Result<Bytes> {
         let p = self.path("read", path)?;
-        self.blocking("read", path, move || std::fs::read(p).map(Bytes::from)).await
+        self.blocking("read", path, move || std::fs::read(p).map(Bytes::from))
+            .await
     }
 
     async fn get_range(&self, path: &str, range: Range<u64>) -> Result<Bytes> {
@@ -199,7 +223,10 @@ impl Storage for LocalStorage {
                 Ok(Some(Bytes::from(buf)))
             })
             .await?;
-        data.ok_or_else(|| Error::new(ErrorKind::Invalid, "read", &rel, &name).with_source("range beyond the end of the object"))
+        data.ok_or_else(|| {
+            Error::new(ErrorKind::Invalid, "read", &rel, &name)
+                .with_source("range beyond the end of the object")
+        })
     }
 
     async fn head(&self, path: &str) -> Result<ObjectMeta> {
@@ -207,7 +234,11 @@ impl Storage for LocalStorage {
         let rel = path.to_owned();
         self.blocking("stat", path, move || {
             let m = std::fs::metadata(p)?;
-            Ok(ObjectMeta { path: rel, size: m.len(), modified: modified(&m) })
+            Ok(ObjectMeta {
+                path: rel,
+                size: m.len(),
+                modified: modified(&m),
+            })
         })
         .await
     }
@@ -219,7 +250,11 @@ impl Storage for LocalStorage {
             .blocking("list", prefix, move || {
                 // Walk only the directory part of the prefix, then filter by the full prefix.
                 let dir_part = prefix2.rsplit_once('/').map(|(d, _)| d).unwrap_or("");
-                let start = if dir_part.is_empty() { root.clone() } else { root.join(dir_part) };
+                let start = if dir_part.is_empty() {
+                    root.clone()
+                } else {
+                    root.join(dir_part)
+                };
                 let mut out = Vec::new();
                 walk(&root, &start, &mut out)?;
                 Ok(out)
@@ -253,13 +288,18 @@ impl LocalUpload {
         &mut self,
         f: impl FnOnce(&mut std::fs::File) -> std::io::Result<T> + Send + 'static,
     ) -> Result<T> {
-        let mut file = self.file.take().ok_or_else(|| Error::new(ErrorKind::Invalid, "upload", &self.path, &self.name))?;
+        let mut file = self
+            .file
+            .take()
+            .ok_or_else(|| Error::new(ErrorKind::Invalid, "upload", &self.path, &self.name))?;
         let (r, file) = tokio::task::spawn_blocking(move || {
             let r = f(&mut file);
             (r, file)
         })
         .await
-        .map_err(|e| Error::new(ErrorKind::Permanent, "upload", &self.path, &self.name).with_source(e))?;
+        .map_err(|e| {
+            Error::new(ErrorKind::Permanent, "upload", &self.path, &self.name).with_source(e)
+        })?;
         self.file = Some(file);
         r.map_err(|e| io_error(e, "upload", &self.path, &self.name))
     }
@@ -278,7 +318,9 @@ impl Upload for LocalUpload {
         let r = tokio::task::spawn_blocking(move || publish(&tmp, &dest, PutMode::Overwrite)).await;
         match r {
             Ok(r) => r.map_err(|e| io_error(e, "upload", &self.path, &self.name)),
-            Err(e) => Err(Error::new(ErrorKind::Permanent, "upload", &self.path, &self.name).with_source(e)),
+            Err(e) => Err(
+                Error::new(ErrorKind::Permanent, "upload", &self.path, &self.name).with_source(e),
+            ),
         }
     }
 

@@ -101,15 +101,26 @@ pub struct Location {
 impl std::fmt::Debug for Location {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Options may hold credentials from the environment or config: show only their names.
-        f.debug_struct("Location").field("url", &self.url.as_str()).field("options", &self.options.keys()).finish()
+        f.debug_struct("Location")
+            .field("url", &self.url.as_str())
+            .field("options", &self.options.keys())
+            .finish()
     }
 }
 
 fn is_secret(key: &str) -> bool {
     let k = key.to_ascii_lowercase();
-    ["secret", "password", "token", "sas", "access_key", "service_account_key", "credential"]
-        .iter()
-        .any(|s| k.contains(s))
+    [
+        "secret",
+        "password",
+        "token",
+        "sas",
+        "access_key",
+        "service_account_key",
+        "credential",
+    ]
+    .iter()
+    .any(|s| k.contains(s))
         && k != "access_key_id"
         && k != "aws_access_key_id"
 }
@@ -121,7 +132,10 @@ impl Location {
     /// `Invalid` for text that is neither a path nor a URL, `SecretInUrl` for credentials in
     /// the query string.
     pub fn parse(text: &str) -> Result<Self, LocationError> {
-        let invalid = |reason: &str| LocationError::Invalid { text: text.to_owned(), reason: reason.to_owned() };
+        let invalid = |reason: &str| LocationError::Invalid {
+            text: text.to_owned(),
+            reason: reason.to_owned(),
+        };
         if text.is_empty() {
             return Err(invalid("it is empty"));
         }
@@ -133,17 +147,29 @@ impl Location {
         };
         match url.scheme() {
             "file" | "s3" | "gs" | "az" | "azure" | "memory" => {}
-            other => return Err(invalid(&format!("unsupported scheme {other:?}; use file, s3, gs, az or memory"))),
+            other => {
+                return Err(invalid(&format!(
+                    "unsupported scheme {other:?}; use file, s3, gs, az or memory"
+                )))
+            }
         }
-        if matches!(url.scheme(), "s3" | "gs" | "az" | "azure") && url.host_str().unwrap_or("").is_empty() {
+        if matches!(url.scheme(), "s3" | "gs" | "az" | "azure")
+            && url.host_str().unwrap_or("").is_empty()
+        {
             return Err(invalid("it names no bucket or container"));
         }
         let mut options = BTreeMap::new();
-        let pairs: Vec<(String, String)> = url.query_pairs().map(|(k, v)| (k.into_owned(), v.into_owned())).collect();
+        let pairs: Vec<(String, String)> = url
+            .query_pairs()
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect();
         url.set_query(None);
         for (k, v) in pairs {
             if is_secret(&k) {
-                return Err(LocationError::SecretInUrl { location: url.to_string(), key: k });
+                return Err(LocationError::SecretInUrl {
+                    location: url.to_string(),
+                    key: k,
+                });
             }
             options.insert(k, v);
         }
@@ -172,13 +198,26 @@ impl Location {
     /// are not detected here; they surface on the first operation.
     pub fn open(&self, opts: &StorageOptions) -> Result<Arc<dyn Storage>, LocationError> {
         let backend = self.open_backend(opts)?;
-        let timed: Arc<dyn Storage> = Arc::new(TimeoutLayer::new(backend, opts.timeout, opts.min_throughput));
-        let throttled: Arc<dyn Storage> = if opts.limit_upload.is_some() || opts.limit_download.is_some() {
-            Arc::new(ThrottleLayer::new(timed, opts.limit_upload, opts.limit_download))
-        } else {
-            timed
+        let timed: Arc<dyn Storage> = Arc::new(TimeoutLayer::new(
+            backend,
+            opts.timeout,
+            opts.min_throughput,
+        ));
+        let throttled: Arc<dyn Storage> =
+            if opts.limit_upload.is_some() || opts.limit_download.is_some() {
+                Arc::new(ThrottleLayer::new(
+                    timed,
+                    opts.limit_upload,
+                    opts.limit_download,
+                ))
+            } else {
+                timed
+            };
+        let policy = RetryPolicy {
+            attempts: opts.attempts,
+            backoff: opts.backoff,
+            max_backoff: opts.max_backoff,
         };
-        let policy = RetryPolicy { attempts: opts.attempts, backoff: opts.backoff, max_backoff: opts.max_backoff };
         Ok(Arc::new(RetryLayer::new(throttled, policy)))
     }
 
@@ -188,14 +227,24 @@ impl Location {
     /// As for `open`.
     pub fn open_backend(&self, opts: &StorageOptions) -> Result<Arc<dyn Storage>, LocationError> {
         let name = self.display_name();
-        let build = |e: Box<dyn std::error::Error + Send + Sync>| LocationError::Build { location: name.clone(), source: e };
+        let build = |e: Box<dyn std::error::Error + Send + Sync>| LocationError::Build {
+            location: name.clone(),
+            source: e,
+        };
         let prefix = self.url.path().trim_matches('/').to_owned();
         let client = ClientOptions::new()
             .with_connect_timeout(opts.connect_timeout)
             .with_timeout_disabled()
-            .with_allow_http(self.options.get("endpoint").is_some_and(|e| e.starts_with("http://")));
+            .with_allow_http(
+                self.options
+                    .get("endpoint")
+                    .is_some_and(|e| e.starts_with("http://")),
+            );
         // Retries belong to RetryLayer, where failures are classified once.
-        let retry = RetryConfig { max_retries: 0, ..Default::default() };
+        let retry = RetryConfig {
+            max_retries: 0,
+            ..Default::default()
+        };
         let cloud_caps = Capabilities {
             atomic_create: true,
             multipart: true,
@@ -203,15 +252,24 @@ impl Location {
             list_modified_time: true,
             durable: true,
         };
-        let bucket_url = format!("{}://{}", self.url.scheme(), self.url.host_str().unwrap_or(""));
+        let bucket_url = format!(
+            "{}://{}",
+            self.url.scheme(),
+            self.url.host_str().unwrap_or("")
+        );
         match self.url.scheme() {
             "file" => {
-                let path = self.url.to_file_path().map_err(|()| LocationError::Invalid {
-                    text: self.url.to_string(),
-                    reason: "not a local path".into(),
-                })?;
+                let path = self
+                    .url
+                    .to_file_path()
+                    .map_err(|()| LocationError::Invalid {
+                        text: self.url.to_string(),
+                        reason: "not a local path".into(),
+                    })?;
                 self.no_options(&name, &[])?;
-                Ok(Arc::new(LocalStorage::new(path, name.clone()).map_err(|e| build(Box::new(e)))?))
+                Ok(Arc::new(
+                    LocalStorage::new(path, name.clone()).map_err(|e| build(Box::new(e)))?,
+                ))
             }
             "memory" => Ok(Arc::new(ObjectStorage::memory())),
             "s3" => {
@@ -220,19 +278,29 @@ impl Location {
                     .with_client_options(client)
                     .with_retry(retry)
                     .with_conditional_put(S3ConditionalPut::ETagMatch);
-                if std::env::var_os("AWS_REGION").is_none() && std::env::var_os("AWS_DEFAULT_REGION").is_none() {
+                if std::env::var_os("AWS_REGION").is_none()
+                    && std::env::var_os("AWS_DEFAULT_REGION").is_none()
+                {
                     b = b.with_region("us-east-1");
                 }
                 for (k, v) in &self.options {
                     let (k, v) = match k.as_str() {
-                        "path_style" => ("virtual_hosted_style_request", if v == "true" { "false" } else { "true" }),
+                        "path_style" => (
+                            "virtual_hosted_style_request",
+                            if v == "true" { "false" } else { "true" },
+                        ),
                         _ => (k.as_str(), v.as_str()),
                     };
                     let key = AmazonS3ConfigKey::from_str(k).map_err(|_| self.unknown(k))?;
                     b = b.with_config(key, v);
                 }
                 let store = b.build().map_err(|e| build(Box::new(e)))?;
-                Ok(Arc::new(ObjectStorage::new(Arc::new(store), &prefix, name, cloud_caps)))
+                Ok(Arc::new(ObjectStorage::new(
+                    Arc::new(store),
+                    &prefix,
+                    name,
+                    cloud_caps,
+                )))
             }
             "gs" => {
                 let mut b = GoogleCloudStorageBuilder::from_env()
@@ -253,7 +321,12 @@ impl Location {
                     b = b.with_config(key, v);
                 }
                 let store = b.build().map_err(|e| build(Box::new(e)))?;
-                Ok(Arc::new(ObjectStorage::new(Arc::new(store), &prefix, name, cloud_caps)))
+                Ok(Arc::new(ObjectStorage::new(
+                    Arc::new(store),
+                    &prefix,
+                    name,
+                    cloud_caps,
+                )))
             }
             "az" | "azure" => {
                 let container = self.url.host_str().unwrap_or("");
@@ -266,14 +339,22 @@ impl Location {
                     b = b.with_config(key, v);
                 }
                 let store = b.build().map_err(|e| build(Box::new(e)))?;
-                Ok(Arc::new(ObjectStorage::new(Arc::new(store), &prefix, name, cloud_caps)))
+                Ok(Arc::new(ObjectStorage::new(
+                    Arc::new(store),
+                    &prefix,
+                    name,
+                    cloud_caps,
+                )))
             }
             _ => unreachable!("scheme checked in parse"),
         }
     }
 
     fn unknown(&self, key: &str) -> LocationError {
-        LocationError::UnknownOption { location: self.display_name(), key: key.to_owned() }
+        LocationError::UnknownOption {
+            location: self.display_name(),
+            key: key.to_owned(),
+        }
     }
 
     fn no_options(&self, _name: &str, allowed: &[&str]) -> Result<(), LocationError> {
@@ -296,9 +377,14 @@ mod tests {
 
     #[test]
     fn query_options_are_split_from_the_url() {
-        let l = Location::parse("s3://bucket/pre/fix?endpoint=http://127.0.0.1:9000&region=eu-west-1").unwrap();
+        let l =
+            Location::parse("s3://bucket/pre/fix?endpoint=http://127.0.0.1:9000&region=eu-west-1")
+                .unwrap();
         assert_eq!(l.display_name(), "s3://bucket/pre/fix");
-        assert_eq!(l.options.get("region").map(String::as_str), Some("eu-west-1"));
+        assert_eq!(
+            l.options.get("region").map(String::as_str),
+            Some("eu-west-1")
+        );
     }
 
     #[test]

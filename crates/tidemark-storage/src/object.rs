@@ -23,8 +23,18 @@ pub struct ObjectStorage {
 
 impl ObjectStorage {
     /// Wrap `store`. `prefix` (without leading or trailing `/`) is prepended to every path.
-    pub fn new(store: Arc<dyn ObjectStore>, prefix: &str, name: impl Into<String>, caps: Capabilities) -> Self {
-        ObjectStorage { store, prefix: prefix.trim_matches('/').to_owned(), name: name.into(), caps }
+    pub fn new(
+        store: Arc<dyn ObjectStore>,
+        prefix: &str,
+        name: impl Into<String>,
+        caps: Capabilities,
+    ) -> Self {
+        ObjectStorage {
+            store,
+            prefix: prefix.trim_matches('/').to_owned(),
+            name: name.into(),
+            caps,
+        }
     }
 
     /// An in-memory location, for tests and dry runs.
@@ -36,15 +46,25 @@ impl ObjectStorage {
             list_modified_time: true,
             durable: false,
         };
-        ObjectStorage::new(Arc::new(object_store::memory::InMemory::new()), "", "memory", caps)
+        ObjectStorage::new(
+            Arc::new(object_store::memory::InMemory::new()),
+            "",
+            "memory",
+            caps,
+        )
     }
 
     fn full(&self, op: &'static str, path: &str) -> Result<StorePath> {
         if path.starts_with('/') || path.split('/').any(|c| c == "." || c == "..") {
             return Err(Error::new(ErrorKind::Invalid, op, path, &self.name));
         }
-        let full = if self.prefix.is_empty() { path.to_owned() } else { format!("{}/{}", self.prefix, path) };
-        StorePath::parse(&full).map_err(|e| Error::new(ErrorKind::Invalid, op, path, &self.name).with_source(e))
+        let full = if self.prefix.is_empty() {
+            path.to_owned()
+        } else {
+            format!("{}/{}", self.prefix, path)
+        };
+        StorePath::parse(&full)
+            .map_err(|e| Error::new(ErrorKind::Invalid, op, path, &self.name).with_source(e))
     }
 
     fn relative(&self, p: &StorePath) -> String {
@@ -52,7 +72,9 @@ impl ObjectStorage {
         if self.prefix.is_empty() {
             s.to_owned()
         } else {
-            s.strip_prefix(&self.prefix).map(|r| r.trim_start_matches('/').to_owned()).unwrap_or_else(|| s.to_owned())
+            s.strip_prefix(&self.prefix)
+                .map(|r| r.trim_start_matches('/').to_owned())
+                .unwrap_or_else(|| s.to_owned())
         }
     }
 
@@ -78,34 +100,63 @@ impl Storage for ObjectStorage {
             PutMode::CreateNew => {
                 // Emulated create-if-absent: documented as racy in Capabilities::atomic_create.
                 match self.store.head(&p).await {
-                    Ok(_) => return Err(Error::new(ErrorKind::AlreadyExists, "upload", path, &self.name)),
+                    Ok(_) => {
+                        return Err(Error::new(
+                            ErrorKind::AlreadyExists,
+                            "upload",
+                            path,
+                            &self.name,
+                        ))
+                    }
                     Err(object_store::Error::NotFound { .. }) => object_store::PutMode::Overwrite,
                     Err(e) => return Err(self.err(e, "upload", path)),
                 }
             }
             PutMode::Overwrite => object_store::PutMode::Overwrite,
         };
-        let opts = PutOptions { mode, ..Default::default() };
-        self.store.put_opts(&p, PutPayload::from_bytes(data), opts).await.map_err(|e| self.err(e, "upload", path))?;
+        let opts = PutOptions {
+            mode,
+            ..Default::default()
+        };
+        self.store
+            .put_opts(&p, PutPayload::from_bytes(data), opts)
+            .await
+            .map_err(|e| self.err(e, "upload", path))?;
         Ok(())
     }
 
     async fn put_multipart(&self, path: &str) -> Result<Box<dyn Upload>> {
         let p = self.full("upload", path)?;
-        let upload = self.store.put_multipart(&p).await.map_err(|e| self.err(e, "upload", path))?;
-        Ok(Box::new(StoreUpload { upload, path: path.to_owned(), name: self.name.clone() }))
+        let upload = self
+            .store
+            .put_multipart(&p)
+            .await
+            .map_err(|e| self.err(e, "upload", path))?;
+        Ok(Box::new(StoreUpload {
+            upload,
+            path: path.to_owned(),
+            name: self.name.clone(),
+        }))
     }
 
     async fn get(&self, path: &str) -> Result<Bytes> {
         let p = self.full("read", path)?;
-        let r = self.store.get(&p).await.map_err(|e| self.err(e, "read", path))?;
+        let r = self
+            .store
+            .get(&p)
+            .await
+            .map_err(|e| self.err(e, "read", path))?;
         r.bytes().await.map_err(|e| self.err(e, "read", path))
     }
 
     async fn get_range(&self, path: &str, range: Range<u64>) -> Result<Bytes> {
         let p = self.full("read", path)?;
         let want = range.end - range.start;
-        let b = self.store.get_range(&p, range).await.map_err(|e| self.err(e, "read", path))?;
+        let b = self
+            .store
+            .get_range(&p, range)
+            .await
+            .map_err(|e| self.err(e, "read", path))?;
         if b.len() as u64 != want {
             return Err(Error::new(ErrorKind::Invalid, "read", path, &self.name)
                 .with_source(format!("asked for {want} bytes, got {}", b.len())));
@@ -115,8 +166,16 @@ impl Storage for ObjectStorage {
 
     async fn head(&self, path: &str) -> Result<ObjectMeta> {
         let p = self.full("stat", path)?;
-        let m = self.store.head(&p).await.map_err(|e| self.err(e, "stat", path))?;
-        Ok(ObjectMeta { path: path.to_owned(), size: m.size, modified: m.last_modified })
+        let m = self
+            .store
+            .head(&p)
+            .await
+            .map_err(|e| self.err(e, "stat", path))?;
+        Ok(ObjectMeta {
+            path: path.to_owned(),
+            size: m.size,
+            modified: m.last_modified,
+        })
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>> {
@@ -136,8 +195,18 @@ impl Storage for ObjectStorage {
             .map_err(|e| self.err(e, "list", prefix))?;
         Ok(metas
             .into_iter()
-            .map(|m| ObjectMeta { path: self.relative(&m.location), size: m.size, modified: m.last_modified })
-            .filter(|m| m.path.starts_with(prefix) && !m.path.split('/').any(|c| c.starts_with('.') || c.contains('#')))
+            .map(|m| ObjectMeta {
+                path: self.relative(&m.location),
+                size: m.size,
+                modified: m.last_modified,
+            })
+            .filter(|m| {
+                m.path.starts_with(prefix)
+                    && !m
+                        .path
+                        .split('/')
+                        .any(|c| c.starts_with('.') || c.contains('#'))
+            })
             .collect())
     }
 
@@ -166,11 +235,17 @@ impl Upload for StoreUpload {
     }
 
     async fn complete(mut self: Box<Self>) -> Result<()> {
-        self.upload.complete().await.map_err(|e| Error::from_object_store(e, "upload", &self.path, &self.name))?;
+        self.upload
+            .complete()
+            .await
+            .map_err(|e| Error::from_object_store(e, "upload", &self.path, &self.name))?;
         Ok(())
     }
 
     async fn abort(mut self: Box<Self>) -> Result<()> {
-        self.upload.abort().await.map_err(|e| Error::from_object_store(e, "upload", &self.path, &self.name))
+        self.upload
+            .abort()
+            .await
+            .map_err(|e| Error::from_object_store(e, "upload", &self.path, &self.name))
     }
 }

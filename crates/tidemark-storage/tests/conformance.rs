@@ -9,7 +9,10 @@ use tidemark_storage::{ErrorKind, Location, ObjectStorage, PutMode, Storage, Sto
 use tidemark_testkit::{Azurite, FakeGcs, Moto};
 
 fn pattern(len: usize, seed: u8) -> Bytes {
-    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect::<Vec<_>>().into()
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect::<Vec<_>>()
+        .into()
 }
 
 /// Every behaviour the repository relies on. Runs on an empty location.
@@ -18,13 +21,20 @@ async fn conformance(s: Arc<dyn Storage>) {
 
     // Whole-object round trip, including an empty object.
     let body = pattern(100_000, 1);
-    s.put("data/ab/abcdef", body.clone(), PutMode::CreateNew).await.unwrap();
+    s.put("data/ab/abcdef", body.clone(), PutMode::CreateNew)
+        .await
+        .unwrap();
     assert_eq!(s.get("data/ab/abcdef").await.unwrap(), body);
-    s.put("empty", Bytes::new(), PutMode::CreateNew).await.unwrap();
+    s.put("empty", Bytes::new(), PutMode::CreateNew)
+        .await
+        .unwrap();
     assert_eq!(s.get("empty").await.unwrap().len(), 0);
 
     // Create-if-absent refuses to replace and leaves the original intact.
-    let e = s.put("data/ab/abcdef", pattern(10, 2), PutMode::CreateNew).await.unwrap_err();
+    let e = s
+        .put("data/ab/abcdef", pattern(10, 2), PutMode::CreateNew)
+        .await
+        .unwrap_err();
     assert_eq!(e.kind, ErrorKind::AlreadyExists, "{e:?}");
     assert_eq!(s.get("data/ab/abcdef").await.unwrap(), body);
 
@@ -33,7 +43,10 @@ async fn conformance(s: Arc<dyn Storage>) {
         let tasks: Vec<_> = (0..8u8)
             .map(|i| {
                 let s = s.clone();
-                tokio::spawn(async move { s.put("locks/race", pattern(1000, i), PutMode::CreateNew).await })
+                tokio::spawn(async move {
+                    s.put("locks/race", pattern(1000, i), PutMode::CreateNew)
+                        .await
+                })
             })
             .collect();
         let mut wins = 0;
@@ -47,30 +60,64 @@ async fn conformance(s: Arc<dyn Storage>) {
     }
 
     // Overwrite replaces.
-    s.put("scratch", pattern(10, 3), PutMode::Overwrite).await.unwrap();
-    s.put("scratch", pattern(20, 4), PutMode::Overwrite).await.unwrap();
+    s.put("scratch", pattern(10, 3), PutMode::Overwrite)
+        .await
+        .unwrap();
+    s.put("scratch", pattern(20, 4), PutMode::Overwrite)
+        .await
+        .unwrap();
     assert_eq!(s.get("scratch").await.unwrap(), pattern(20, 4));
 
     // Ranged reads.
-    assert_eq!(s.get_range("data/ab/abcdef", 10..20).await.unwrap(), body.slice(10..20));
-    assert_eq!(s.get_range("data/ab/abcdef", 99_990..100_000).await.unwrap(), body.slice(99_990..));
+    assert_eq!(
+        s.get_range("data/ab/abcdef", 10..20).await.unwrap(),
+        body.slice(10..20)
+    );
+    assert_eq!(
+        s.get_range("data/ab/abcdef", 99_990..100_000)
+            .await
+            .unwrap(),
+        body.slice(99_990..)
+    );
 
     // Missing objects are NotFound for every read.
     assert_eq!(s.get("nope").await.unwrap_err().kind, ErrorKind::NotFound);
-    assert_eq!(s.get_range("nope", 0..1).await.unwrap_err().kind, ErrorKind::NotFound);
+    assert_eq!(
+        s.get_range("nope", 0..1).await.unwrap_err().kind,
+        ErrorKind::NotFound
+    );
     assert_eq!(s.head("nope").await.unwrap_err().kind, ErrorKind::NotFound);
 
     // Head reports the size.
     assert_eq!(s.head("data/ab/abcdef").await.unwrap().size, 100_000);
 
     // Listing is recursive, relative and filtered by prefix.
-    s.put("data/cd/cdef01", pattern(5, 5), PutMode::CreateNew).await.unwrap();
-    s.put("dataless", pattern(5, 6), PutMode::CreateNew).await.unwrap();
-    let mut listed: Vec<_> = s.list("data/").await.unwrap().into_iter().map(|m| (m.path, m.size)).collect();
+    s.put("data/cd/cdef01", pattern(5, 5), PutMode::CreateNew)
+        .await
+        .unwrap();
+    s.put("dataless", pattern(5, 6), PutMode::CreateNew)
+        .await
+        .unwrap();
+    let mut listed: Vec<_> = s
+        .list("data/")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| (m.path, m.size))
+        .collect();
     listed.sort();
-    assert_eq!(listed, vec![("data/ab/abcdef".to_owned(), 100_000), ("data/cd/cdef01".to_owned(), 5)]);
+    assert_eq!(
+        listed,
+        vec![
+            ("data/ab/abcdef".to_owned(), 100_000),
+            ("data/cd/cdef01".to_owned(), 5)
+        ]
+    );
     let all = s.list("").await.unwrap();
-    assert!(all.iter().any(|m| m.path == "dataless") && all.iter().any(|m| m.path == "empty"), "{all:?}");
+    assert!(
+        all.iter().any(|m| m.path == "dataless") && all.iter().any(|m| m.path == "empty"),
+        "{all:?}"
+    );
     assert!(s.list("snapshots/").await.unwrap().is_empty());
 
     // Multipart: invisible until complete, whole afterwards; abort leaves nothing.
@@ -80,7 +127,10 @@ async fn conformance(s: Arc<dyn Storage>) {
         let mut up = s.put_multipart("logs/big").await.unwrap();
         up.write_part(a.clone()).await.unwrap();
         up.write_part(b.clone()).await.unwrap();
-        assert_eq!(s.head("logs/big").await.unwrap_err().kind, ErrorKind::NotFound);
+        assert_eq!(
+            s.head("logs/big").await.unwrap_err().kind,
+            ErrorKind::NotFound
+        );
         up.write_part(c.clone()).await.unwrap();
         up.complete().await.unwrap();
         let got = s.get("logs/big").await.unwrap();
@@ -90,14 +140,25 @@ async fn conformance(s: Arc<dyn Storage>) {
         let mut up = s.put_multipart("logs/aborted").await.unwrap();
         up.write_part(pattern(part, 1)).await.unwrap();
         up.abort().await.unwrap();
-        assert_eq!(s.head("logs/aborted").await.unwrap_err().kind, ErrorKind::NotFound);
-        assert!(!s.list("logs/").await.unwrap().iter().any(|m| m.path != "logs/big"));
+        assert_eq!(
+            s.head("logs/aborted").await.unwrap_err().kind,
+            ErrorKind::NotFound
+        );
+        assert!(!s
+            .list("logs/")
+            .await
+            .unwrap()
+            .iter()
+            .any(|m| m.path != "logs/big"));
     }
 
     // Deletes are idempotent.
     s.delete("data/cd/cdef01").await.unwrap();
     s.delete("data/cd/cdef01").await.unwrap();
-    assert_eq!(s.get("data/cd/cdef01").await.unwrap_err().kind, ErrorKind::NotFound);
+    assert_eq!(
+        s.get("data/cd/cdef01").await.unwrap_err().kind,
+        ErrorKind::NotFound
+    );
     assert_eq!(s.list("data/").await.unwrap().len(), 1);
 }
 
@@ -113,7 +174,10 @@ async fn memory_meets_the_storage_contract() {
 #[tokio::test]
 async fn the_local_filesystem_meets_the_storage_contract() {
     let dir = tempfile::tempdir().unwrap();
-    conformance(open(&Location::parse(dir.path().join("repo").to_str().unwrap()).unwrap())).await;
+    conformance(open(
+        &Location::parse(dir.path().join("repo").to_str().unwrap()).unwrap(),
+    ))
+    .await;
 }
 
 #[tokio::test]
@@ -154,9 +218,16 @@ async fn an_unreachable_endpoint_fails_quickly_with_the_location_named() {
     let s = l.open(&opts).unwrap();
     let start = Instant::now();
     let e = s.get("config").await.unwrap_err();
-    assert!(start.elapsed() < Duration::from_secs(10), "took {:?}", start.elapsed());
+    assert!(
+        start.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        start.elapsed()
+    );
     assert_eq!(e.kind, ErrorKind::Transient, "{e:?}");
-    assert!(e.to_string().contains("s3://bucket/prefix") && e.to_string().contains("config"), "{e}");
+    assert!(
+        e.to_string().contains("s3://bucket/prefix") && e.to_string().contains("config"),
+        "{e}"
+    );
 }
 
 #[tokio::test]
@@ -168,11 +239,20 @@ async fn a_blackholed_endpoint_times_out_instead_of_hanging() {
     l.set_option("endpoint", format!("http://127.0.0.1:{port}"));
     l.set_option("access_key_id", "x");
     l.set_option("secret_access_key", "y");
-    let opts = StorageOptions { attempts: 2, backoff: Duration::from_millis(10), timeout: Duration::from_millis(500), ..Default::default() };
+    let opts = StorageOptions {
+        attempts: 2,
+        backoff: Duration::from_millis(10),
+        timeout: Duration::from_millis(500),
+        ..Default::default()
+    };
     let s = l.open(&opts).unwrap();
     let start = Instant::now();
     let e = s.head("config").await.unwrap_err();
     assert_eq!(e.kind, ErrorKind::Timeout, "{e:?}");
-    assert!(start.elapsed() < Duration::from_secs(5), "took {:?}", start.elapsed());
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        start.elapsed()
+    );
     drop(listener);
 }

@@ -7,5 +7,5 @@
 mod process;
 mod servers;
 
-pub use process::{free_port, find_binary, Server};
+pub use process::{find_binary, free_port, Server};
 pub use servers::{Azurite, FakeGcs, Moto};

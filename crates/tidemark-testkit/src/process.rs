@@ -48,9 +48,18 @@ impl Server {
     /// When the process cannot start or does not listen within 60 seconds.
     pub fn start(name: &str, mut cmd: Command, port: u16, dir: tempfile::TempDir) -> Server {
         let log = std::fs::File::create(dir.path().join("server.log")).expect("create server log");
-        cmd.stdin(Stdio::null()).stdout(log.try_clone().expect("clone log")).stderr(log);
-        let child = cmd.spawn().unwrap_or_else(|e| panic!("failed to start {name}: {e}"));
-        let mut server = Server { child, port, dir, name: name.to_owned() };
+        cmd.stdin(Stdio::null())
+            .stdout(log.try_clone().expect("clone log"))
+            .stderr(log);
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("failed to start {name}: {e}"));
+        let mut server = Server {
+            child,
+            port,
+            dir,
+            name: name.to_owned(),
+        };
         server.wait_listening(Duration::from_secs(60));
         server
     }
@@ -59,14 +68,23 @@ impl Server {
         let start = Instant::now();
         while start.elapsed() < limit {
             if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("{} exited with {status} before listening; log:\n{}", self.name, self.log());
+                panic!(
+                    "{} exited with {status} before listening; log:\n{}",
+                    self.name,
+                    self.log()
+                );
             }
             if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
                 return;
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        panic!("{} did not listen on 127.0.0.1:{} within {limit:?}; log:\n{}", self.name, self.port, self.log());
+        panic!(
+            "{} did not listen on 127.0.0.1:{} within {limit:?}; log:\n{}",
+            self.name,
+            self.port,
+            self.log()
+        );
     }
 
     /// The server's log so far.

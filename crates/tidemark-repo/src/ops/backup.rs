@@ -45,7 +45,9 @@ impl Default for BackupOptions {
             kind: SnapshotKind::Logical,
             database: DatabaseIdentity::default(),
             tags: Vec::new(),
-            threads: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
+            threads: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2),
             uploads: 2,
         }
     }
@@ -64,7 +66,13 @@ struct Packer {
 
 impl Packer {
     fn new(repo: Repository, max_uploads: usize) -> Self {
-        Packer { repo, current: PackBuilder::new(), uploads: JoinSet::new(), done: Vec::new(), max_uploads: max_uploads.max(1) }
+        Packer {
+            repo,
+            current: PackBuilder::new(),
+            uploads: JoinSet::new(),
+            done: Vec::new(),
+            max_uploads: max_uploads.max(1),
+        }
     }
 
     async fn add(&mut self, blob: &Blob) -> Result<()> {
@@ -90,7 +98,11 @@ impl Packer {
                 .await
                 .map_err(|e| Error::Invalid(format!("pack task failed: {e}")))?;
             let size = bytes.len() as u64;
-            match repo.storage().put(&id.path(), bytes, PutMode::CreateNew).await {
+            match repo
+                .storage()
+                .put(&id.path(), bytes, PutMode::CreateNew)
+                .await
+            {
                 Ok(()) => {}
                 Err(e) if e.kind == ErrorKind::AlreadyExists => {}
                 Err(e) => return Err(e.into()),
@@ -148,7 +160,12 @@ impl<'l> Backup<'l> {
     ///
     /// # Errors
     /// Storage errors and damaged index objects.
-    pub async fn start(repo: &Repository, lock: &'l LockGuard, opts: BackupOptions, progress: Arc<Progress>) -> Result<Backup<'l>> {
+    pub async fn start(
+        repo: &Repository,
+        lock: &'l LockGuard,
+        opts: BackupOptions,
+        progress: Arc<Progress>,
+    ) -> Result<Backup<'l>> {
         lock.check()?;
         let index = Arc::new(repo.load_index().await?);
         Ok(Backup {
@@ -227,9 +244,18 @@ impl<'l> Backup<'l> {
                     Err(_) => return,
                 };
                 let id = keys.chunk_id(&chunk);
-                let new = !index.has_for_dedup(&id) && claimed.lock().unwrap_or_else(|p| p.into_inner()).insert(id);
+                let new = !index.has_for_dedup(&id)
+                    && claimed.lock().unwrap_or_else(|p| p.into_inner()).insert(id);
                 let blob = new.then(|| Blob::seal(&keys, id, &chunk, level));
-                if tx.blocking_send(Done { seq, id, raw: chunk.len() as u64, blob }).is_err() {
+                if tx
+                    .blocking_send(Done {
+                        seq,
+                        id,
+                        raw: chunk.len() as u64,
+                        blob,
+                    })
+                    .is_err()
+                {
                     return;
                 }
             }));
@@ -273,11 +299,22 @@ impl<'l> Backup<'l> {
         }
         result?;
         if !pending.is_empty() {
-            return Err(Error::Invalid(format!("internal error: {} chunks of {name:?} were not ordered", pending.len())));
+            return Err(Error::Invalid(format!(
+                "internal error: {} chunks of {name:?} were not ordered",
+                pending.len()
+            )));
         }
         self.summary.raw_bytes += size;
         Progress::add(&self.progress.items, 1);
-        let entry = StreamEntry { name: name.to_owned(), kind, size, mode, mtime, target: None, chunks };
+        let entry = StreamEntry {
+            name: name.to_owned(),
+            kind,
+            size,
+            mode,
+            mtime,
+            target: None,
+            chunks,
+        };
         self.streams.push(entry.clone());
         Ok(entry)
     }
@@ -286,11 +323,20 @@ impl<'l> Backup<'l> {
     ///
     /// # Errors
     /// Storage errors, `LockLost`.
-    pub async fn finish(mut self, positions: BTreeMap<String, serde_json::Value>) -> Result<(SnapshotId, Snapshot)> {
+    pub async fn finish(
+        mut self,
+        positions: BTreeMap<String, serde_json::Value>,
+    ) -> Result<(SnapshotId, Snapshot)> {
         let packs = self.packer.finish().await?;
         self.lock.check()?;
         if !packs.is_empty() {
-            self.repo.save_index(&IndexFile { version: 1, supersedes: Vec::new(), packs }).await?;
+            self.repo
+                .save_index(&IndexFile {
+                    version: 1,
+                    supersedes: Vec::new(),
+                    packs,
+                })
+                .await?;
         }
         self.lock.check()?;
         let now = Utc::now();

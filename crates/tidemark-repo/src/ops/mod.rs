@@ -1,4 +1,7 @@
 //! Operations on a repository, one file per verb.
 
 pub mod backup;
+pub mod check;
+pub mod forget;
+pub mod prune;
 pub mod restore;

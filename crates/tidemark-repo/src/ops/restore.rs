@@ -29,7 +29,11 @@ pub struct RestoreOptions {
 
 impl Default for RestoreOptions {
     fn default() -> Self {
-        RestoreOptions { concurrency: 4, window: 8 << 20, max_gap: 1 << 20 }
+        RestoreOptions {
+            concurrency: 4,
+            window: 8 << 20,
+            max_gap: 1 << 20,
+        }
     }
 }
 
@@ -46,10 +50,17 @@ struct Group {
 fn plan(index: &MasterIndex, entry: &StreamEntry, opts: &RestoreOptions) -> Result<Vec<Group>> {
     let mut groups: Vec<Group> = Vec::new();
     for id in &entry.chunks {
-        let (pack, c) = index
-            .get(id)
-            .ok_or_else(|| Error::MissingChunk { chunk: id.to_hex(), stream: entry.name.clone() })?;
-        let e = PackEntry { id: c.id, offset: c.offset, length: c.length, raw_length: c.raw_length, compression: c.compression };
+        let (pack, c) = index.get(id).ok_or_else(|| Error::MissingChunk {
+            chunk: id.to_hex(),
+            stream: entry.name.clone(),
+        })?;
+        let e = PackEntry {
+            id: c.id,
+            offset: c.offset,
+            length: c.length,
+            raw_length: c.raw_length,
+            compression: c.compression,
+        };
         let (start, end) = (c.offset as u64, c.offset as u64 + c.length as u64);
         if let Some(g) = groups.last_mut() {
             let joinable = g.pack == pack.id
@@ -63,7 +74,13 @@ fn plan(index: &MasterIndex, entry: &StreamEntry, opts: &RestoreOptions) -> Resu
                 continue;
             }
         }
-        groups.push(Group { pack: pack.id, start, end, raw: c.raw_length as u64, entries: vec![e] });
+        groups.push(Group {
+            pack: pack.id,
+            start,
+            end,
+            raw: c.raw_length as u64,
+            entries: vec![e],
+        });
     }
     Ok(groups)
 }
@@ -124,16 +141,27 @@ pub async fn restore_stream<W: Write + Send + 'static>(
         .try_for_each(|batch| {
             let raw: u64 = batch.iter().map(|b| b.len() as u64).sum();
             Progress::add(&progress.bytes, raw);
-            let r = tx.send(batch).map_err(|_| Error::io("write", name.clone(), std::io::Error::other("writer stopped")));
+            let r = tx.send(batch).map_err(|_| {
+                Error::io(
+                    "write",
+                    name.clone(),
+                    std::io::Error::other("writer stopped"),
+                )
+            });
             async move { r }
         })
         .await;
     drop(tx);
-    let written = writer_thread.join().map_err(|_| Error::Invalid("writer thread panicked".into()))?;
+    let written = writer_thread
+        .join()
+        .map_err(|_| Error::Invalid("writer thread panicked".into()))?;
     sent?;
     let (n, _) = written.map_err(|e| Error::io("write", entry.name.clone(), e))?;
     if n != entry.size {
-        return Err(Error::corrupt(format!("snapshot stream {:?}", entry.name), format!("restored {n} bytes, expected {}", entry.size)));
+        return Err(Error::corrupt(
+            format!("snapshot stream {:?}", entry.name),
+            format!("restored {n} bytes, expected {}", entry.size),
+        ));
     }
     Progress::add(&progress.items, 1);
     Ok(n)

@@ -4,12 +4,12 @@
 use std::sync::Arc;
 
 use tidemark_repo::config::InitOptions;
+use tidemark_repo::id::SnapshotId;
 use tidemark_repo::key::{KdfParams, Secret};
 use tidemark_repo::lock::{LockGuard, LockKind, LockOptions};
 use tidemark_repo::ops::backup::{Backup, BackupOptions};
 use tidemark_repo::progress::Progress;
 use tidemark_repo::snapshot::{EntryType, Snapshot};
-use tidemark_repo::id::SnapshotId;
 use tidemark_repo::Repository;
 use tidemark_storage::{ObjectStorage, Storage};
 
@@ -21,25 +21,56 @@ pub fn dump_like(rows: usize, seed: u64) -> Vec<u8> {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
-        out.extend_from_slice(format!("{i}\t{}\tname-{:08x}\t{}.{:02}\n", x % 1000, x >> 40, (x >> 20) % 100000, x % 100).as_bytes());
+        out.extend_from_slice(
+            format!(
+                "{i}\t{}\tname-{:08x}\t{}.{:02}\n",
+                x % 1000,
+                x >> 40,
+                (x >> 20) % 100000,
+                x % 100
+            )
+            .as_bytes(),
+        );
     }
     out
 }
 
 pub fn small_init() -> InitOptions {
-    InitOptions { kdf: KdfParams::insecure_for_tests(), ..Default::default() }
+    InitOptions {
+        kdf: KdfParams::insecure_for_tests(),
+        ..Default::default()
+    }
 }
 
 pub async fn memory_repo() -> (Arc<dyn Storage>, Repository) {
     let s: Arc<dyn Storage> = Arc::new(ObjectStorage::memory());
-    let r = Repository::init(s.clone(), &Secret::password("pw"), &small_init()).await.unwrap();
+    let r = Repository::init(s.clone(), &Secret::password("pw"), &small_init())
+        .await
+        .unwrap();
     (s, r)
 }
 
 pub async fn backup_bytes(repo: &Repository, name: &str, data: Vec<u8>) -> (SnapshotId, Snapshot) {
-    let lock = LockGuard::acquire(repo, LockKind::Shared, "backup", &LockOptions::default()).await.unwrap();
-    let mut b = Backup::start(repo, &lock, BackupOptions::default(), Arc::new(Progress::default())).await.unwrap();
-    b.add_stream(name, EntryType::Stream, std::io::Cursor::new(data), None, None).await.unwrap();
+    let lock = LockGuard::acquire(repo, LockKind::Shared, "backup", &LockOptions::default())
+        .await
+        .unwrap();
+    let mut b = Backup::start(
+        repo,
+        &lock,
+        BackupOptions::default(),
+        Arc::new(Progress::default()),
+    )
+    .await
+    .unwrap();
+    b.add_stream(
+        name,
+        EntryType::Stream,
+        std::io::Cursor::new(data),
+        None,
+        None,
+    )
+    .await
+    .unwrap();
     let r = b.finish(Default::default()).await.unwrap();
     lock.release().await.unwrap();
     r
@@ -48,7 +79,15 @@ pub async fn backup_bytes(repo: &Repository, name: &str, data: Vec<u8>) -> (Snap
 pub async fn restore_bytes(repo: &Repository, snap: &Snapshot) -> tidemark_repo::Result<Vec<u8>> {
     let index = repo.load_index().await?;
     let out = SharedBuf::default();
-    tidemark_repo::ops::restore::restore_stream(repo, &index, &snap.streams[0], out.clone(), &Default::default(), Arc::new(Progress::default())).await?;
+    tidemark_repo::ops::restore::restore_stream(
+        repo,
+        &index,
+        &snap.streams[0],
+        out.clone(),
+        &Default::default(),
+        Arc::new(Progress::default()),
+    )
+    .await?;
     let v = out.0.lock().unwrap().clone();
     Ok(v)
 }

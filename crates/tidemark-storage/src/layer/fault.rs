@@ -24,11 +24,17 @@ pub struct FaultPlan {
 impl FaultPlan {
     /// Every n-th call fails transiently.
     pub fn transient_every(n: u64) -> Self {
-        FaultPlan { transient_every: n, ..Default::default() }
+        FaultPlan {
+            transient_every: n,
+            ..Default::default()
+        }
     }
     /// Every call under `prefix` fails permanently.
     pub fn permanent_under(prefix: &str) -> Self {
-        FaultPlan { permanent_prefix: Some(prefix.to_owned()), ..Default::default() }
+        FaultPlan {
+            permanent_prefix: Some(prefix.to_owned()),
+            ..Default::default()
+        }
     }
 }
 
@@ -45,7 +51,12 @@ pub struct FaultLayer {
 impl FaultLayer {
     /// Wrap `inner`.
     pub fn new(inner: Arc<dyn Storage>, plan: FaultPlan) -> Self {
-        FaultLayer { inner, plan, calls: AtomicU64::new(0), injected: AtomicU64::new(0) }
+        FaultLayer {
+            inner,
+            plan,
+            calls: AtomicU64::new(0),
+            injected: AtomicU64::new(0),
+        }
     }
 
     /// How many faults have been injected so far.
@@ -60,13 +71,19 @@ impl FaultLayer {
         if let Some(prefix) = &self.plan.permanent_prefix {
             if path.starts_with(prefix.as_str()) {
                 self.injected.fetch_add(1, Ordering::SeqCst);
-                return Err(Error::new(ErrorKind::Permanent, op, path, self.inner.name()).with_source("injected permanent fault"));
+                return Err(
+                    Error::new(ErrorKind::Permanent, op, path, self.inner.name())
+                        .with_source("injected permanent fault"),
+                );
             }
         }
         let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
-        if self.plan.transient_every > 0 && n % self.plan.transient_every == 0 {
+        if self.plan.transient_every > 0 && n.is_multiple_of(self.plan.transient_every) {
             self.injected.fetch_add(1, Ordering::SeqCst);
-            return Err(Error::new(ErrorKind::Transient, op, path, self.inner.name()).with_source("injected transient fault"));
+            return Err(
+                Error::new(ErrorKind::Transient, op, path, self.inner.name())
+                    .with_source("injected transient fault"),
+            );
         }
         Ok(())
     }

@@ -102,33 +102,62 @@ mod tests {
     use crate::{ErrorKind, ObjectStorage};
 
     fn policy(attempts: u32) -> RetryPolicy {
-        RetryPolicy { attempts, backoff: Duration::from_millis(1), max_backoff: Duration::from_millis(2) }
+        RetryPolicy {
+            attempts,
+            backoff: Duration::from_millis(1),
+            max_backoff: Duration::from_millis(2),
+        }
     }
 
     #[tokio::test]
     async fn transient_failures_are_retried_until_the_operation_succeeds() {
-        let faulty = Arc::new(FaultLayer::new(Arc::new(ObjectStorage::memory()), FaultPlan::transient_every(2)));
+        let faulty = Arc::new(FaultLayer::new(
+            Arc::new(ObjectStorage::memory()),
+            FaultPlan::transient_every(2),
+        ));
         let s = RetryLayer::new(faulty.clone(), policy(3));
         for i in 0..10 {
-            s.put(&format!("o/{i}"), Bytes::from_static(b"x"), PutMode::CreateNew).await.unwrap();
+            s.put(
+                &format!("o/{i}"),
+                Bytes::from_static(b"x"),
+                PutMode::CreateNew,
+            )
+            .await
+            .unwrap();
         }
-        assert!(faulty.injected() >= 5, "faults were injected: {}", faulty.injected());
+        assert!(
+            faulty.injected() >= 5,
+            "faults were injected: {}",
+            faulty.injected()
+        );
         assert_eq!(s.list("o/").await.unwrap().len(), 10);
     }
 
     #[tokio::test]
     async fn permanent_failures_are_not_retried_and_name_the_object() {
-        let faulty = Arc::new(FaultLayer::new(Arc::new(ObjectStorage::memory()), FaultPlan::permanent_under("data/")));
+        let faulty = Arc::new(FaultLayer::new(
+            Arc::new(ObjectStorage::memory()),
+            FaultPlan::permanent_under("data/"),
+        ));
         let s = RetryLayer::new(faulty.clone(), policy(5));
-        let e = s.put("data/ab/cd", Bytes::from_static(b"x"), PutMode::CreateNew).await.unwrap_err();
+        let e = s
+            .put("data/ab/cd", Bytes::from_static(b"x"), PutMode::CreateNew)
+            .await
+            .unwrap_err();
         assert_eq!(e.kind, ErrorKind::Permanent);
         assert_eq!(faulty.injected(), 1);
-        assert!(e.to_string().contains("data/ab/cd") && e.to_string().contains("memory"), "{e}");
+        assert!(
+            e.to_string().contains("data/ab/cd") && e.to_string().contains("memory"),
+            "{e}"
+        );
     }
 
     #[tokio::test]
     async fn retries_give_up_after_the_configured_attempts() {
-        let faulty = Arc::new(FaultLayer::new(Arc::new(ObjectStorage::memory()), FaultPlan::transient_every(1)));
+        let faulty = Arc::new(FaultLayer::new(
+            Arc::new(ObjectStorage::memory()),
+            FaultPlan::transient_every(1),
+        ));
         let s = RetryLayer::new(faulty.clone(), policy(4));
         let e = s.get("missing").await.unwrap_err();
         assert_eq!(e.kind, ErrorKind::Transient);

@@ -27,7 +27,10 @@ struct Pacer {
 
 impl Pacer {
     fn new(rate: u64) -> Self {
-        Pacer { rate: rate.max(1), next_free: Mutex::new(Instant::now()) }
+        Pacer {
+            rate: rate.max(1),
+            next_free: Mutex::new(Instant::now()),
+        }
     }
 
     /// Reserve the link for `bytes` and return when that reservation ends.
@@ -42,7 +45,11 @@ impl Pacer {
 impl ThrottleLayer {
     /// Wrap `inner` with optional upload and download limits in bytes per second.
     pub fn new(inner: Arc<dyn Storage>, upload: Option<u64>, download: Option<u64>) -> Self {
-        ThrottleLayer { inner, upload: upload.map(Pacer::new), download: download.map(Pacer::new) }
+        ThrottleLayer {
+            inner,
+            upload: upload.map(Pacer::new),
+            download: download.map(Pacer::new),
+        }
     }
 
     async fn after_download(&self, bytes: u64) {
@@ -69,7 +76,10 @@ impl Storage for ThrottleLayer {
     async fn put_multipart(&self, path: &str) -> Result<Box<dyn Upload>> {
         let inner = self.inner.put_multipart(path).await?;
         match &self.upload {
-            Some(p) => Ok(Box::new(ThrottledUpload { inner, pacer: Pacer::new(p.rate) })),
+            Some(p) => Ok(Box::new(ThrottledUpload {
+                inner,
+                pacer: Pacer::new(p.rate),
+            })),
             None => Ok(inner),
         }
     }
@@ -123,9 +133,18 @@ mod tests {
         let s = ThrottleLayer::new(Arc::new(ObjectStorage::memory()), Some(1000), None);
         let start = Instant::now();
         for i in 0..5 {
-            s.put(&format!("x/{i}"), Bytes::from(vec![0u8; 1000]), PutMode::CreateNew).await.unwrap();
+            s.put(
+                &format!("x/{i}"),
+                Bytes::from(vec![0u8; 1000]),
+                PutMode::CreateNew,
+            )
+            .await
+            .unwrap();
         }
         let took = start.elapsed();
-        assert!(took >= Duration::from_millis(4900), "5000 bytes at 1000 B/s took {took:?}");
+        assert!(
+            took >= Duration::from_millis(4900),
+            "5000 bytes at 1000 B/s took {took:?}"
+        );
     }
 }

@@ -1,0 +1,215 @@
+//! `tidemark backup`: stdin, a command's stdout, an SQLite database, or files and directories.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+
+use anyhow::{Context as _, Result};
+use chrono::{DateTime, Utc};
+use tidemark_engine::Engine;
+use tidemark_repo::lock::{LockGuard, LockKind, LockOptions};
+use tidemark_repo::ops::backup::{Backup, BackupOptions};
+use tidemark_repo::progress::Progress;
+use tidemark_repo::snapshot::{EntryType, SnapshotKind, StreamEntry};
+
+use crate::context::{usage, Context};
+use crate::output::{size, Bar};
+
+/// The source of a backup failed; nothing was written as a snapshot.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct SourceFailed(pub String);
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Read the stream from stdin.
+    #[arg(long, conflicts_with_all = ["command", "sqlite"])]
+    stdin: bool,
+    /// Run this shell command and back up its stdout; a non-zero exit abandons the backup.
+    #[arg(long, conflicts_with = "sqlite")]
+    command: Option<String>,
+    /// Name of the stream for --stdin or --command.
+    #[arg(long, default_value = "stdin")]
+    stream_name: String,
+    /// Back up this SQLite database with a consistent online copy.
+    #[arg(long)]
+    sqlite: Option<PathBuf>,
+    /// Tag the snapshot (repeatable).
+    #[arg(long = "tag")]
+    tags: Vec<String>,
+    /// Seconds to wait for a conflicting lock.
+    #[arg(long, default_value_t = 0)]
+    lock_wait: u64,
+    /// Files and directories to back up.
+    paths: Vec<PathBuf>,
+}
+
+pub async fn run(ctx: &Context, a: Args) -> Result<i32> {
+    let sources = [
+        a.stdin,
+        a.command.is_some(),
+        a.sqlite.is_some(),
+        !a.paths.is_empty(),
+    ]
+    .iter()
+    .filter(|x| **x)
+    .count();
+    if sources != 1 {
+        return Err(usage(
+            "give exactly one source",
+            "use --stdin, --command CMD, --sqlite PATH, or paths",
+        ));
+    }
+    let repo = ctx.open().await?;
+    let lock_opts = LockOptions {
+        wait: std::time::Duration::from_secs(a.lock_wait),
+        ..Default::default()
+    };
+    let lock = LockGuard::acquire(&repo, LockKind::Shared, "backup", &lock_opts).await?;
+    let result = backup(ctx, &repo, &lock, a).await;
+    lock.release().await?;
+    result
+}
+
+async fn backup(
+    ctx: &Context,
+    repo: &tidemark_repo::Repository,
+    lock: &LockGuard,
+    a: Args,
+) -> Result<i32> {
+    let progress = Arc::new(Progress::default());
+    let mut opts = BackupOptions {
+        tags: a.tags.clone(),
+        ..Default::default()
+    };
+    let bar = Bar::start("backup", None, progress.clone(), ctx.quiet || ctx.json);
+    let positions = Default::default();
+    let result = async {
+        if let Some(db) = &a.sqlite {
+            let engine = tidemark_engine::sqlite::Sqlite::new(db);
+            opts.engine = engine.name().into();
+            opts.kind = SnapshotKind::Physical;
+            opts.database = engine.identity().await?;
+            let mut b = Backup::start(repo, lock, opts, progress.clone()).await?;
+            let info = engine.backup(&mut b).await.map_err(|e| match e {
+                tidemark_engine::Error::Repo(r) => anyhow::Error::from(r),
+                other => anyhow::Error::from(SourceFailed(other.to_string())),
+            })?;
+            return Ok(b.finish(info.positions).await?);
+        }
+        if a.stdin {
+            opts.engine = "stdin".into();
+            let mut b = Backup::start(repo, lock, opts, progress.clone()).await?;
+            b.add_stream(
+                &a.stream_name,
+                EntryType::Stream,
+                std::io::stdin(),
+                None,
+                None,
+            )
+            .await?;
+            return Ok(b.finish(positions).await?);
+        }
+        if let Some(cmd) = &a.command {
+            opts.engine = "command".into();
+            let mut child = std::process::Command::new("sh")
+                .arg("-c")
+                .arg(cmd)
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .map_err(|e| SourceFailed(format!("failed to start the backup command: {e}")))?;
+            let stdout = child.stdout.take().expect("piped stdout");
+            let mut b = Backup::start(repo, lock, opts, progress.clone()).await?;
+            let added = b
+                .add_stream(&a.stream_name, EntryType::Stream, stdout, None, None)
+                .await;
+            let status = tokio::task::spawn_blocking(move || child.wait()).await??;
+            added?;
+            if !status.success() {
+                return Err(SourceFailed(format!(
+                    "the backup command failed ({status}); no snapshot was written"
+                ))
+                .into());
+            }
+            return Ok(b.finish(positions).await?);
+        }
+        opts.engine = "files".into();
+        opts.kind = SnapshotKind::Files;
+        let mut b = Backup::start(repo, lock, opts, progress.clone()).await?;
+        for p in &a.paths {
+            let base = p
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "root".into());
+            add_path(&mut b, p, &base).await?;
+        }
+        Ok::<_, anyhow::Error>(b.finish(positions).await?)
+    }
+    .await;
+    bar.finish();
+    let (id, snap) = result?;
+    if ctx.json {
+        super::print_json(&serde_json::json!({"id": id.to_hex(), "snapshot": snap}))?;
+    } else if !ctx.quiet {
+        let s = &snap.summary;
+        println!(
+            "snapshot {} saved: {} read, {} new ({} stored) in {:.1}s",
+            id.short(),
+            size(s.raw_bytes),
+            size(s.new_raw_bytes),
+            size(s.new_stored_bytes),
+            s.duration_seconds
+        );
+    }
+    Ok(crate::exit::OK)
+}
+
+fn mtime(m: &std::fs::Metadata) -> Option<DateTime<Utc>> {
+    m.modified().ok().map(DateTime::<Utc>::from)
+}
+
+fn mode(m: &std::fs::Metadata) -> Option<u32> {
+    use std::os::unix::fs::PermissionsExt;
+    Some(m.permissions().mode() & 0o7777)
+}
+
+/// Add `path` as `name`, recursing into directories in name order.
+async fn add_path(b: &mut Backup<'_>, path: &Path, name: &str) -> Result<()> {
+    let meta = std::fs::symlink_metadata(path)
+        .map_err(|e| SourceFailed(format!("failed to read {}: {e}", path.display())))?;
+    let entry = |kind, target| StreamEntry {
+        name: name.to_owned(),
+        kind,
+        size: 0,
+        mode: mode(&meta),
+        mtime: mtime(&meta),
+        target,
+        chunks: vec![],
+    };
+    if meta.file_type().is_symlink() {
+        let target = std::fs::read_link(path)
+            .with_context(|| format!("failed to read link {}", path.display()))?;
+        b.add_entry(entry(
+            EntryType::Symlink,
+            Some(target.to_string_lossy().into_owned()),
+        ));
+    } else if meta.is_dir() {
+        b.add_entry(entry(EntryType::Dir, None));
+        let mut children: Vec<_> = std::fs::read_dir(path)
+            .map_err(|e| SourceFailed(format!("failed to list {}: {e}", path.display())))?
+            .collect::<std::io::Result<_>>()?;
+        children.sort_by_key(|c| c.file_name());
+        for c in children {
+            let child_name = format!("{name}/{}", c.file_name().to_string_lossy());
+            Box::pin(add_path(b, &c.path(), &child_name)).await?;
+        }
+    } else if meta.is_file() {
+        let f = std::fs::File::open(path)
+            .map_err(|e| SourceFailed(format!("failed to open {}: {e}", path.display())))?;
+        b.add_stream(name, EntryType::File, f, mode(&meta), mtime(&meta))
+            .await?;
+    }
+    Ok(())
+}

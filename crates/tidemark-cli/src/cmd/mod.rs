@@ -1,0 +1,84 @@
+//! Subcommands, one file each, thin over the library crates.
+
+pub mod backup;
+mod check;
+mod demo;
+mod forget;
+mod init;
+mod key;
+mod prune;
+mod restore;
+mod snapshots;
+mod stats;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+use crate::context::{Context, Global};
+
+/// tidemark backs up databases and brings them back.
+#[derive(Debug, Parser)]
+#[command(name = "tidemark", version, about, long_about = None, after_help = EXIT_CODES)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+const EXIT_CODES: &str = "Exit codes: 0 ok, 1 failure, 2 usage or config error, 3 no repository, 4 wrong password or key, \
+5 repository locked, 6 damaged data, 7 storage failed or unreachable, 8 backup source failed (no snapshot written).";
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create a repository.
+    Init(init::Args),
+    /// Back up stdin, a command's output, an SQLite database, or files and directories.
+    Backup(backup::Args),
+    /// List snapshots.
+    Snapshots(snapshots::Args),
+    /// Restore a snapshot to a file, a directory, or a database path.
+    Restore(restore::RestoreArgs),
+    /// Write one stream of a snapshot to stdout.
+    Dump(restore::DumpArgs),
+    /// Remove snapshots by a retention policy (prune then frees their space).
+    Forget(forget::Args),
+    /// Delete data no snapshot needs, in two phases with a grace period.
+    Prune(prune::Args),
+    /// Verify the repository; --read-data reads and verifies every chunk.
+    Check(check::Args),
+    /// Manage the keys that open the repository.
+    #[command(subcommand)]
+    Key(key::Command),
+    /// Show what the repository holds and how well it deduplicates.
+    Stats(stats::Args),
+    /// Back up and restore a sample SQLite database in a temporary directory. Needs nothing.
+    Demo(demo::Args),
+}
+
+/// Run the command; Ok carries the exit code.
+pub async fn run(cli: Cli) -> Result<i32> {
+    if let Command::Demo(a) = &cli.command {
+        return demo::run(a, &cli.global).await;
+    }
+    let ctx = Context::resolve(&cli.global)?;
+    match cli.command {
+        Command::Init(a) => init::run(&ctx, a).await,
+        Command::Backup(a) => backup::run(&ctx, a).await,
+        Command::Snapshots(a) => snapshots::run(&ctx, a).await,
+        Command::Restore(a) => restore::run_restore(&ctx, a).await,
+        Command::Dump(a) => restore::run_dump(&ctx, a).await,
+        Command::Forget(a) => forget::run(&ctx, a).await,
+        Command::Prune(a) => prune::run(&ctx, a).await,
+        Command::Check(a) => check::run(&ctx, a).await,
+        Command::Key(c) => key::run(&ctx, c).await,
+        Command::Stats(a) => stats::run(&ctx, a).await,
+        Command::Demo(_) => unreachable!("handled above"),
+    }
+}
+
+/// Print `value` as pretty JSON on stdout.
+pub fn print_json<T: serde::Serialize>(value: &T) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}

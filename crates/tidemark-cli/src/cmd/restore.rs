@@ -1,0 +1,282 @@
+//! `tidemark restore` and `tidemark dump`.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context as _, Result};
+use tidemark_engine::Engine;
+use tidemark_repo::index::MasterIndex;
+use tidemark_repo::lock::{LockGuard, LockKind, LockOptions};
+use tidemark_repo::ops::restore::{restore_stream, RestoreOptions};
+use tidemark_repo::progress::Progress;
+use tidemark_repo::snapshot::{EntryType, Snapshot, StreamEntry};
+use tidemark_repo::Repository;
+
+use crate::context::{usage, Context};
+use crate::output::{size, Bar};
+
+#[derive(Debug, clap::Args)]
+pub struct RestoreArgs {
+    /// Snapshot id (or a unique prefix), or `latest`.
+    snapshot: String,
+    /// Where to restore: a database path (SQLite), a directory (files), a file (a stream), or `-` for stdout.
+    #[arg(long, short)]
+    target: PathBuf,
+    /// Restore only this stream or path.
+    #[arg(long)]
+    stream: Option<String>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct DumpArgs {
+    /// Snapshot id (or a unique prefix), or `latest`.
+    snapshot: String,
+    /// The stream to write; the first one when omitted.
+    stream: Option<String>,
+}
+
+pub async fn run_restore(ctx: &Context, a: RestoreArgs) -> Result<i32> {
+    let repo = ctx.open().await?;
+    let lock =
+        LockGuard::acquire(&repo, LockKind::Shared, "restore", &LockOptions::default()).await?;
+    let r = restore(ctx, &repo, &a).await;
+    lock.release().await?;
+    r
+}
+
+async fn restore(ctx: &Context, repo: &Repository, a: &RestoreArgs) -> Result<i32> {
+    let (id, snap) = repo.find_snapshot(&a.snapshot).await?;
+    let started = std::time::Instant::now();
+    if snap.engine == "sqlite" && a.stream.is_none() && a.target != Path::new("-") {
+        let report = tidemark_engine::sqlite::Sqlite::new(&a.target)
+            .restore(repo, &id.short(), &snap, &a.target)
+            .await?;
+        if ctx.json {
+            super::print_json(&report)?;
+        } else if !ctx.quiet {
+            println!(
+                "restored snapshot {} to {} ({}, {}) in {:.1}s",
+                id.short(),
+                report.target,
+                size(report.bytes),
+                report.verified.as_deref().unwrap_or("not verified"),
+                started.elapsed().as_secs_f64()
+            );
+        }
+        return Ok(crate::exit::OK);
+    }
+    let index = repo.load_index().await?;
+    let progress = Arc::new(Progress::default());
+    let wanted: Vec<&StreamEntry> = snap
+        .streams
+        .iter()
+        .filter(|s| {
+            a.stream
+                .as_ref()
+                .is_none_or(|n| s.name == *n || s.name.starts_with(&format!("{n}/")))
+        })
+        .collect();
+    if wanted.is_empty() {
+        return Err(usage(
+            format!(
+                "snapshot {} has no stream {:?}",
+                id.short(),
+                a.stream.as_deref().unwrap_or("")
+            ),
+            "list streams with `tidemark snapshots --json`",
+        ));
+    }
+    let total = wanted.iter().map(|s| s.size).sum();
+    let bar = Bar::start(
+        "restore",
+        Some(total),
+        progress.clone(),
+        ctx.quiet || ctx.json || a.target == Path::new("-"),
+    );
+    let result = async {
+        if a.target == Path::new("-") {
+            let s = wanted[0];
+            restore_stream(
+                repo,
+                &index,
+                s,
+                std::io::BufWriter::with_capacity(1 << 20, std::io::stdout()),
+                &RestoreOptions::default(),
+                progress.clone(),
+            )
+            .await?;
+            return Ok::<_, anyhow::Error>(());
+        }
+        let is_tree = snap.streams.iter().any(|s| s.kind != EntryType::Stream);
+        if is_tree {
+            restore_tree(repo, &index, &wanted, &a.target, progress.clone()).await
+        } else if wanted.len() == 1 {
+            restore_file(repo, &index, wanted[0], &a.target, progress.clone()).await
+        } else {
+            std::fs::create_dir_all(&a.target)
+                .with_context(|| format!("failed to create {}", a.target.display()))?;
+            for s in wanted {
+                restore_file(
+                    repo,
+                    &index,
+                    s,
+                    &a.target.join(safe_name(&s.name)?),
+                    progress.clone(),
+                )
+                .await?;
+            }
+            Ok(())
+        }
+    }
+    .await;
+    bar.finish();
+    result?;
+    if ctx.json {
+        super::print_json(
+            &serde_json::json!({"snapshot": id.to_hex(), "target": a.target, "bytes": total}),
+        )?;
+    } else if !ctx.quiet {
+        println!(
+            "restored snapshot {} to {} ({}) in {:.1}s",
+            id.short(),
+            a.target.display(),
+            size(total),
+            started.elapsed().as_secs_f64()
+        );
+    }
+    Ok(crate::exit::OK)
+}
+
+/// A stream name as a relative path, refusing anything that could escape the target.
+fn safe_name(name: &str) -> Result<PathBuf> {
+    if name.is_empty()
+        || name.starts_with('/')
+        || name
+            .split('/')
+            .any(|c| c.is_empty() || c == "." || c == "..")
+    {
+        anyhow::bail!("refusing to restore unsafe path {name:?} from the snapshot");
+    }
+    Ok(PathBuf::from(name))
+}
+
+/// Restore one stream to `target` through a temporary file: `target` appears only when whole.
+async fn restore_file(
+    repo: &Repository,
+    index: &MasterIndex,
+    s: &StreamEntry,
+    target: &Path,
+    progress: Arc<Progress>,
+) -> Result<()> {
+    if target.exists() {
+        return Err(usage(
+            format!("{} exists", target.display()),
+            "remove it or choose another --target",
+        ));
+    }
+    let dir = target
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).with_context(|| format!("failed to create {}", dir.display()))?;
+    let tmp = tempfile::Builder::new()
+        .prefix(".tidemark-restore-")
+        .tempfile_in(dir)?;
+    let f = tmp.reopen()?;
+    restore_stream(
+        repo,
+        index,
+        s,
+        std::io::BufWriter::with_capacity(1 << 20, f),
+        &RestoreOptions::default(),
+        progress,
+    )
+    .await?;
+    tmp.as_file().sync_all()?;
+    let tmp_path = tmp.into_temp_path();
+    if let Some(m) = s.mode {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&tmp_path, std::fs::Permissions::from_mode(m))?;
+    }
+    tmp_path.persist_noclobber(target).map_err(|e| {
+        anyhow::anyhow!(
+            "failed to move the restored file to {}: {}",
+            target.display(),
+            e.error
+        )
+    })?;
+    Ok(())
+}
+
+async fn restore_tree(
+    repo: &Repository,
+    index: &MasterIndex,
+    entries: &[&StreamEntry],
+    target: &Path,
+    progress: Arc<Progress>,
+) -> Result<()> {
+    std::fs::create_dir_all(target)
+        .with_context(|| format!("failed to create {}", target.display()))?;
+    for e in entries {
+        let path = target.join(safe_name(&e.name)?);
+        match e.kind {
+            EntryType::Dir => std::fs::create_dir_all(&path)
+                .with_context(|| format!("failed to create {}", path.display()))?,
+            EntryType::Symlink => {
+                let t = e.target.as_deref().unwrap_or("");
+                std::os::unix::fs::symlink(t, &path)
+                    .with_context(|| format!("failed to create link {}", path.display()))?;
+            }
+            EntryType::File | EntryType::Stream => {
+                restore_file(repo, index, e, &path, progress.clone()).await?
+            }
+        }
+    }
+    // Directory modes last, so read-only directories do not stop their own restore.
+    for e in entries.iter().filter(|e| e.kind == EntryType::Dir) {
+        if let Some(m) = e.mode {
+            use std::os::unix::fs::PermissionsExt;
+            let _ =
+                std::fs::set_permissions(target.join(&e.name), std::fs::Permissions::from_mode(m));
+        }
+    }
+    Ok(())
+}
+
+pub async fn run_dump(ctx: &Context, a: DumpArgs) -> Result<i32> {
+    let repo = ctx.open().await?;
+    let lock = LockGuard::acquire(&repo, LockKind::Shared, "dump", &LockOptions::default()).await?;
+    let r = dump(&repo, &a).await;
+    lock.release().await?;
+    r
+}
+
+async fn dump(repo: &Repository, a: &DumpArgs) -> Result<i32> {
+    let (id, snap): (_, Snapshot) = repo.find_snapshot(&a.snapshot).await?;
+    let s = match &a.stream {
+        Some(n) => snap.streams.iter().find(|s| s.name == *n),
+        None => snap
+            .streams
+            .iter()
+            .find(|s| matches!(s.kind, EntryType::Stream | EntryType::File)),
+    }
+    .ok_or_else(|| {
+        usage(
+            format!("snapshot {} has no such stream", id.short()),
+            "list streams with `tidemark snapshots --json`",
+        )
+    })?;
+    let index = repo.load_index().await?;
+    restore_stream(
+        repo,
+        &index,
+        s,
+        std::io::BufWriter::with_capacity(1 << 20, std::io::stdout()),
+        &RestoreOptions::default(),
+        Default::default(),
+    )
+    .await?;
+    std::io::stdout().flush()?;
+    Ok(crate::exit::OK)
+}

@@ -1,0 +1,188 @@
+//! Where the repository is and how to open it: flags, then environment, then the config file.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context as _, Result};
+use serde::Deserialize;
+use tidemark_repo::key::Secret;
+use tidemark_repo::Repository;
+use tidemark_storage::{Location, Storage, StorageOptions};
+use zeroize::Zeroizing;
+
+/// A mistake in how tidemark was invoked or configured.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct UsageError {
+    /// What is wrong.
+    pub message: String,
+    /// What to do.
+    pub hint: Option<String>,
+}
+
+pub fn usage(message: impl Into<String>, hint: impl Into<String>) -> anyhow::Error {
+    UsageError {
+        message: message.into(),
+        hint: Some(hint.into()),
+    }
+    .into()
+}
+
+/// Options that apply to every command.
+#[derive(Debug, clap::Args)]
+pub struct Global {
+    /// Repository location: a path, file:///…, s3://bucket/prefix, gs://…, az://…
+    #[arg(short = 'r', long = "repo", env = "TIDEMARK_REPOSITORY", global = true)]
+    pub repo: Option<String>,
+    /// File holding the repository password (first line).
+    #[arg(long, env = "TIDEMARK_PASSWORD_FILE", global = true)]
+    pub password_file: Option<PathBuf>,
+    /// File holding a raw key (at least 32 bytes) instead of a password.
+    #[arg(long, env = "TIDEMARK_KEY_FILE", global = true)]
+    pub key_file: Option<PathBuf>,
+    /// Config file (YAML): repository, options, password_file, key_file, limits.
+    #[arg(long, env = "TIDEMARK_CONFIG", global = true)]
+    pub config: Option<PathBuf>,
+    /// Print results as JSON on stdout.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// No progress and only errors on stderr.
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+    /// More log output (-v, -vv).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    /// Upload limit in bytes per second (suffixes K, M, G).
+    #[arg(long, env = "TIDEMARK_LIMIT_UPLOAD", global = true, value_parser = parse_rate)]
+    pub limit_upload: Option<u64>,
+    /// Download limit in bytes per second (suffixes K, M, G).
+    #[arg(long, env = "TIDEMARK_LIMIT_DOWNLOAD", global = true, value_parser = parse_rate)]
+    pub limit_download: Option<u64>,
+}
+
+fn parse_rate(s: &str) -> Result<u64, String> {
+    let (num, mult) = match s.chars().last() {
+        Some('K' | 'k') => (&s[..s.len() - 1], 1u64 << 10),
+        Some('M' | 'm') => (&s[..s.len() - 1], 1 << 20),
+        Some('G' | 'g') => (&s[..s.len() - 1], 1 << 30),
+        _ => (s, 1),
+    };
+    num.parse::<u64>()
+        .map(|n| n * mult)
+        .map_err(|_| format!("{s:?} is not a rate like 512K or 10M"))
+}
+
+/// The config file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigFile {
+    repository: Option<String>,
+    #[serde(default)]
+    options: BTreeMap<String, String>,
+    password_file: Option<PathBuf>,
+    key_file: Option<PathBuf>,
+    limit_upload: Option<String>,
+    limit_download: Option<String>,
+}
+
+/// Everything needed to reach a repository.
+pub struct Context {
+    pub location: Location,
+    pub storage_options: StorageOptions,
+    password_file: Option<PathBuf>,
+    key_file: Option<PathBuf>,
+    pub json: bool,
+    pub quiet: bool,
+}
+
+impl Context {
+    /// Resolve flags, environment and config file.
+    pub fn resolve(g: &Global) -> Result<Context> {
+        let file = match &g.config {
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .with_context(|| format!("failed to read config file {}", p.display()))?;
+                serde_yaml_ng::from_str::<ConfigFile>(&text).map_err(|e| {
+                    usage(format!("config file {} is invalid: {e}", p.display()), "fix the file; keys are repository, options, password_file, key_file, limit_upload, limit_download")
+                })?
+            }
+            None => ConfigFile::default(),
+        };
+        let repo = g.repo.clone().or(file.repository).ok_or_else(|| {
+            usage(
+                "no repository given",
+                "pass --repo, set TIDEMARK_REPOSITORY, or set `repository` in the config file",
+            )
+        })?;
+        let mut location = Location::parse(&repo)?;
+        for (k, v) in file.options {
+            location.set_option(k, v);
+        }
+        let rate = |s: Option<String>| -> Result<Option<u64>> {
+            s.map(|s| parse_rate(&s).map_err(|e| usage(e, "use a rate like 512K or 10M")))
+                .transpose()
+        };
+        let storage_options = StorageOptions {
+            limit_upload: g.limit_upload.or(rate(file.limit_upload)?),
+            limit_download: g.limit_download.or(rate(file.limit_download)?),
+            ..Default::default()
+        };
+        Ok(Context {
+            location,
+            storage_options,
+            password_file: g.password_file.clone().or(file.password_file),
+            key_file: g.key_file.clone().or(file.key_file),
+            json: g.json,
+            quiet: g.quiet,
+        })
+    }
+
+    pub fn storage(&self) -> Result<Arc<dyn Storage>> {
+        Ok(self.location.open(&self.storage_options)?)
+    }
+
+    /// The secret: key file, password file, or TIDEMARK_PASSWORD, in that order.
+    pub fn secret(&self) -> Result<Secret> {
+        if let Some(p) = &self.key_file {
+            let raw = read_secret_file(p)?;
+            let raw = match hex::decode(String::from_utf8_lossy(&raw).trim()) {
+                Ok(decoded) if decoded.len() >= 32 => Zeroizing::new(decoded),
+                _ => raw,
+            };
+            return Ok(Secret::Raw(raw));
+        }
+        if let Some(p) = &self.password_file {
+            let raw = read_secret_file(p)?;
+            let text = String::from_utf8_lossy(&raw);
+            let line = text.lines().next().unwrap_or("").to_owned();
+            if line.is_empty() {
+                return Err(usage(
+                    format!("password file {} is empty", p.display()),
+                    "write the password on its first line",
+                ));
+            }
+            return Ok(Secret::password(line));
+        }
+        if let Ok(p) = std::env::var("TIDEMARK_PASSWORD") {
+            if !p.is_empty() {
+                return Ok(Secret::password(p));
+            }
+        }
+        Err(usage("no password or key given", "set TIDEMARK_PASSWORD_FILE (or --password-file), TIDEMARK_KEY_FILE, or TIDEMARK_PASSWORD"))
+    }
+
+    pub async fn open(&self) -> Result<Repository> {
+        let secret = self.secret()?;
+        Ok(Repository::open(self.storage()?, &secret).await?)
+    }
+}
+
+fn read_secret_file(p: &Path) -> Result<Zeroizing<Vec<u8>>> {
+    std::fs::read(p).map(Zeroizing::new).map_err(|e| {
+        usage(
+            format!("failed to read secret file {}: {e}", p.display()),
+            "check the path and its permissions",
+        )
+    })
+}

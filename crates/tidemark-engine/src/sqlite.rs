@@ -1,0 +1,213 @@
+//! SQLite: a consistent online copy with SQLite's backup API, restored to a file and checked
+//! with `PRAGMA integrity_check` before it is put in place.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use rusqlite::{Connection, OpenFlags};
+use tidemark_repo::ops::backup::Backup;
+use tidemark_repo::ops::restore::{restore_stream, RestoreOptions};
+use tidemark_repo::progress::Progress;
+use tidemark_repo::snapshot::{DatabaseIdentity, EntryType, Snapshot, SnapshotKind};
+use tidemark_repo::Repository;
+
+use crate::{BackupInfo, Capabilities, Engine, Error, RestoreReport, Result};
+
+/// The name of the one stream an SQLite snapshot holds.
+pub const STREAM: &str = "database.sqlite";
+
+/// An SQLite database file.
+#[derive(Debug, Clone)]
+pub struct Sqlite {
+    path: PathBuf,
+}
+
+impl Sqlite {
+    /// The database at `path`.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Sqlite { path: path.into() }
+    }
+
+    fn db_err(&self, action: &'static str, e: impl std::fmt::Display) -> Error {
+        Error::Database {
+            action,
+            database: self.path.display().to_string(),
+            reason: e.to_string(),
+        }
+    }
+}
+
+/// Copy `src` to `dst` with the online backup API: a consistent image even while others write.
+fn online_copy(src: &Path, dst: &Path) -> rusqlite::Result<()> {
+    let src = Connection::open_with_flags(
+        src,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    let mut dst = Connection::open(dst)?;
+    let backup = rusqlite::backup::Backup::new(&src, &mut dst)?;
+    // Copy in steps so writers are not blocked for the whole copy; the API restarts the copy
+    // if the source changes between steps through another connection.
+    backup.run_to_completion(4096, std::time::Duration::from_millis(0), None)?;
+    Ok(())
+}
+
+/// Run `PRAGMA integrity_check` on a database file; Ok("ok") when sound.
+pub fn integrity_check(path: &Path) -> rusqlite::Result<String> {
+    let c = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    let rows: Vec<String> = c
+        .prepare("PRAGMA integrity_check")?
+        .query_map([], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    Ok(rows.join("; "))
+}
+
+#[async_trait]
+impl Engine for Sqlite {
+    fn name(&self) -> &'static str {
+        "sqlite"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            logical: false,
+            physical: true,
+            online: true,
+            log_archiving: false,
+            point_in_time: false,
+            verify: true,
+        }
+    }
+
+    async fn identity(&self) -> Result<DatabaseIdentity> {
+        let path = self.path.clone();
+        if !path.is_file() {
+            return Err(self.db_err("open", "no such database file"));
+        }
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        Ok(DatabaseIdentity {
+            name,
+            system_id: None,
+            version: Some(rusqlite::version().to_owned()),
+        })
+    }
+
+    async fn backup(&self, backup: &mut Backup<'_>) -> Result<BackupInfo> {
+        let database = self.identity().await?;
+        let tmp = tempfile::tempdir().map_err(|e| Error::Io {
+            action: "create a temporary directory for",
+            path: "sqlite copy".into(),
+            source: e,
+        })?;
+        let copy = tmp.path().join(STREAM);
+        let (src, dst) = (self.path.clone(), copy.clone());
+        tokio::task::spawn_blocking(move || online_copy(&src, &dst))
+            .await
+            .map_err(|e| self.db_err("copy", e))?
+            .map_err(|e| self.db_err("copy", e))?;
+        let file = std::fs::File::open(&copy).map_err(|e| Error::Io {
+            action: "open",
+            path: copy.display().to_string(),
+            source: e,
+        })?;
+        backup
+            .add_stream(STREAM, EntryType::Stream, file, None, None)
+            .await?;
+        Ok(BackupInfo {
+            kind: SnapshotKind::Physical,
+            database,
+            positions: Default::default(),
+        })
+    }
+
+    async fn restore(
+        &self,
+        repo: &Repository,
+        id: &str,
+        snapshot: &Snapshot,
+        target: &Path,
+    ) -> Result<RestoreReport> {
+        let wrong = |reason: &str| Error::WrongSnapshot {
+            snapshot: id.to_owned(),
+            engine: "sqlite",
+            reason: reason.to_owned(),
+        };
+        if snapshot.engine != "sqlite" {
+            return Err(wrong(&format!(
+                "it was made by the {} engine",
+                snapshot.engine
+            )));
+        }
+        let stream = snapshot
+            .streams
+            .iter()
+            .find(|s| s.name == STREAM)
+            .ok_or_else(|| wrong("it has no database stream"))?;
+        let io = |action: &'static str, p: &Path, e: std::io::Error| Error::Io {
+            action,
+            path: p.display().to_string(),
+            source: e,
+        };
+        if target.exists() {
+            return Err(io(
+                "restore to",
+                target,
+                std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    "the target exists; remove it or choose another path",
+                ),
+            ));
+        }
+        let dir = target
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir).map_err(|e| io("create", dir, e))?;
+        // Restore beside the target, verify, then rename: never a partial database in place.
+        let tmp = tempfile::Builder::new()
+            .prefix(".tidemark-restore-")
+            .tempfile_in(dir)
+            .map_err(|e| io("create a temporary file in", dir, e))?;
+        let file = tmp.reopen().map_err(|e| io("open", tmp.path(), e))?;
+        let index = repo.load_index().await?;
+        let bytes = restore_stream(
+            repo,
+            &index,
+            stream,
+            std::io::BufWriter::with_capacity(1 << 20, file),
+            &RestoreOptions::default(),
+            Arc::new(Progress::default()),
+        )
+        .await?;
+        tmp.as_file()
+            .sync_all()
+            .map_err(|e| io("sync", tmp.path(), e))?;
+        let check_path = tmp.path().to_owned();
+        let verdict = tokio::task::spawn_blocking(move || integrity_check(&check_path))
+            .await
+            .map_err(|e| self.db_err("verify", e))?
+            .map_err(|e| Error::Verification {
+                database: target.display().to_string(),
+                reason: e.to_string(),
+            })?;
+        if verdict != "ok" {
+            return Err(Error::Verification {
+                database: target.display().to_string(),
+                reason: verdict,
+            });
+        }
+        tmp.persist_noclobber(target)
+            .map_err(|e| io("move the restored database to", target, e.error))?;
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+        Ok(RestoreReport {
+            target: target.display().to_string(),
+            bytes,
+            verified: Some("PRAGMA integrity_check: ok".into()),
+        })
+    }
+}

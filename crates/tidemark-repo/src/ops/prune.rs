@@ -1,0 +1,201 @@
+//! Prune: the only deleter of packs and index objects, in two phases with a grace period
+//! (format §8.3). Safe beside running backups; killed at any step it leaves a readable repository.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+
+use crate::error::{Error, Result};
+use crate::id::{ChunkId, IndexId, PackId};
+use crate::index::{IndexFile, IndexPack};
+use crate::lock::{live_locks, LockGuard};
+use crate::repository::Repository;
+
+/// Options for prune.
+#[derive(Debug, Clone)]
+pub struct PruneOptions {
+    /// Time a pack stays marked before it may be deleted (default 1 h).
+    pub grace: Duration,
+    /// Clock skew allowed for locks (default 30 s).
+    pub skew: Duration,
+    /// Only report what would happen.
+    pub dry_run: bool,
+}
+
+impl Default for PruneOptions {
+    fn default() -> Self {
+        PruneOptions {
+            grace: Duration::from_secs(3600),
+            skew: Duration::from_secs(30),
+            dry_run: false,
+        }
+    }
+}
+
+/// What prune did (or would do).
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct PruneReport {
+    /// Packs kept in use.
+    pub packs_in_use: usize,
+    /// Packs newly marked unused.
+    pub packs_marked: usize,
+    /// Marked packs that a snapshot needs again and were unmarked.
+    pub packs_unmarked: usize,
+    /// Marked packs waiting for their grace period or for older locks.
+    pub packs_waiting: usize,
+    /// Packs deleted.
+    pub packs_deleted: usize,
+    /// Bytes deleted.
+    pub bytes_deleted: u64,
+    /// Index objects replaced by the merged index.
+    pub indexes_replaced: usize,
+}
+
+/// Run prune. Takes the exclusive lock's guard so it cannot run unlocked.
+///
+/// # Errors
+/// Storage errors, `LockLost`, `Invalid` for a shared lock.
+pub async fn prune(
+    repo: &Repository,
+    lock: &LockGuard,
+    opts: &PruneOptions,
+) -> Result<PruneReport> {
+    lock.check()?;
+    let now = Utc::now();
+    let mut report = PruneReport::default();
+    let files = repo.read_index_files().await?;
+    let snapshots = repo.snapshots().await?;
+    let used: HashSet<ChunkId> = snapshots
+        .iter()
+        .flat_map(|(_, s)| s.streams.iter().flat_map(|st| st.chunks.iter().copied()))
+        .collect();
+
+    // Deletion barrier: older than the grace period and than every other live lock (§8.3).
+    let grace = chrono::Duration::from_std(opts.grace).unwrap_or_default();
+    let skew = chrono::Duration::from_std(opts.skew).unwrap_or_default();
+    let mut barrier = now - grace;
+    for (_, rec) in live_locks(repo, opts.skew, false).await? {
+        let ours = rec.pid == std::process::id() && rec.created == lock.created();
+        if !ours && rec.created - skew < barrier {
+            barrier = rec.created - skew;
+        }
+    }
+
+    let superseded: HashSet<IndexId> = files
+        .iter()
+        .flat_map(|(_, _, f)| f.supersedes.iter().copied())
+        .collect();
+    let mut packs: HashMap<PackId, IndexPack> = HashMap::new();
+    for (id, meta, f) in &files {
+        if superseded.contains(id) {
+            continue;
+        }
+        for p in &f.packs {
+            let mut p = p.clone();
+            // A mark takes effect only once the index carrying it is visible (§8.3).
+            p.delete_marked = p.delete_marked.map(|m| m.max(meta.modified));
+            match packs.get_mut(&p.id) {
+                Some(existing) => {
+                    if p.delete_marked.is_none() {
+                        existing.delete_marked = None;
+                    }
+                }
+                None => {
+                    packs.insert(p.id, p);
+                }
+            }
+        }
+    }
+
+    let mut to_delete: Vec<(PackId, u64)> = Vec::new();
+    let mut kept: Vec<IndexPack> = Vec::new();
+    for (_, mut p) in packs {
+        let in_use = p.chunks.iter().any(|c| used.contains(&c.id));
+        match (in_use, p.delete_marked) {
+            (true, Some(_)) => {
+                p.delete_marked = None;
+                report.packs_unmarked += 1;
+                kept.push(p);
+            }
+            (true, None) => {
+                report.packs_in_use += 1;
+                kept.push(p);
+            }
+            (false, Some(m)) if m < barrier => to_delete.push((p.id, p.size)),
+            (false, Some(_)) => {
+                report.packs_waiting += 1;
+                kept.push(p);
+            }
+            (false, None) => {
+                p.delete_marked = Some(now);
+                report.packs_marked += 1;
+                kept.push(p);
+            }
+        }
+    }
+
+    // Packs in no index: leftovers of killed backups, or of a backup still running.
+    let indexed: HashSet<PackId> = kept
+        .iter()
+        .map(|p| p.id)
+        .chain(to_delete.iter().map(|(id, _)| *id))
+        .collect();
+    for m in repo.list_objects("data").await? {
+        let Some(id) = m
+            .path
+            .rsplit('/')
+            .next()
+            .and_then(|n| n.parse::<PackId>().ok())
+        else {
+            continue;
+        };
+        if !indexed.contains(&id) && m.modified < barrier {
+            to_delete.push((id, m.size));
+        }
+    }
+
+    report.packs_deleted = to_delete.len();
+    report.bytes_deleted = to_delete.iter().map(|(_, s)| *s).sum();
+    report.indexes_replaced = files.len();
+    if opts.dry_run {
+        return Ok(report);
+    }
+    lock.check()?;
+
+    // 1. The merged index, superseding everything read.
+    let changed =
+        report.packs_marked + report.packs_unmarked + report.packs_deleted > 0 || files.len() > 1;
+    if changed {
+        kept.sort_by_key(|p| p.id);
+        let merged = IndexFile {
+            version: 1,
+            supersedes: files.iter().map(|(id, _, _)| *id).collect(),
+            packs: kept,
+        };
+        let merged_id = repo.save_index(&merged).await?;
+        lock.check()?;
+        // 2. The superseded index objects.
+        for (id, _, _) in &files {
+            if *id != merged_id {
+                repo.storage().delete(&format!("index/{id}")).await?;
+            }
+        }
+    } else {
+        report.indexes_replaced = 0;
+    }
+    // 3. The packs, last.
+    for (id, _) in &to_delete {
+        lock.check()?;
+        repo.storage()
+            .delete(&id.path())
+            .await
+            .map_err(Error::from)?;
+    }
+    Ok(report)
+}
+
+/// When prune would consider `t` old enough, for tests and messages.
+pub fn older_than(t: DateTime<Utc>, grace: Duration) -> bool {
+    t < Utc::now() - chrono::Duration::from_std(grace).unwrap_or_default()
+}
