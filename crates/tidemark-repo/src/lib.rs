@@ -12,6 +12,7 @@ pub mod id;
 pub mod index;
 pub mod key;
 pub mod lock;
+pub mod log;
 pub mod ops;
 pub mod pack;
 pub mod progress;
