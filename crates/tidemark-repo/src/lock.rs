@@ -159,9 +159,13 @@ impl LockGuard {
                 hex::encode(repo.save_json("locks", aad::LOCK, &record).await?)
             );
             let others = live_locks(repo, opts.skew, kind == LockKind::Exclusive).await?;
-            let conflict = others
-                .iter()
-                .find(|(p, r)| *p != path && r.kind == LockKind::Exclusive);
+            // Only exclusive lockers exclude each other; a shared locker never waits (§8.1).
+            let conflict = match kind {
+                LockKind::Shared => None,
+                LockKind::Exclusive => others
+                    .iter()
+                    .find(|(p, r)| *p != path && r.kind == LockKind::Exclusive),
+            };
             match conflict {
                 None => return Ok(LockGuard::start(repo.clone(), path, record, opts)),
                 Some((_, holder)) => {
@@ -282,4 +286,12 @@ fn new_record(
         expires: Utc::now() + chrono::Duration::from_std(lease).unwrap_or_default(),
         nonce: hex::encode(rand::random::<[u8; 8]>()),
     }
+}
+
+/// Write a lock record as is (for tests that need a stale lock from a dead holder).
+///
+/// # Errors
+/// Storage errors.
+pub async fn write_record_for_tests(repo: &Repository, record: &LockRecord) -> Result<String> {
+    Ok(format!("locks/{}", hex::encode(repo.save_json("locks", aad::LOCK, record).await?)))
 }
