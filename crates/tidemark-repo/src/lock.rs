@@ -293,5 +293,8 @@ fn new_record(
 /// # Errors
 /// Storage errors.
 pub async fn write_record_for_tests(repo: &Repository, record: &LockRecord) -> Result<String> {
-    Ok(format!("locks/{}", hex::encode(repo.save_json("locks", aad::LOCK, record).await?)))
+    Ok(format!(
+        "locks/{}",
+        hex::encode(repo.save_json("locks", aad::LOCK, record).await?)
+    ))
 }

@@ -45,11 +45,16 @@ pub enum Written {
 fn valid_stream(s: &str) -> bool {
     !s.is_empty()
         && s.split('/').all(|c| !c.is_empty() && c != "." && c != "..")
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-/".contains(&b))
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-/".contains(&b))
 }
 
 fn valid_name(s: &str) -> bool {
-    !s.is_empty() && s != "." && s != ".." && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+    !s.is_empty()
+        && s != "."
+        && s != ".."
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
 }
 
 fn path(stream: &str, name: &str) -> Result<String> {
@@ -75,7 +80,13 @@ fn footer_aad(stream: &str, name: &str) -> Vec<u8> {
 ///
 /// # Errors
 /// `Invalid` for bad names, `Corrupt` when a different segment of that name exists, storage errors.
-pub async fn write_segment(repo: &Repository, stream: &str, name: &str, data: Bytes, meta: serde_json::Value) -> Result<Written> {
+pub async fn write_segment(
+    repo: &Repository,
+    stream: &str,
+    name: &str,
+    data: Bytes,
+    meta: serde_json::Value,
+) -> Result<Written> {
     let path = path(stream, name)?;
     let keys = repo.keys().clone();
     let level = repo.config().compression.level;
@@ -83,16 +94,23 @@ pub async fn write_segment(repo: &Repository, stream: &str, name: &str, data: By
     let (object, checksum) = tokio::task::spawn_blocking(move || {
         let frames: Vec<&[u8]> = data.chunks(FRAME_SIZE).collect();
         // Compress and seal frames on all cores.
-        let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).min(frames.len().max(1));
+        let threads = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2)
+            .min(frames.len().max(1));
         let mut sealed: Vec<Vec<u8>> = vec![Vec::new(); frames.len()];
         std::thread::scope(|scope| {
-            for (t, out) in sealed.chunks_mut(frames.len().div_ceil(threads).max(1)).enumerate() {
+            for (t, out) in sealed
+                .chunks_mut(frames.len().div_ceil(threads).max(1))
+                .enumerate()
+            {
                 let (keys, frames, s, n) = (&keys, &frames, &s, &n);
                 scope.spawn(move || {
                     let per = frames.len().div_ceil(threads).max(1);
                     for (i, slot) in out.iter_mut().enumerate() {
                         let idx = t * per + i;
-                        let z = zstd::bulk::compress(frames[idx], level).expect("zstd compresses in memory");
+                        let z = zstd::bulk::compress(frames[idx], level)
+                            .expect("zstd compresses in memory");
                         *slot = keys.seal(&frame_aad(s, n, idx as u32), &z);
                     }
                 });
@@ -107,8 +125,17 @@ pub async fn write_segment(repo: &Repository, stream: &str, name: &str, data: By
             object.extend_from_slice(f);
         }
         let checksum = blake3::hash(&data).to_hex().to_string();
-        let info = SegmentInfo { raw_size: data.len() as u64, frame_size: FRAME_SIZE as u64, blake3: checksum.clone(), frames: table, meta };
-        let footer = keys.seal(&footer_aad(&s, &n), &serde_json::to_vec(&info).expect("footer serializes"));
+        let info = SegmentInfo {
+            raw_size: data.len() as u64,
+            frame_size: FRAME_SIZE as u64,
+            blake3: checksum.clone(),
+            frames: table,
+            meta,
+        };
+        let footer = keys.seal(
+            &footer_aad(&s, &n),
+            &serde_json::to_vec(&info).expect("footer serializes"),
+        );
         object.extend_from_slice(&footer);
         object.extend_from_slice(&(footer.len() as u32).to_le_bytes());
         (Bytes::from(object), checksum)
@@ -122,7 +149,10 @@ pub async fn write_segment(repo: &Repository, stream: &str, name: &str, data: By
             if existing.blake3 == checksum {
                 Ok(Written::AlreadyPresent)
             } else {
-                Err(Error::corrupt(path, "a different segment with this name is already archived"))
+                Err(Error::corrupt(
+                    path,
+                    "a different segment with this name is already archived",
+                ))
             }
         }
         Err(e) => Err(e.into()),
@@ -139,16 +169,35 @@ pub async fn segment_info(repo: &Repository, stream: &str, name: &str) -> Result
     if size < 9 {
         return Err(Error::corrupt(&path, "too short for a log segment"));
     }
-    let len = u32::from_le_bytes(repo.storage().get_range(&path, size - 4..size).await?[..].try_into().expect("4 bytes")) as u64;
+    let len = u32::from_le_bytes(
+        repo.storage().get_range(&path, size - 4..size).await?[..]
+            .try_into()
+            .expect("4 bytes"),
+    ) as u64;
     if len + 9 > size {
-        return Err(Error::corrupt(&path, "footer length is beyond the start of the segment"));
+        return Err(Error::corrupt(
+            &path,
+            "footer length is beyond the start of the segment",
+        ));
     }
-    let footer = repo.storage().get_range(&path, size - 4 - len..size - 4).await?;
-    let plain = repo.keys().open(&footer_aad(stream, name), &footer).map_err(|_| Error::corrupt(&path, "footer authentication failed"))?;
-    let info: SegmentInfo = serde_json::from_slice(&plain).map_err(|e| Error::corrupt(&path, format!("footer: {e}")))?;
+    let footer = repo
+        .storage()
+        .get_range(&path, size - 4 - len..size - 4)
+        .await?;
+    let plain = repo
+        .keys()
+        .open(&footer_aad(stream, name), &footer)
+        .map_err(|_| Error::corrupt(&path, "footer authentication failed"))?;
+    let info: SegmentInfo = serde_json::from_slice(&plain)
+        .map_err(|e| Error::corrupt(&path, format!("footer: {e}")))?;
     let end = size - 4 - len;
-    if info.frames.iter().any(|[off, len, _]| off + len > end) || info.frames.iter().map(|f| f[2]).sum::<u64>() != info.raw_size {
-        return Err(Error::corrupt(&path, "frame table does not fit the segment"));
+    if info.frames.iter().any(|[off, len, _]| off + len > end)
+        || info.frames.iter().map(|f| f[2]).sum::<u64>() != info.raw_size
+    {
+        return Err(Error::corrupt(
+            &path,
+            "frame table does not fit the segment",
+        ));
     }
     Ok(info)
 }
@@ -157,7 +206,12 @@ pub async fn segment_info(repo: &Repository, stream: &str, name: &str) -> Result
 ///
 /// # Errors
 /// `Invalid` for a range beyond the segment, `Corrupt` for a damaged frame, storage errors.
-pub async fn read_segment_range(repo: &Repository, stream: &str, name: &str, range: Range<u64>) -> Result<Bytes> {
+pub async fn read_segment_range(
+    repo: &Repository,
+    stream: &str,
+    name: &str,
+    range: Range<u64>,
+) -> Result<Bytes> {
     let info = segment_info(repo, stream, name).await?;
     read_frames(repo, stream, name, &info, range).await
 }
@@ -170,15 +224,27 @@ pub async fn read_segment(repo: &Repository, stream: &str, name: &str) -> Result
     let info = segment_info(repo, stream, name).await?;
     let data = read_frames(repo, stream, name, &info, 0..info.raw_size).await?;
     if blake3::hash(&data).to_hex().as_str() != info.blake3 {
-        return Err(Error::corrupt(path(stream, name)?, "content does not match its checksum"));
+        return Err(Error::corrupt(
+            path(stream, name)?,
+            "content does not match its checksum",
+        ));
     }
     Ok(data)
 }
 
-async fn read_frames(repo: &Repository, stream: &str, name: &str, info: &SegmentInfo, range: Range<u64>) -> Result<Bytes> {
+async fn read_frames(
+    repo: &Repository,
+    stream: &str,
+    name: &str,
+    info: &SegmentInfo,
+    range: Range<u64>,
+) -> Result<Bytes> {
     let path = path(stream, name)?;
     if range.start > range.end || range.end > info.raw_size {
-        return Err(Error::Invalid(format!("range {range:?} is outside log segment {path} of {} bytes", info.raw_size)));
+        return Err(Error::Invalid(format!(
+            "range {range:?} is outside log segment {path} of {} bytes",
+            info.raw_size
+        )));
     }
     let mut raw_start = 0u64;
     let mut wanted = Vec::new();
@@ -197,10 +263,17 @@ async fn read_frames(repo: &Repository, stream: &str, name: &str, info: &Segment
                 let sealed = repo.storage().get_range(&path, off..off + len).await?;
                 let keys = repo.keys().clone();
                 let frame = tokio::task::spawn_blocking(move || -> Result<Vec<u8>> {
-                    let z = keys.open(&aad, &sealed).map_err(|_| Error::corrupt(&path, format!("frame {i} failed authentication")))?;
-                    let d = zstd::bulk::decompress(&z, raw as usize).map_err(|_| Error::corrupt(&path, format!("frame {i} is not valid zstd")))?;
+                    let z = keys.open(&aad, &sealed).map_err(|_| {
+                        Error::corrupt(&path, format!("frame {i} failed authentication"))
+                    })?;
+                    let d = zstd::bulk::decompress(&z, raw as usize).map_err(|_| {
+                        Error::corrupt(&path, format!("frame {i} is not valid zstd"))
+                    })?;
                     if d.len() as u64 != raw {
-                        return Err(Error::corrupt(&path, format!("frame {i} has the wrong length")));
+                        return Err(Error::corrupt(
+                            &path,
+                            format!("frame {i} has the wrong length"),
+                        ));
                     }
                     Ok(d)
                 })
@@ -227,7 +300,9 @@ async fn read_frames(repo: &Repository, stream: &str, name: &str, info: &Segment
 /// `Invalid` for a bad stream name, storage errors.
 pub async fn list_segments(repo: &Repository, stream: &str) -> Result<Vec<String>> {
     if !valid_stream(stream) {
-        return Err(Error::Invalid(format!("log stream {stream:?} has an invalid name")));
+        return Err(Error::Invalid(format!(
+            "log stream {stream:?} has an invalid name"
+        )));
     }
     let prefix = format!("logs/{stream}/");
     let mut names: Vec<String> = repo
@@ -235,7 +310,12 @@ pub async fn list_segments(repo: &Repository, stream: &str) -> Result<Vec<String
         .list(&prefix)
         .await?
         .into_iter()
-        .filter_map(|m| m.path.strip_prefix(&prefix).filter(|n| !n.contains('/')).map(str::to_owned))
+        .filter_map(|m| {
+            m.path
+                .strip_prefix(&prefix)
+                .filter(|n| !n.contains('/'))
+                .map(str::to_owned)
+        })
         .collect();
     names.sort();
     Ok(names)

@@ -1,0 +1,459 @@
+//! The `tidemark` binary end to end: exit codes, one-line errors, round trips, damage, and
+//! backups killed with SIGKILL.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+struct Env {
+    dir: tempfile::TempDir,
+}
+
+impl Env {
+    fn new() -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("password"), "correct horse\n").unwrap();
+        Env { dir }
+    }
+
+    fn path(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p)
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_tidemark"));
+        c.args(args)
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("TIDEMARK_REPOSITORY", self.path("repo"))
+            .env("TIDEMARK_PASSWORD_FILE", self.path("password"))
+            .stdin(Stdio::null());
+        c
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().unwrap()
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let o = self.run(args);
+        assert!(
+            o.status.success(),
+            "tidemark {args:?} failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8(o.stdout).unwrap()
+    }
+
+    fn init(&self) {
+        self.ok(&["init"]);
+    }
+
+    fn snapshot_ids(&self) -> Vec<String> {
+        let v: serde_json::Value =
+            serde_json::from_str(&self.ok(&["snapshots", "--json"])).unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["id"].as_str().unwrap().to_owned())
+            .collect()
+    }
+}
+
+fn code(o: &Output) -> i32 {
+    o.status.code().unwrap_or(-1)
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn dump_like(path: &Path, rows: usize, seed: u64) {
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
+    let mut x = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+    for i in 0..rows {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        writeln!(
+            f,
+            "{i}\t{}\tname-{:08x}\t{}.{:02}",
+            x % 1000,
+            x >> 40,
+            (x >> 20) % 100000,
+            x % 100
+        )
+        .unwrap();
+    }
+}
+
+#[test]
+fn a_wrong_password_is_one_line_with_exit_code_4() {
+    let env = Env::new();
+    env.init();
+    std::fs::write(env.path("wrong"), "nope\n").unwrap();
+    let o = env
+        .cmd(&["snapshots"])
+        .env("TIDEMARK_PASSWORD_FILE", env.path("wrong"))
+        .output()
+        .unwrap();
+    assert_eq!(code(&o), 4, "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(err.starts_with("tidemark: wrong password"), "{err}");
+    assert!(!err.contains("panicked") && !err.contains("nope"), "{err}");
+}
+
+#[test]
+fn a_missing_repository_has_exit_code_3_and_a_hint() {
+    let env = Env::new();
+    let o = env.run(&["snapshots"]);
+    assert_eq!(code(&o), 3, "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("no repository at") && stderr(&o).contains("tidemark init"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn a_corrupt_config_has_exit_code_6_and_names_the_config() {
+    let env = Env::new();
+    env.init();
+    let cfg = env.path("repo/config");
+    let mut b = std::fs::read(&cfg).unwrap();
+    b[30] ^= 0xff;
+    std::fs::write(&cfg, b).unwrap();
+    let o = env.run(&["snapshots"]);
+    assert_eq!(code(&o), 6, "{}", stderr(&o));
+    assert!(stderr(&o).contains("config is damaged"), "{}", stderr(&o));
+}
+
+#[test]
+fn a_broken_config_file_is_a_usage_error_naming_the_file() {
+    let env = Env::new();
+    std::fs::write(env.path("tidemark.yaml"), "repository: [unclosed\n").unwrap();
+    let o = env
+        .cmd(&[
+            "--config",
+            env.path("tidemark.yaml").to_str().unwrap(),
+            "snapshots",
+        ])
+        .env_remove("TIDEMARK_REPOSITORY")
+        .output()
+        .unwrap();
+    assert_eq!(code(&o), 2, "{}", stderr(&o));
+    assert!(stderr(&o).contains("tidemark.yaml"), "{}", stderr(&o));
+}
+
+#[test]
+fn stdin_backups_round_trip_through_dump_and_restore() {
+    let env = Env::new();
+    env.init();
+    dump_like(&env.path("dump.sql"), 200_000, 1);
+    let o = env
+        .cmd(&[
+            "backup",
+            "--stdin",
+            "--stream-name",
+            "dump.sql",
+            "--tag",
+            "t1",
+        ])
+        .stdin(std::fs::File::open(env.path("dump.sql")).unwrap())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let ids = env.snapshot_ids();
+    assert_eq!(ids.len(), 1);
+    let dumped = env.cmd(&["dump", &ids[0][..8]]).output().unwrap();
+    assert_eq!(dumped.stdout, std::fs::read(env.path("dump.sql")).unwrap());
+    env.ok(&[
+        "restore",
+        "latest",
+        "--target",
+        env.path("out.sql").to_str().unwrap(),
+    ]);
+    assert_eq!(
+        std::fs::read(env.path("out.sql")).unwrap(),
+        std::fs::read(env.path("dump.sql")).unwrap()
+    );
+    let table = env.ok(&["snapshots"]);
+    assert!(
+        table.contains(&ids[0][..8]) && table.contains("t1"),
+        "{table}"
+    );
+}
+
+#[test]
+fn a_failing_backup_command_writes_no_snapshot_and_exits_8() {
+    let env = Env::new();
+    env.init();
+    let o = env.run(&["backup", "--command", "echo partial; exit 3"]);
+    assert_eq!(code(&o), 8, "{}", stderr(&o));
+    assert!(env.snapshot_ids().is_empty());
+    env.ok(&["backup", "--command", "echo whole"]);
+    assert_eq!(env.snapshot_ids().len(), 1);
+}
+
+#[test]
+fn files_and_directories_are_restored_with_their_tree() {
+    let env = Env::new();
+    env.init();
+    let src = env.path("src");
+    std::fs::create_dir_all(src.join("a/b")).unwrap();
+    std::fs::write(src.join("a/b/one.txt"), "one").unwrap();
+    dump_like(&src.join("big.tsv"), 50_000, 2);
+    std::fs::write(src.join("empty"), "").unwrap();
+    std::os::unix::fs::symlink("a/b/one.txt", src.join("link")).unwrap();
+    env.ok(&["backup", src.to_str().unwrap()]);
+    let out = env.path("out");
+    env.ok(&["restore", "latest", "--target", out.to_str().unwrap()]);
+    assert_eq!(std::fs::read(out.join("src/a/b/one.txt")).unwrap(), b"one");
+    assert_eq!(
+        std::fs::read(out.join("src/big.tsv")).unwrap(),
+        std::fs::read(src.join("big.tsv")).unwrap()
+    );
+    assert_eq!(std::fs::read(out.join("src/empty")).unwrap(), b"");
+    assert_eq!(
+        std::fs::read_link(out.join("src/link")).unwrap(),
+        PathBuf::from("a/b/one.txt")
+    );
+}
+
+#[test]
+fn an_sqlite_database_is_backed_up_online_and_restored_verified() {
+    let env = Env::new();
+    env.init();
+    let db = env.path("app.db");
+    let c = rusqlite::Connection::open(&db).unwrap();
+    c.execute_batch("PRAGMA journal_mode=WAL; CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT);")
+        .unwrap();
+    for i in 0..5000 {
+        c.execute("INSERT INTO t(v) VALUES (?1)", [format!("row {i}")])
+            .unwrap();
+    }
+    // The connection stays open with WAL content not yet checkpointed: the copy must include it.
+    env.ok(&["backup", "--sqlite", db.to_str().unwrap()]);
+    let target = env.path("restored.db");
+    let out = env.ok(&["restore", "latest", "--target", target.to_str().unwrap()]);
+    assert!(out.contains("integrity_check: ok"), "{out}");
+    let r = rusqlite::Connection::open(&target).unwrap();
+    let n: i64 = r
+        .query_row("SELECT count(*) FROM t", [], |row| row.get(0))
+        .unwrap();
+    assert_eq!(n, 5000);
+    let o = env.run(&["restore", "latest", "--target", target.to_str().unwrap()]);
+    assert_ne!(
+        code(&o),
+        0,
+        "restoring over an existing database is refused"
+    );
+}
+
+#[test]
+fn a_flipped_byte_is_found_by_check_read_data_and_fails_the_restore() {
+    let env = Env::new();
+    env.init();
+    dump_like(&env.path("a.sql"), 100_000, 3);
+    dump_like(&env.path("b.sql"), 100_000, 4);
+    env.ok(&[
+        "backup",
+        "--command",
+        &format!("cat {}", env.path("a.sql").display()),
+    ]);
+    let good = env.snapshot_ids();
+    env.ok(&[
+        "backup",
+        "--command",
+        &format!("cat {}", env.path("b.sql").display()),
+    ]);
+    let bad: Vec<_> = env
+        .snapshot_ids()
+        .into_iter()
+        .filter(|i| !good.contains(i))
+        .collect();
+    assert_eq!(env.run(&["check", "--read-data"]).status.code(), Some(0));
+
+    // Flip one byte inside the pack written by the second backup only.
+    let mut packs: Vec<_> = walk(&env.path("repo/data"));
+    packs.sort_by_key(|p| std::fs::metadata(p).unwrap().modified().unwrap());
+    let pack = packs.last().unwrap();
+    let mut bytes = std::fs::read(pack).unwrap();
+    let at = bytes.len() / 3;
+    bytes[at] ^= 0x01;
+    std::fs::write(pack, bytes).unwrap();
+
+    let o = env.run(&["check", "--read-data"]);
+    assert_eq!(code(&o), 6, "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains(&format!("snapshot {} is damaged", bad[0])),
+        "{}",
+        stderr(&o)
+    );
+    assert!(
+        !stderr(&o).contains(&format!("snapshot {} is damaged", good[0])),
+        "{}",
+        stderr(&o)
+    );
+    let o = env.run(&[
+        "restore",
+        &bad[0],
+        "--target",
+        env.path("out.sql").to_str().unwrap(),
+    ]);
+    assert_eq!(code(&o), 6, "{}", stderr(&o));
+    assert!(
+        !env.path("out.sql").exists(),
+        "no partial file is left at the target"
+    );
+    env.ok(&[
+        "restore",
+        &good[0],
+        "--target",
+        env.path("good.sql").to_str().unwrap(),
+    ]);
+    assert_eq!(
+        std::fs::read(env.path("good.sql")).unwrap(),
+        std::fs::read(env.path("a.sql")).unwrap()
+    );
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else if !p.file_name().unwrap().to_string_lossy().starts_with('.') {
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[test]
+fn backups_killed_at_random_moments_never_leave_a_partial_snapshot() {
+    let env = Env::new();
+    env.init();
+    dump_like(&env.path("big.sql"), 1_500_000, 5);
+    let big = std::fs::read(env.path("big.sql")).unwrap();
+    let cmd = format!("cat {}", env.path("big.sql").display());
+    let mut completed = 0;
+    for round in 0..20 {
+        let mut child = env
+            .cmd(&["backup", "--command", &cmd])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let delay = Duration::from_millis(rand::random::<u64>() % 1500);
+        std::thread::sleep(delay);
+        let pid = child.id();
+        // SIGKILL: no chance to clean up.
+        let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+        let status = child.wait().unwrap();
+        if status.success() {
+            completed += 1;
+        }
+        let ids = env.snapshot_ids();
+        assert_eq!(
+            ids.len(),
+            completed,
+            "round {round}: only complete backups are listed"
+        );
+    }
+    assert!(
+        completed < 15,
+        "most rounds must be killed mid-backup to test anything ({completed} completed)"
+    );
+    // The repository is sound, the stale locks do not block, and the next backup works.
+    let o = env.run(&["check", "--read-data"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    env.ok(&["backup", "--command", &cmd]);
+    for id in env.snapshot_ids() {
+        let out = env.cmd(&["dump", &id]).output().unwrap();
+        assert!(out.stdout == big, "snapshot {id} restores whole");
+    }
+    env.ok(&["prune", "--grace-minutes", "0"]);
+    env.ok(&["prune", "--grace-minutes", "0"]);
+    let o = env.run(&["check", "--read-data"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert!(
+        !String::from_utf8_lossy(&o.stdout).contains("not indexed"),
+        "prune removed the leftovers"
+    );
+}
+
+#[test]
+fn forget_dry_run_prints_the_plan_and_changes_nothing() {
+    let env = Env::new();
+    env.init();
+    for i in 0..3 {
+        env.ok(&["backup", "--command", &format!("echo {i}")]);
+    }
+    let out = env.ok(&["forget", "--keep-last", "1", "--dry-run"]);
+    assert_eq!(
+        out.lines().filter(|l| l.starts_with("remove")).count(),
+        2,
+        "{out}"
+    );
+    assert_eq!(env.snapshot_ids().len(), 3);
+    env.ok(&["forget", "--keep-last", "1"]);
+    assert_eq!(env.snapshot_ids().len(), 1);
+    let o = env.run(&["forget"]);
+    assert_eq!(code(&o), 2, "a policy is required: {}", stderr(&o));
+}
+
+#[test]
+fn keys_are_managed_from_the_command_line() {
+    let env = Env::new();
+    env.init();
+    std::fs::write(env.path("second"), "second password\n").unwrap();
+    env.ok(&[
+        "key",
+        "add",
+        "--new-password-file",
+        env.path("second").to_str().unwrap(),
+    ]);
+    let list = env.ok(&["key", "list", "--json"]);
+    let keys: serde_json::Value = serde_json::from_str(&list).unwrap();
+    assert_eq!(keys.as_array().unwrap().len(), 2);
+    let other = keys
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| !k["current"].as_bool().unwrap())
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let o = env
+        .cmd(&["snapshots"])
+        .env("TIDEMARK_PASSWORD_FILE", env.path("second"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    env.ok(&["key", "remove", &other[..8]]);
+    let o = env
+        .cmd(&["snapshots"])
+        .env("TIDEMARK_PASSWORD_FILE", env.path("second"))
+        .output()
+        .unwrap();
+    assert_eq!(code(&o), 4);
+}
+
+#[test]
+fn the_demo_runs_with_nothing_installed() {
+    let o = Command::new(env!("CARGO_BIN_EXE_tidemark"))
+        .args(["demo", "--rows", "50000"])
+        .env_clear()
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("5. the restored table matches the first backup"),
+        "{out}"
+    );
+}
