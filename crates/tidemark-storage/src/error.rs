@@ -96,6 +96,21 @@ impl Error {
     }
 }
 
+/// Classify an HTTP failure: by status when there is a response, else by the transport error.
+pub(crate) fn classify_response(
+    status: Option<u16>,
+    source: Box<dyn std::error::Error + Send + Sync + 'static>,
+    op: &'static str,
+    path: &str,
+    location: &str,
+) -> Error {
+    let kind = match status {
+        Some(s) => classify_status(s),
+        None => classify_chain(source.as_ref()),
+    };
+    Error::new(kind, op, path, location).with_source(source)
+}
+
 /// Walk an error's causes for the evidence that decides whether it may pass.
 fn classify_chain(e: &(dyn std::error::Error + 'static)) -> ErrorKind {
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);

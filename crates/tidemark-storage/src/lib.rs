@@ -6,6 +6,7 @@
 //! `Arc<dyn Storage>`.
 
 mod error;
+mod gcs;
 pub mod layer;
 mod local;
 mod location;
@@ -13,6 +14,7 @@ mod object;
 mod storage;
 
 pub use error::{Error, ErrorKind, Result};
+pub use gcs::GcsStorage;
 pub use local::LocalStorage;
 pub use location::{Location, LocationError, StorageOptions};
 pub use object::ObjectStorage;

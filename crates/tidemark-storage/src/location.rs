@@ -12,6 +12,7 @@ use object_store::gcp::{GoogleCloudStorageBuilder, GoogleConfigKey};
 use object_store::{ClientOptions, RetryConfig};
 use url::Url;
 
+use crate::gcs::GcsStorage;
 use crate::layer::{RetryLayer, RetryPolicy, ThrottleLayer, TimeoutLayer};
 use crate::local::LocalStorage;
 use crate::object::ObjectStorage;
@@ -303,30 +304,44 @@ impl Location {
                 )))
             }
             "gs" => {
-                let mut b = GoogleCloudStorageBuilder::from_env()
-                    .with_url(bucket_url)
-                    .with_client_options(client)
-                    .with_retry(retry);
-                for (k, v) in &self.options {
-                    if k == "endpoint" {
-                        // An emulator such as fake-gcs-server: a base URL and no OAuth.
-                        let sa = serde_json::json!({
-                            "gcs_base_url": v, "disable_oauth": true,
-                            "client_email": "", "private_key": "", "private_key_id": ""
-                        });
-                        b = b.with_config(GoogleConfigKey::ServiceAccountKey, sa.to_string());
-                        continue;
+                let bucket = self.url.host_str().unwrap_or("");
+                let (base, credentials) = match self.options.get("endpoint") {
+                    // An emulator such as fake-gcs-server: its base URL, no credentials.
+                    Some(e) => (e.clone(), None),
+                    None => {
+                        let mut b = GoogleCloudStorageBuilder::from_env()
+                            .with_url(bucket_url)
+                            .with_client_options(client)
+                            .with_retry(retry);
+                        for (k, v) in &self.options {
+                            let key = GoogleConfigKey::from_str(k).map_err(|_| self.unknown(k))?;
+                            b = b.with_config(key, v);
+                        }
+                        let store = b.build().map_err(|e| build(Box::new(e)))?;
+                        (
+                            "https://storage.googleapis.com".to_owned(),
+                            Some(crate::gcs::credentials(&store)),
+                        )
                     }
-                    let key = GoogleConfigKey::from_str(k).map_err(|_| self.unknown(k))?;
-                    b = b.with_config(key, v);
+                };
+                if let Some(k) = self
+                    .options
+                    .keys()
+                    .find(|k| k.as_str() != "endpoint" && self.options.contains_key("endpoint"))
+                {
+                    return Err(self.unknown(k));
                 }
-                let store = b.build().map_err(|e| build(Box::new(e)))?;
-                Ok(Arc::new(ObjectStorage::new(
-                    Arc::new(store),
+                let base = Url::parse(&base).map_err(|e| build(Box::new(e)))?;
+                let s = GcsStorage::new(
+                    base,
+                    bucket,
                     &prefix,
-                    name,
-                    cloud_caps,
-                )))
+                    name.clone(),
+                    credentials,
+                    opts.connect_timeout,
+                )
+                .map_err(|e| build(Box::new(e)))?;
+                Ok(Arc::new(s))
             }
             "az" | "azure" => {
                 let container = self.url.host_str().unwrap_or("");

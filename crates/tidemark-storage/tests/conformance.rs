@@ -192,11 +192,7 @@ async fn azure_blob_meets_the_storage_contract() {
     conformance(open(&azurite.container("tidemark", "some/prefix"))).await;
 }
 
-// object_store uploads to GCS with the XML API, which fake-gcs-server does not implement
-// (fsouza/fake-gcs-server#331: "invalid uploadType"). Until the GCS backend uploads through the
-// JSON API, this runs only on request: `cargo test -- --ignored gcs`.
 #[tokio::test]
-#[ignore = "fake-gcs-server lacks the XML upload API that object_store uses"]
 async fn gcs_meets_the_storage_contract() {
     let gcs = FakeGcs::start(&["tidemark"]);
     conformance(open(&gcs.bucket("tidemark", "some/prefix"))).await;
