@@ -1,6 +1,6 @@
 //! Keys derived from the master key, the encrypted envelope, and keyed chunk ids (format §3, §4).
 
-use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+use chacha20poly1305::aead::{Aead, AeadInPlace, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use rand::RngCore;
 use zeroize::Zeroize;
@@ -141,6 +141,30 @@ impl Keys {
     /// `AuthFailed` if the envelope was modified or sealed with another key or AAD.
     pub fn open(&self, aad: &[u8], envelope: &[u8]) -> Result<Vec<u8>, AuthFailed> {
         open_with(&self.cipher, aad, envelope)
+    }
+
+    /// Open an envelope into `out` (cleared first), reusing its allocation.
+    ///
+    /// # Errors
+    /// `AuthFailed` as for `open`; `out` is then left empty.
+    pub fn open_into(
+        &self,
+        aad: &[u8],
+        envelope: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<(), AuthFailed> {
+        out.clear();
+        if envelope.len() < OVERHEAD {
+            return Err(AuthFailed);
+        }
+        let (nonce, ct) = envelope.split_at(NONCE_LEN);
+        out.extend_from_slice(ct);
+        self.cipher
+            .decrypt_in_place(XNonce::from_slice(nonce), aad, out)
+            .map_err(|_| {
+                out.clear();
+                AuthFailed
+            })
     }
 
     /// The keyed BLAKE3 id of a chunk's plaintext.

@@ -66,24 +66,51 @@ impl Blob {
 /// # Errors
 /// `Corrupt` naming `object` if any check fails; no plaintext is returned then.
 pub fn open_blob(keys: &Keys, entry: &PackEntry, data: &[u8], object: &str) -> Result<Bytes> {
+    let mut out = Vec::new();
+    open_blob_into(keys, entry, data, object, &mut Vec::new(), &mut out)?;
+    Ok(Bytes::from(out))
+}
+
+/// `open_blob` into caller-owned buffers, so a restore reuses memory instead of faulting in
+/// fresh pages for every chunk. `scratch` holds the decrypted payload; `out` the chunk.
+///
+/// # Errors
+/// As for `open_blob`; `out` is then cleared.
+pub fn open_blob_into(
+    keys: &Keys,
+    entry: &PackEntry,
+    data: &[u8],
+    object: &str,
+    scratch: &mut Vec<u8>,
+    out: &mut Vec<u8>,
+) -> Result<()> {
     let bad =
         |reason: &str| Error::corrupt(format!("{object} (chunk {})", entry.id.short()), reason);
-    let payload = keys
-        .open(&entry.id.0, data)
+    out.clear();
+    keys.open_into(&entry.id.0, data, scratch)
         .map_err(|_| bad("authentication failed"))?;
-    let chunk = match entry.compression {
-        COMPRESSION_NONE => payload,
-        COMPRESSION_ZSTD => zstd::bulk::decompress(&payload, entry.raw_length as usize)
-            .map_err(|_| bad("zstd frame is invalid"))?,
+    match entry.compression {
+        COMPRESSION_NONE => out.extend_from_slice(scratch),
+        COMPRESSION_ZSTD => {
+            out.reserve(entry.raw_length as usize);
+            let r = zstd::bulk::Decompressor::new()
+                .and_then(|mut d| d.decompress_to_buffer(&scratch[..], out));
+            if r.is_err() {
+                out.clear();
+                return Err(bad("zstd frame is invalid"));
+            }
+        }
         c => return Err(bad(&format!("unknown compression {c}"))),
-    };
-    if chunk.len() != entry.raw_length as usize {
+    }
+    if out.len() != entry.raw_length as usize {
+        out.clear();
         return Err(bad("length does not match the index"));
     }
-    if keys.chunk_id(&chunk) != entry.id {
+    if keys.chunk_id(out) != entry.id {
+        out.clear();
         return Err(bad("content does not match the chunk id"));
     }
-    Ok(Bytes::from(chunk))
+    Ok(())
 }
 
 /// Builds one pack in memory.

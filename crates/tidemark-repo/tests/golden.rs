@@ -25,13 +25,17 @@ fn content() -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_golden_v1_repository_is_readable_and_restores_exactly() {
     let storage: Arc<dyn Storage> = Arc::new(LocalStorage::new(fixture(), "golden-v1").unwrap());
-    let repo = Repository::open(storage, &Secret::password("golden")).await.unwrap();
+    let repo = Repository::open(storage, &Secret::password("golden"))
+        .await
+        .unwrap();
     assert_eq!(repo.config().version, 1);
     let snaps = repo.snapshots().await.unwrap();
     assert_eq!(snaps.len(), 1);
     assert_eq!(snaps[0].1.tags, vec!["golden".to_owned()]);
     assert_eq!(restore_bytes(&repo, &snaps[0].1).await.unwrap(), content());
-    let report = check(&repo, &CheckOptions { read_data: true }).await.unwrap();
+    let report = check(&repo, &CheckOptions { read_data: true })
+        .await
+        .unwrap();
     assert!(report.is_ok(), "{:?}", report.errors);
 }
 
@@ -40,12 +44,37 @@ async fn the_golden_v1_repository_is_readable_and_restores_exactly() {
 async fn write_the_golden_repository() {
     let _ = std::fs::remove_dir_all(fixture());
     let storage: Arc<dyn Storage> = Arc::new(LocalStorage::new(fixture(), "golden-v1").unwrap());
-    let opts = InitOptions { kdf: KdfParams::insecure_for_tests(), ..Default::default() };
-    let repo = Repository::init(storage, &Secret::password("golden"), &opts).await.unwrap();
-    let lock = tidemark_repo::lock::LockGuard::acquire(&repo, tidemark_repo::lock::LockKind::Shared, "backup", &Default::default()).await.unwrap();
-    let o = tidemark_repo::ops::backup::BackupOptions { tags: vec!["golden".into()], ..Default::default() };
-    let mut b = tidemark_repo::ops::backup::Backup::start(&repo, &lock, o, Default::default()).await.unwrap();
-    b.add_stream("golden.tsv", tidemark_repo::snapshot::EntryType::Stream, std::io::Cursor::new(content()), None, None).await.unwrap();
+    let opts = InitOptions {
+        kdf: KdfParams::insecure_for_tests(),
+        ..Default::default()
+    };
+    let repo = Repository::init(storage, &Secret::password("golden"), &opts)
+        .await
+        .unwrap();
+    let lock = tidemark_repo::lock::LockGuard::acquire(
+        &repo,
+        tidemark_repo::lock::LockKind::Shared,
+        "backup",
+        &Default::default(),
+    )
+    .await
+    .unwrap();
+    let o = tidemark_repo::ops::backup::BackupOptions {
+        tags: vec!["golden".into()],
+        ..Default::default()
+    };
+    let mut b = tidemark_repo::ops::backup::Backup::start(&repo, &lock, o, Default::default())
+        .await
+        .unwrap();
+    b.add_stream(
+        "golden.tsv",
+        tidemark_repo::snapshot::EntryType::Stream,
+        std::io::Cursor::new(content()),
+        None,
+        None,
+    )
+    .await
+    .unwrap();
     b.finish(Default::default()).await.unwrap();
     lock.release().await.unwrap();
 }

@@ -4,13 +4,12 @@
 use std::io::Write;
 use std::sync::Arc;
 
-use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 
 use crate::error::{Error, Result};
 use crate::id::PackId;
 use crate::index::MasterIndex;
-use crate::pack::{open_blob, PackEntry};
+use crate::pack::{open_blob_into, PackEntry};
 use crate::progress::Progress;
 use crate::repository::Repository;
 use crate::snapshot::StreamEntry;
@@ -85,6 +84,35 @@ fn plan(index: &MasterIndex, entry: &StreamEntry, opts: &RestoreOptions) -> Resu
     Ok(groups)
 }
 
+thread_local! {
+    /// Per-thread buffer for decrypted payloads.
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Spare chunk buffers, bounded so the pool never holds more than a restore window's worth.
+#[derive(Default)]
+struct BufferPool(std::sync::Mutex<Vec<Vec<u8>>>);
+
+impl BufferPool {
+    const MAX: usize = 64;
+
+    fn take(&self) -> Vec<u8> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop()
+            .unwrap_or_default()
+    }
+
+    fn put(&self, mut b: Vec<u8>) {
+        b.clear();
+        let mut v = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if v.len() < Self::MAX {
+            v.push(b);
+        }
+    }
+}
+
 /// Write the content of `entry` to `writer`, verifying every chunk before any of its bytes
 /// are written. Returns the bytes written.
 ///
@@ -100,8 +128,11 @@ pub async fn restore_stream<W: Write + Send + 'static>(
     progress: Arc<Progress>,
 ) -> Result<u64> {
     let groups = plan(index, entry, opts)?;
-    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Bytes>>(2);
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Vec<u8>>>(2);
     let name = entry.name.clone();
+    // Chunk buffers go round: decoders fill them, the writer empties them and hands them back.
+    let pool = Arc::new(BufferPool::default());
+    let writer_pool = pool.clone();
     let writer_thread = std::thread::spawn(move || -> std::io::Result<(u64, W)> {
         let mut w = writer;
         let mut n = 0u64;
@@ -109,6 +140,7 @@ pub async fn restore_stream<W: Write + Send + 'static>(
             for b in batch {
                 w.write_all(&b)?;
                 n += b.len() as u64;
+                writer_pool.put(b);
             }
         }
         w.flush()?;
@@ -117,19 +149,30 @@ pub async fn restore_stream<W: Write + Send + 'static>(
 
     let fetch = futures::stream::iter(groups)
         .map(|g| {
-            let repo = repo.clone();
+            let (repo, pool) = (repo.clone(), pool.clone());
             async move {
                 let path = g.pack.path();
                 let data = repo.storage().get_range(&path, g.start..g.end).await?;
                 let keys = repo.keys().clone();
                 tokio::task::spawn_blocking(move || {
-                    g.entries
-                        .iter()
-                        .map(|e| {
-                            let off = (e.offset as u64 - g.start) as usize;
-                            open_blob(&keys, e, &data[off..off + e.length as usize], &path)
-                        })
-                        .collect::<Result<Vec<Bytes>>>()
+                    SCRATCH.with_borrow_mut(|scratch| {
+                        g.entries
+                            .iter()
+                            .map(|e| {
+                                let off = (e.offset as u64 - g.start) as usize;
+                                let mut out = pool.take();
+                                open_blob_into(
+                                    &keys,
+                                    e,
+                                    &data[off..off + e.length as usize],
+                                    &path,
+                                    scratch,
+                                    &mut out,
+                                )?;
+                                Ok(out)
+                            })
+                            .collect::<Result<Vec<Vec<u8>>>>()
+                    })
                 })
                 .await
                 .map_err(|e| Error::Invalid(format!("decode task failed: {e}")))?
