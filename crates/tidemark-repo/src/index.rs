@@ -47,6 +47,18 @@ pub struct IndexFile {
     pub packs: Vec<IndexPack>,
 }
 
+impl From<&IndexChunk> for PackEntry {
+    fn from(c: &IndexChunk) -> Self {
+        PackEntry {
+            id: c.id,
+            offset: c.offset,
+            length: c.length,
+            raw_length: c.raw_length,
+            compression: c.compression,
+        }
+    }
+}
+
 impl IndexPack {
     /// An index entry for a pack just written.
     pub fn new(id: PackId, size: u64, entries: &[PackEntry]) -> Self {

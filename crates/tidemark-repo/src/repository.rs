@@ -71,13 +71,7 @@ impl Repository {
             }
             Err(e) => return Err(e.into()),
         }
-        Ok(Repository {
-            storage,
-            keys: Arc::new(keys),
-            master: Arc::new(master),
-            config: Arc::new(config),
-            key_id,
-        })
+        Ok(Repository::assemble(storage, keys, master, config, key_id))
     }
 
     /// Open a repository with `secret`.
@@ -130,13 +124,23 @@ impl Repository {
         }
         let config: RepoConfig =
             serde_json::from_value(value).map_err(|e| Error::corrupt("config", e.to_string()))?;
-        Ok(Repository {
+        Ok(Repository::assemble(storage, keys, master, config, key_id))
+    }
+
+    fn assemble(
+        storage: Arc<dyn Storage>,
+        keys: Keys,
+        master: MasterKey,
+        config: RepoConfig,
+        key_id: KeyId,
+    ) -> Self {
+        Repository {
             storage,
             keys: Arc::new(keys),
             master: Arc::new(master),
             config: Arc::new(config),
             key_id,
-        })
+        }
     }
 
     /// The storage location.

@@ -167,13 +167,7 @@ impl Storage for GcsStorage {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            atomic_create: true,
-            multipart: true,
-            multipart_part_size: 8 << 20,
-            list_modified_time: true,
-            durable: true,
-        }
+        Capabilities::durable_store()
     }
 
     async fn put(&self, path: &str, data: Bytes, mode: PutMode) -> Result<()> {

@@ -246,13 +246,7 @@ impl Location {
             max_retries: 0,
             ..Default::default()
         };
-        let cloud_caps = Capabilities {
-            atomic_create: true,
-            multipart: true,
-            multipart_part_size: 8 << 20,
-            list_modified_time: true,
-            durable: true,
-        };
+        let cloud_caps = Capabilities::durable_store();
         let bucket_url = format!(
             "{}://{}",
             self.url.scheme(),

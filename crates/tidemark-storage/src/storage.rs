@@ -37,6 +37,19 @@ pub struct Capabilities {
     pub durable: bool,
 }
 
+impl Capabilities {
+    /// What a durable object store or filesystem with atomic create and multipart offers.
+    pub const fn durable_store() -> Self {
+        Capabilities {
+            atomic_create: true,
+            multipart: true,
+            multipart_part_size: 8 << 20,
+            list_modified_time: true,
+            durable: true,
+        }
+    }
+}
+
 /// An object as seen by `list` and `head`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ObjectMeta {

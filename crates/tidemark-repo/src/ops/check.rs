@@ -204,13 +204,7 @@ fn verify_pack(
         Err(e) => errors.push(e.to_string()),
     }
     for c in indexed {
-        let e = PackEntry {
-            id: c.id,
-            offset: c.offset,
-            length: c.length,
-            raw_length: c.raw_length,
-            compression: c.compression,
-        };
+        let e = PackEntry::from(c);
         let end = c.offset as usize + c.length as usize;
         let ok =
             end <= data.len() && open_blob(keys, &e, &data[c.offset as usize..end], path).is_ok();

@@ -53,13 +53,7 @@ fn plan(index: &MasterIndex, entry: &StreamEntry, opts: &RestoreOptions) -> Resu
             chunk: id.to_hex(),
             stream: entry.name.clone(),
         })?;
-        let e = PackEntry {
-            id: c.id,
-            offset: c.offset,
-            length: c.length,
-            raw_length: c.raw_length,
-            compression: c.compression,
-        };
+        let e = PackEntry::from(c);
         let (start, end) = (c.offset as u64, c.offset as u64 + c.length as u64);
         if let Some(g) = groups.last_mut() {
             let joinable = g.pack == pack.id
@@ -94,7 +88,7 @@ thread_local! {
 struct BufferPool(std::sync::Mutex<Vec<Vec<u8>>>);
 
 impl BufferPool {
-    const MAX: usize = 64;
+    const MAX: usize = 32;
 
     fn take(&self) -> Vec<u8> {
         self.0
