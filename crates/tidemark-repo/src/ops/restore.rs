@@ -19,7 +19,7 @@ use crate::snapshot::StreamEntry;
 pub struct RestoreOptions {
     /// Ranged reads in flight (default 4).
     pub concurrency: usize,
-    /// Raw bytes fetched per read at most (default 8 MiB). Memory is about
+    /// Raw bytes fetched per read at most (default 4 MiB). Memory is about
     /// `concurrency × window` plus the writer's queue.
     pub window: u64,
     /// Largest gap of unneeded bytes read to join two blobs into one request (default 1 MiB).
@@ -30,7 +30,7 @@ impl Default for RestoreOptions {
     fn default() -> Self {
         RestoreOptions {
             concurrency: 4,
-            window: 8 << 20,
+            window: 4 << 20,
             max_gap: 1 << 20,
         }
     }
@@ -88,7 +88,7 @@ thread_local! {
 struct BufferPool(std::sync::Mutex<Vec<Vec<u8>>>);
 
 impl BufferPool {
-    const MAX: usize = 32;
+    const MAX: usize = 16;
 
     fn take(&self) -> Vec<u8> {
         self.0
