@@ -383,6 +383,97 @@ fn backups_killed_at_random_moments_never_leave_a_partial_snapshot() {
         !String::from_utf8_lossy(&o.stdout).contains("not indexed"),
         "prune removed the leftovers"
     );
+    // The killed processes' locks were recognised as stale (their pids are gone) and removed.
+    assert!(
+        walk(&env.path("repo/locks")).is_empty(),
+        "stale locks remain: {:?}",
+        walk(&env.path("repo/locks"))
+    );
+}
+
+#[test]
+fn two_concurrent_backup_processes_both_write_valid_snapshots() {
+    let env = Env::new();
+    env.init();
+    dump_like(&env.path("a.sql"), 300_000, 8);
+    dump_like(&env.path("b.sql"), 300_000, 9);
+    let a = env
+        .cmd(&[
+            "backup",
+            "--command",
+            &format!("cat {}", env.path("a.sql").display()),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let b = env
+        .cmd(&[
+            "backup",
+            "--command",
+            &format!("cat {}", env.path("b.sql").display()),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    for c in [a, b] {
+        let o = c.wait_with_output().unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+    assert_eq!(env.snapshot_ids().len(), 2);
+    assert_eq!(code(&env.run(&["check", "--read-data"])), 0);
+    let mut restored: Vec<Vec<u8>> = env
+        .snapshot_ids()
+        .iter()
+        .map(|id| env.cmd(&["dump", id]).output().unwrap().stdout)
+        .collect();
+    restored.sort();
+    let mut want = vec![
+        std::fs::read(env.path("a.sql")).unwrap(),
+        std::fs::read(env.path("b.sql")).unwrap(),
+    ];
+    want.sort();
+    assert!(restored == want, "both snapshots restore their own stream");
+}
+
+#[test]
+fn the_config_file_supplies_the_repository_and_password() {
+    let env = Env::new();
+    let cfg = env.path("tidemark.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "repository: {}\npassword_file: {}\nlimit_upload: 100M\n",
+            env.path("cfgrepo").display(),
+            env.path("password").display()
+        ),
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        env.cmd(args)
+            .env_remove("TIDEMARK_REPOSITORY")
+            .env_remove("TIDEMARK_PASSWORD_FILE")
+            .env("TIDEMARK_CONFIG", &cfg)
+            .output()
+            .unwrap()
+    };
+    assert!(run(&["init"]).status.success());
+    assert!(run(&["backup", "--command", "echo hello"]).status.success());
+    let o = run(&["dump", "latest"]);
+    assert_eq!(o.stdout, b"hello\n", "{}", stderr(&o));
+    // A flag wins over the config file.
+    let o = env
+        .cmd(&[
+            "--repo",
+            env.path("elsewhere").to_str().unwrap(),
+            "snapshots",
+        ])
+        .env("TIDEMARK_CONFIG", &cfg)
+        .env_remove("TIDEMARK_REPOSITORY")
+        .output()
+        .unwrap();
+    assert_eq!(code(&o), 3, "{}", stderr(&o));
 }
 
 #[test]
