@@ -95,7 +95,12 @@ impl Repository {
         let mut found = None;
         for meta in &key_objects {
             let kf = load_key(&*storage, &meta.path).await?;
-            if let Some(master) = kf.unwrap_master(secret, &meta.path)? {
+            // Argon2id takes a noticeable fraction of a second: keep it off the async workers.
+            let (secret2, path) = (secret.clone(), meta.path.clone());
+            let unwrapped = tokio::task::spawn_blocking(move || kf.unwrap_master(&secret2, &path))
+                .await
+                .map_err(|e| Error::Invalid(format!("key derivation failed: {e}")))??;
+            if let Some(master) = unwrapped {
                 let id: KeyId = meta.path.trim_start_matches("keys/").parse()?;
                 found = Some((master, id));
                 break;
