@@ -19,7 +19,7 @@ fn no_grace() -> PruneOptions {
     PruneOptions {
         grace: Duration::ZERO,
         skew: Duration::ZERO,
-        dry_run: false,
+        ..Default::default()
     }
 }
 
@@ -247,4 +247,65 @@ async fn a_lock_is_refreshed_by_its_heartbeat() {
     assert_ne!(first[0].path, later[0].path, "the lock object was renewed");
     lock.check().unwrap();
     lock.release().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn prune_repacks_partly_used_packs_and_keeps_every_snapshot_whole() {
+    let (storage, repo) = memory_repo().await;
+    // Two streams in one snapshot share packs; forgetting one of two snapshots that each hold
+    // half of a pack leaves that pack partly used.
+    let (a, b) = (dump_like(60_000, 70), dump_like(60_000, 71));
+    let lock = LockGuard::acquire(&repo, LockKind::Shared, "backup", &LockOptions::default())
+        .await
+        .unwrap();
+    let mut bk = Backup::start(
+        &repo,
+        &lock,
+        BackupOptions::default(),
+        Arc::new(Progress::default()),
+    )
+    .await
+    .unwrap();
+    bk.add_stream(
+        "a",
+        EntryType::Stream,
+        std::io::Cursor::new(a.clone()),
+        None,
+        None,
+    )
+    .await
+    .unwrap();
+    bk.add_stream(
+        "b",
+        EntryType::Stream,
+        std::io::Cursor::new(b.clone()),
+        None,
+        None,
+    )
+    .await
+    .unwrap();
+    let (both_id, _) = bk.finish(Default::default()).await.unwrap();
+    lock.release().await.unwrap();
+    let (_, only_a) = backup_bytes(&repo, "a", a.clone()).await;
+    storage
+        .delete(&format!("snapshots/{both_id}"))
+        .await
+        .unwrap();
+
+    let plock = LockGuard::acquire(&repo, LockKind::Exclusive, "prune", &LockOptions::default())
+        .await
+        .unwrap();
+    let first = prune(&repo, &plock, &no_grace()).await.unwrap();
+    assert_eq!(first.packs_repacked, 1, "{first:?}");
+    let second = prune(&repo, &plock, &no_grace()).await.unwrap();
+    assert_eq!(
+        second.packs_deleted, 1,
+        "the old pack goes once its mark is old enough: {second:?}"
+    );
+    plock.release().await.unwrap();
+    assert_eq!(restore_bytes(&repo, &only_a).await.unwrap(), a);
+    let report = check(&repo, &CheckOptions { read_data: true })
+        .await
+        .unwrap();
+    assert!(report.is_ok(), "{:?}", report.errors);
 }

@@ -33,9 +33,10 @@ pub async fn run(ctx: &Context, a: Args) -> Result<i32> {
         super::print_json(&r)?;
     } else if !ctx.quiet {
         println!(
-            "{}{} packs in use, {} newly marked unused, {} waiting for the grace period, {} unmarked; deleted {} packs ({})",
+            "{}{} packs in use, {} repacked, {} newly marked unused, {} waiting for the grace period, {} unmarked; deleted {} packs ({})",
             if a.dry_run { "dry run: " } else { "" },
             r.packs_in_use,
+            r.packs_repacked,
             r.packs_marked,
             r.packs_waiting,
             r.packs_unmarked,

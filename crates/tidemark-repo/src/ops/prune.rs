@@ -10,7 +10,9 @@ use crate::error::{Error, Result};
 use crate::id::{ChunkId, IndexId, PackId};
 use crate::index::{IndexFile, IndexPack};
 use crate::lock::{live_locks, LockGuard};
+use crate::pack::{open_blob, Blob, PackBuilder, PackEntry};
 use crate::repository::Repository;
+use tidemark_storage::{ErrorKind, PutMode};
 
 /// Options for prune.
 #[derive(Debug, Clone)]
@@ -21,6 +23,9 @@ pub struct PruneOptions {
     pub skew: Duration,
     /// Only report what would happen.
     pub dry_run: bool,
+    /// Repack a partly used pack when more than this fraction of its bytes is unused
+    /// (default 0.25; above 1.0 never repacks).
+    pub repack_unused: f64,
 }
 
 impl Default for PruneOptions {
@@ -29,6 +34,7 @@ impl Default for PruneOptions {
             grace: Duration::from_secs(3600),
             skew: Duration::from_secs(30),
             dry_run: false,
+            repack_unused: 0.25,
         }
     }
 }
@@ -48,6 +54,8 @@ pub struct PruneReport {
     pub packs_deleted: usize,
     /// Bytes deleted.
     pub bytes_deleted: u64,
+    /// Partly used packs whose used chunks were copied into new packs (the old ones are marked).
+    pub packs_repacked: usize,
     /// Index objects replaced by the merged index.
     pub indexes_replaced: usize,
 }
@@ -110,8 +118,29 @@ pub async fn prune(
 
     let mut to_delete: Vec<(PackId, u64)> = Vec::new();
     let mut kept: Vec<IndexPack> = Vec::new();
+    let mut repack: Vec<IndexPack> = Vec::new();
+    // Chunks with a copy in a pack that is not marked: a marked pack holding only such chunks
+    // is not needed again (a repack or a concurrent backup stored them elsewhere).
+    let live_copies: HashSet<ChunkId> = packs
+        .values()
+        .filter(|p| p.delete_marked.is_none())
+        .flat_map(|p| p.chunks.iter().map(|c| c.id))
+        .collect();
     for (_, mut p) in packs {
-        let in_use = p.chunks.iter().any(|c| used.contains(&c.id));
+        let needed = |c: &&crate::index::IndexChunk| {
+            used.contains(&c.id) && (p.delete_marked.is_none() || !live_copies.contains(&c.id))
+        };
+        let in_use = p.chunks.iter().any(|c| needed(&c));
+        let unused: u64 = p
+            .chunks
+            .iter()
+            .filter(|c| !needed(c))
+            .map(|c| c.length as u64)
+            .sum();
+        if in_use && p.size > 0 && unused as f64 / p.size as f64 > opts.repack_unused {
+            repack.push(p);
+            continue;
+        }
         match (in_use, p.delete_marked) {
             (true, Some(_)) => {
                 p.delete_marked = None;
@@ -138,6 +167,7 @@ pub async fn prune(
     // Packs in no index: leftovers of killed backups, or of a backup still running.
     let indexed: HashSet<PackId> = kept
         .iter()
+        .chain(repack.iter())
         .map(|p| p.id)
         .chain(to_delete.iter().map(|(id, _)| *id))
         .collect();
@@ -155,6 +185,7 @@ pub async fn prune(
         }
     }
 
+    report.packs_repacked = repack.len();
     report.packs_deleted = to_delete.len();
     report.bytes_deleted = to_delete.iter().map(|(_, s)| *s).sum();
     report.indexes_replaced = files.len();
@@ -162,6 +193,11 @@ pub async fn prune(
         return Ok(report);
     }
     lock.check()?;
+
+    // 0. Copy the used chunks of partly used packs into new packs; mark the old packs.
+    if !repack.is_empty() {
+        kept.extend(repack_packs(repo, lock, repack, &used, now).await?);
+    }
 
     // 1. The merged index, superseding everything read.
     let changed =
@@ -193,6 +229,96 @@ pub async fn prune(
             .map_err(Error::from)?;
     }
     Ok(report)
+}
+
+/// Copy the used blobs of `packs` as they are (sealed blobs do not depend on their pack), after
+/// verifying each one, into new packs; return the new packs and the old ones marked. A pack
+/// with a damaged used blob is kept unmarked, so repacking never loses the readable copy.
+async fn repack_packs(
+    repo: &Repository,
+    lock: &LockGuard,
+    packs: Vec<IndexPack>,
+    used: &HashSet<ChunkId>,
+    now: DateTime<Utc>,
+) -> Result<Vec<IndexPack>> {
+    let mut out = Vec::new();
+    let mut copied: HashSet<ChunkId> = HashSet::new();
+    let mut builder = PackBuilder::new();
+    let min = repo.config().pack_size.min as usize;
+    for mut p in packs {
+        lock.check()?;
+        let path = p.id.path();
+        let data = repo.storage().get(&path).await?;
+        let keys = repo.keys().clone();
+        let wanted: Vec<_> = p
+            .chunks
+            .iter()
+            .filter(|c| used.contains(&c.id) && !copied.contains(&c.id))
+            .cloned()
+            .collect();
+        let path2 = path.clone();
+        let blobs = tokio::task::spawn_blocking(move || -> Result<Vec<Blob>> {
+            wanted
+                .iter()
+                .map(|c| {
+                    let e = PackEntry::from(c);
+                    let range = c.offset as usize..c.offset as usize + c.length as usize;
+                    let blob = data.get(range).ok_or_else(|| {
+                        Error::corrupt(&path2, "a blob lies beyond the end of the pack")
+                    })?;
+                    open_blob(&keys, &e, blob, &path2)?;
+                    Ok(Blob {
+                        id: c.id,
+                        data: blob.to_vec(),
+                        raw_length: c.raw_length,
+                        compression: c.compression,
+                    })
+                })
+                .collect()
+        })
+        .await
+        .map_err(|e| Error::Invalid(format!("repack task failed: {e}")))?;
+        let blobs = match blobs {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(pack = %p.id, error = %e, "not repacking a damaged pack; run `tidemark check --read-data`");
+                p.delete_marked = None;
+                out.push(p);
+                continue;
+            }
+        };
+        for b in &blobs {
+            copied.insert(b.id);
+            builder.add(b);
+            if builder.len() >= min {
+                out.push(write_pack(repo, std::mem::take(&mut builder)).await?);
+            }
+        }
+        p.delete_marked = Some(now);
+        out.push(p);
+    }
+    if !builder.is_empty() {
+        out.push(write_pack(repo, builder).await?);
+    }
+    Ok(out)
+}
+
+async fn write_pack(repo: &Repository, builder: PackBuilder) -> Result<IndexPack> {
+    let keys = repo.keys().clone();
+    let (id, bytes, entries) = tokio::task::spawn_blocking(move || builder.finish(&keys))
+        .await
+        .map_err(|e| Error::Invalid(format!("pack task failed: {e}")))?;
+    let size = bytes.len() as u64;
+    match repo
+        .storage()
+        .put(&id.path(), bytes, PutMode::CreateNew)
+        .await
+    {
+        Ok(()) => {}
+        Err(e) if e.kind == ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e.into()),
+    }
+    Ok(IndexPack::new(id, size, &entries))
 }
 
 /// When prune would consider `t` old enough, for tests and messages.
