@@ -42,12 +42,29 @@ pub struct Blob {
     pub compression: u8,
 }
 
+thread_local! {
+    // One zstd context per thread, reused: making a context per chunk allocated (and faulted
+    // in) about a megabyte each time.
+    static COMPRESSOR: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
+        const { std::cell::RefCell::new(None) };
+    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// zstd-compress `data` at `level` with this thread's reusable context.
+fn compress(data: &[u8], level: i32) -> Option<Vec<u8>> {
+    COMPRESSOR.with_borrow_mut(|c| {
+        if c.as_ref().is_none_or(|(l, _)| *l != level) {
+            *c = Some((level, zstd::bulk::Compressor::new(level).ok()?));
+        }
+        c.as_mut()?.1.compress(data).ok()
+    })
+}
+
 impl Blob {
     /// Compress `chunk` with zstd at `level` when that makes it smaller, then seal it.
     pub fn seal(keys: &Keys, id: ChunkId, chunk: &[u8], level: i32) -> Blob {
-        let compressed = zstd::bulk::compress(chunk, level)
-            .ok()
-            .filter(|c| c.len() < chunk.len());
+        let compressed = compress(chunk, level).filter(|c| c.len() < chunk.len());
         let (payload, compression) = match &compressed {
             Some(c) => (&c[..], COMPRESSION_ZSTD),
             None => (chunk, COMPRESSION_NONE),
@@ -93,8 +110,11 @@ pub fn open_blob_into(
         COMPRESSION_NONE => out.extend_from_slice(scratch),
         COMPRESSION_ZSTD => {
             out.reserve(entry.raw_length as usize);
-            let r = zstd::bulk::Decompressor::new()
-                .and_then(|mut d| d.decompress_to_buffer(&scratch[..], out));
+            let r = DECOMPRESSOR.with_borrow_mut(|d| match d {
+                Some(d) => d.decompress_to_buffer(&scratch[..], out),
+                None => zstd::bulk::Decompressor::new()
+                    .and_then(|new| d.insert(new).decompress_to_buffer(&scratch[..], out)),
+            });
             if r.is_err() {
                 out.clear();
                 return Err(bad("zstd frame is invalid"));
