@@ -165,3 +165,22 @@ async fn keys_can_be_added_listed_and_removed_but_not_the_last_or_current() {
     ));
     assert!(repo2.remove_key(k2).await.is_err(), "the last key stays");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_missing_pack_makes_check_name_the_snapshots_that_need_it() {
+    use tidemark_repo::ops::check::{check, CheckOptions};
+    let (storage, repo) = memory_repo().await;
+    let (id, _) = backup_bytes(&repo, "dump.sql", dump_like(100_000, 9)).await;
+    let pack = storage.list("data/").await.unwrap().remove(0);
+    storage.delete(&pack.path).await.unwrap();
+    for read_data in [false, true] {
+        let report = check(&repo, &CheckOptions { read_data }).await.unwrap();
+        assert!(!report.is_ok());
+        assert_eq!(
+            report.damaged_snapshots,
+            vec![id],
+            "read_data = {read_data}: {:?}",
+            report.errors
+        );
+    }
+}

@@ -76,6 +76,7 @@ pub async fn check(repo: &Repository, opts: &CheckOptions) -> Result<CheckReport
                     p.id
                 ));
                 bad_packs.insert(p.id);
+                bad_chunks.extend(p.chunks.iter().map(|c| c.id));
             }
             Some(&size) if size != p.size => {
                 report.errors.push(format!(
@@ -83,6 +84,7 @@ pub async fn check(repo: &Repository, opts: &CheckOptions) -> Result<CheckReport
                     p.id, p.size
                 ));
                 bad_packs.insert(p.id);
+                bad_chunks.extend(p.chunks.iter().map(|c| c.id));
             }
             Some(_) => {}
         }
