@@ -14,8 +14,9 @@ use crate::config::{InitOptions, RepoConfig};
 use crate::crypto::{aad, AuthFailed, Keys, MasterKey};
 use crate::error::{Error, Result};
 use crate::id::{IndexId, KeyId, SnapshotId};
-use crate::index::{IndexFile, MasterIndex};
+use crate::index::{IndexFile, IndexPack, MasterIndex};
 use crate::key::{KdfParams, KeyFile, Secret};
+use crate::pack::PackBuilder;
 use crate::snapshot::Snapshot;
 
 /// Reads of JSON objects in flight at once.
@@ -297,6 +298,29 @@ impl Repository {
     /// Store an index object.
     pub(crate) async fn save_index(&self, f: &IndexFile) -> Result<IndexId> {
         Ok(IndexId(self.save_json("index", aad::INDEX, f).await?))
+    }
+
+    /// Seal a pack's header, store the pack (create-if-absent; an existing object of the same
+    /// name has the same bytes) and return its index entry.
+    pub(crate) async fn save_pack(&self, builder: PackBuilder) -> Result<IndexPack> {
+        let keys = self.keys.clone();
+        let (id, bytes, entries) = tokio::task::spawn_blocking(move || builder.finish(&keys))
+            .await
+            .map_err(|e| Error::Invalid(format!("pack task failed: {e}")))?;
+        let size = bytes.len() as u64;
+        match self
+            .storage
+            .put(&id.path(), bytes, PutMode::CreateNew)
+            .await
+        {
+            Ok(())
+            | Err(tidemark_storage::Error {
+                kind: ErrorKind::AlreadyExists,
+                ..
+            }) => {}
+            Err(e) => return Err(e.into()),
+        }
+        Ok(IndexPack::new(id, size, &entries))
     }
 
     /// Store a snapshot: the last write of a backup (format §8.2).

@@ -7,7 +7,6 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use tidemark_storage::{ErrorKind, PutMode};
 use tokio::task::JoinSet;
 
 use crate::chunker::Chunker;
@@ -92,23 +91,8 @@ impl Packer {
         }
         let pack = std::mem::take(&mut self.current);
         let repo = self.repo.clone();
-        self.uploads.spawn(async move {
-            let keys = repo.keys().clone();
-            let (id, bytes, entries) = tokio::task::spawn_blocking(move || pack.finish(&keys))
-                .await
-                .map_err(|e| Error::Invalid(format!("pack task failed: {e}")))?;
-            let size = bytes.len() as u64;
-            match repo
-                .storage()
-                .put(&id.path(), bytes, PutMode::CreateNew)
-                .await
-            {
-                Ok(()) => {}
-                Err(e) if e.kind == ErrorKind::AlreadyExists => {}
-                Err(e) => return Err(e.into()),
-            }
-            Ok(IndexPack::new(id, size, &entries))
-        });
+        self.uploads
+            .spawn(async move { repo.save_pack(pack).await });
         Ok(())
     }
 

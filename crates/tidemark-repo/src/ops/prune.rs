@@ -12,7 +12,6 @@ use crate::index::{IndexFile, IndexPack};
 use crate::lock::{live_locks, LockGuard};
 use crate::pack::{open_blob, Blob, PackBuilder, PackEntry};
 use crate::repository::Repository;
-use tidemark_storage::{ErrorKind, PutMode};
 
 /// Options for prune.
 #[derive(Debug, Clone)]
@@ -291,34 +290,16 @@ async fn repack_packs(
             copied.insert(b.id);
             builder.add(b);
             if builder.len() >= min {
-                out.push(write_pack(repo, std::mem::take(&mut builder)).await?);
+                out.push(repo.save_pack(std::mem::take(&mut builder)).await?);
             }
         }
         p.delete_marked = Some(now);
         out.push(p);
     }
     if !builder.is_empty() {
-        out.push(write_pack(repo, builder).await?);
+        out.push(repo.save_pack(builder).await?);
     }
     Ok(out)
-}
-
-async fn write_pack(repo: &Repository, builder: PackBuilder) -> Result<IndexPack> {
-    let keys = repo.keys().clone();
-    let (id, bytes, entries) = tokio::task::spawn_blocking(move || builder.finish(&keys))
-        .await
-        .map_err(|e| Error::Invalid(format!("pack task failed: {e}")))?;
-    let size = bytes.len() as u64;
-    match repo
-        .storage()
-        .put(&id.path(), bytes, PutMode::CreateNew)
-        .await
-    {
-        Ok(()) => {}
-        Err(e) if e.kind == ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(e.into()),
-    }
-    Ok(IndexPack::new(id, size, &entries))
 }
 
 /// When prune would consider `t` old enough, for tests and messages.
