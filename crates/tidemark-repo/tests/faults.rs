@@ -88,3 +88,46 @@ async fn a_permanent_failure_names_the_object_and_location_and_leaves_no_snapsho
     );
     assert!(repo.snapshots().await.unwrap().is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backup_whose_lock_cannot_be_refreshed_stops_without_a_snapshot() {
+    let memory: Arc<dyn Storage> = Arc::new(ObjectStorage::memory());
+    let faulty = Arc::new(FaultLayer::new(memory, FaultPlan::default()));
+    let storage: Arc<dyn Storage> = faulty.clone();
+    let repo = Repository::init(storage, &Secret::password("pw"), &small_init())
+        .await
+        .unwrap();
+    let opts = LockOptions {
+        lease: Duration::from_millis(600),
+        refresh: Duration::from_millis(200),
+        ..Default::default()
+    };
+    let lock = LockGuard::acquire(&repo, LockKind::Shared, "backup", &opts)
+        .await
+        .unwrap();
+    let mut b = Backup::start(&repo, &lock, BackupOptions::default(), Default::default())
+        .await
+        .unwrap();
+    b.add_stream(
+        "s",
+        EntryType::Stream,
+        std::io::Cursor::new(dump_like(50_000, 62)),
+        None,
+        None,
+    )
+    .await
+    .unwrap();
+
+    // The location stops accepting lock objects: the lease cannot be renewed.
+    faulty.set_plan(FaultPlan::permanent_under("locks/"));
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let e = lock.check().unwrap_err();
+    assert!(matches!(e, tidemark_repo::Error::LockLost(_)), "{e}");
+    let e = b.finish(Default::default()).await.unwrap_err();
+    assert!(matches!(e, tidemark_repo::Error::LockLost(_)), "{e}");
+    faulty.set_plan(FaultPlan::default());
+    assert!(
+        repo.snapshots().await.unwrap().is_empty(),
+        "no snapshot without a valid lock"
+    );
+}

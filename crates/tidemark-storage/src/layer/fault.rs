@@ -43,7 +43,7 @@ impl FaultPlan {
 #[derive(Debug)]
 pub struct FaultLayer {
     inner: Arc<dyn Storage>,
-    plan: FaultPlan,
+    plan: std::sync::RwLock<FaultPlan>,
     calls: AtomicU64,
     injected: AtomicU64,
 }
@@ -53,10 +53,15 @@ impl FaultLayer {
     pub fn new(inner: Arc<dyn Storage>, plan: FaultPlan) -> Self {
         FaultLayer {
             inner,
-            plan,
+            plan: std::sync::RwLock::new(plan),
             calls: AtomicU64::new(0),
             injected: AtomicU64::new(0),
         }
+    }
+
+    /// Change the plan, for faults that start in the middle of an operation.
+    pub fn set_plan(&self, plan: FaultPlan) {
+        *self.plan.write().unwrap_or_else(|p| p.into_inner()) = plan;
     }
 
     /// How many faults have been injected so far.
@@ -65,10 +70,11 @@ impl FaultLayer {
     }
 
     fn check(&self, op: &'static str, path: &str, write: bool) -> Result<()> {
-        if self.plan.writes_only && !write {
+        let plan = self.plan.read().unwrap_or_else(|p| p.into_inner()).clone();
+        if plan.writes_only && !write {
             return Ok(());
         }
-        if let Some(prefix) = &self.plan.permanent_prefix {
+        if let Some(prefix) = &plan.permanent_prefix {
             if path.starts_with(prefix.as_str()) {
                 self.injected.fetch_add(1, Ordering::SeqCst);
                 return Err(
@@ -78,7 +84,7 @@ impl FaultLayer {
             }
         }
         let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
-        if self.plan.transient_every > 0 && n.is_multiple_of(self.plan.transient_every) {
+        if plan.transient_every > 0 && n.is_multiple_of(plan.transient_every) {
             self.injected.fetch_add(1, Ordering::SeqCst);
             return Err(
                 Error::new(ErrorKind::Transient, op, path, self.inner.name())
