@@ -93,6 +93,14 @@ fn repo(r: &RepoError) -> (i32, Option<String>) {
     }
 }
 
+/// Whether the error is a write to a pipe whose reader went away.
+pub fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
 /// The error and its causes on one line, without repeating a cause already in the message.
 pub fn one_line(e: &anyhow::Error) -> String {
     let mut out = String::new();

@@ -38,6 +38,8 @@ fn main() {
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     match result {
         Ok(code) => std::process::exit(code),
+        // `tidemark dump … | head` closing the pipe early is the reader's choice, not a failure.
+        Err(e) if exit::is_broken_pipe(&e) => std::process::exit(exit::OK),
         Err(e) => {
             let (code, hint) = exit::classify(&e);
             eprintln!("tidemark: {}", exit::one_line(&e));

@@ -552,3 +552,27 @@ fn the_demo_runs_with_nothing_installed() {
         "{out}"
     );
 }
+
+#[test]
+fn a_reader_that_stops_early_is_not_an_error() {
+    use std::io::Read;
+    let env = Env::new();
+    env.init();
+    dump_like(&env.path("d.sql"), 300_000, 12);
+    env.ok(&[
+        "backup",
+        "--command",
+        &format!("cat {}", env.path("d.sql").display()),
+    ]);
+    let mut child = env
+        .cmd(&["dump", "latest"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = [0u8; 10];
+    child.stdout.take().unwrap().read_exact(&mut first).unwrap(); // then the pipe closes, like `| head`
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(stderr(&o).is_empty(), "{}", stderr(&o));
+}

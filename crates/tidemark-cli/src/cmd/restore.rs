@@ -101,7 +101,7 @@ async fn restore(ctx: &Context, repo: &Repository, a: &RestoreArgs) -> Result<i3
                 repo,
                 &index,
                 s,
-                std::io::BufWriter::with_capacity(1 << 20, std::io::stdout()),
+                std::io::BufWriter::with_capacity(1 << 20, raw_stdout()?),
                 &RestoreOptions::default(),
                 progress.clone(),
             )
@@ -146,6 +146,17 @@ async fn restore(ctx: &Context, repo: &Repository, a: &RestoreArgs) -> Result<i3
         );
     }
     Ok(crate::exit::OK)
+}
+
+/// Standard output as a plain file: `std::io::stdout()` is line-buffered, which scans every byte
+/// of a restored dump for newlines and splits writes at them.
+fn raw_stdout() -> Result<std::fs::File> {
+    use std::os::fd::AsFd;
+    let fd = std::io::stdout()
+        .as_fd()
+        .try_clone_to_owned()
+        .context("failed to duplicate stdout")?;
+    Ok(std::fs::File::from(fd))
 }
 
 /// A stream name as a relative path, refusing anything that could escape the target.
@@ -272,7 +283,7 @@ async fn dump(repo: &Repository, a: &DumpArgs) -> Result<i32> {
         repo,
         &index,
         s,
-        std::io::BufWriter::with_capacity(1 << 20, std::io::stdout()),
+        std::io::BufWriter::with_capacity(1 << 20, raw_stdout()?),
         &RestoreOptions::default(),
         Default::default(),
     )

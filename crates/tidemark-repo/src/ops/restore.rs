@@ -192,8 +192,9 @@ pub async fn restore_stream<W: Write + Send + 'static>(
     let written = writer_thread
         .join()
         .map_err(|_| Error::Invalid("writer thread panicked".into()))?;
-    sent?;
+    // A failed write stops the fetches too; report the write's own error, not the symptom.
     let (n, _) = written.map_err(|e| Error::io("write", entry.name.clone(), e))?;
+    sent?;
     if n != entry.size {
         return Err(Error::corrupt(
             format!("snapshot stream {:?}", entry.name),
