@@ -166,6 +166,9 @@ async fn backup(
     Ok(crate::exit::OK)
 }
 
+/// Files up to this size are read whole and chunked without the streaming pipeline.
+const SMALL_FILE: u64 = 1 << 20;
+
 fn mtime(m: &std::fs::Metadata) -> Option<DateTime<Utc>> {
     m.modified().ok().map(DateTime::<Utc>::from)
 }
@@ -206,10 +209,18 @@ async fn add_path(b: &mut Backup<'_>, path: &Path, name: &str) -> Result<()> {
             Box::pin(add_path(b, &c.path(), &child_name)).await?;
         }
     } else if meta.is_file() {
-        let f = std::fs::File::open(path)
-            .map_err(|e| SourceFailed(format!("failed to open {}: {e}", path.display())))?;
-        b.add_stream(name, EntryType::File, f, mode(&meta), mtime(&meta))
-            .await?;
+        // Small files are read whole and chunked in one step; large ones are streamed.
+        if meta.len() <= SMALL_FILE {
+            let data = std::fs::read(path)
+                .map_err(|e| SourceFailed(format!("failed to read {}: {e}", path.display())))?;
+            b.add_bytes(name, EntryType::File, data, mode(&meta), mtime(&meta))
+                .await?;
+        } else {
+            let f = std::fs::File::open(path)
+                .map_err(|e| SourceFailed(format!("failed to open {}: {e}", path.display())))?;
+            b.add_stream(name, EntryType::File, f, mode(&meta), mtime(&meta))
+                .await?;
+        }
     }
     Ok(())
 }

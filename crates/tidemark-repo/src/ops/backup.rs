@@ -10,6 +10,7 @@ use chrono::{DateTime, Utc};
 use tokio::task::JoinSet;
 
 use crate::chunker::Chunker;
+use crate::crypto::Keys;
 use crate::error::{Error, Result};
 use crate::id::{ChunkId, SnapshotId};
 use crate::index::{IndexFile, IndexPack, MasterIndex};
@@ -111,6 +112,20 @@ impl Packer {
         }
         Ok(self.done)
     }
+}
+
+/// Hash a chunk, and seal it unless the repository or this backup already has it.
+fn process_chunk(
+    keys: &Keys,
+    index: &MasterIndex,
+    claimed: &Mutex<HashSet<ChunkId>>,
+    chunk: &[u8],
+    level: i32,
+) -> (ChunkId, Option<Blob>) {
+    let id = keys.chunk_id(chunk);
+    let new =
+        !index.has_for_dedup(&id) && claimed.lock().unwrap_or_else(|p| p.into_inner()).insert(id);
+    (id, new.then(|| Blob::seal(keys, id, chunk, level)))
 }
 
 /// A backup in progress: add streams, then `finish` to write the index and the snapshot.
@@ -227,10 +242,7 @@ impl<'l> Backup<'l> {
                     }
                     Err(_) => return,
                 };
-                let id = keys.chunk_id(&chunk);
-                let new = !index.has_for_dedup(&id)
-                    && claimed.lock().unwrap_or_else(|p| p.into_inner()).insert(id);
-                let blob = new.then(|| Blob::seal(&keys, id, &chunk, level));
+                let (id, blob) = process_chunk(&keys, &index, &claimed, &chunk, level);
                 if tx
                     .blocking_send(Done {
                         seq,
@@ -253,15 +265,7 @@ impl<'l> Backup<'l> {
         let result: Result<()> = async {
             while let Some(d) = done_rx.recv().await {
                 size += d.raw;
-                self.summary.chunks += 1;
-                Progress::add(&self.progress.bytes, d.raw);
-                if let Some(blob) = &d.blob {
-                    self.summary.new_chunks += 1;
-                    self.summary.new_raw_bytes += d.raw;
-                    self.summary.new_stored_bytes += blob.data.len() as u64;
-                    Progress::add(&self.progress.stored, blob.data.len() as u64);
-                    self.packer.add(blob).await?;
-                }
+                self.record(d.raw, d.blob.as_ref()).await?;
                 pending.insert(d.seq, d.id);
                 while let Some(e) = pending.first_entry() {
                     if *e.key() != chunks.len() as u64 {
@@ -287,6 +291,79 @@ impl<'l> Backup<'l> {
                 "internal error: {} chunks of {name:?} were not ordered",
                 pending.len()
             )));
+        }
+        self.summary.raw_bytes += size;
+        Progress::add(&self.progress.items, 1);
+        let entry = StreamEntry {
+            name: name.to_owned(),
+            kind,
+            size,
+            mode,
+            mtime,
+            target: None,
+            chunks,
+        };
+        self.streams.push(entry.clone());
+        Ok(entry)
+    }
+
+    /// Count one chunk of a stream and pack it if it is new.
+    async fn record(&mut self, raw: u64, blob: Option<&Blob>) -> Result<()> {
+        self.summary.chunks += 1;
+        Progress::add(&self.progress.bytes, raw);
+        if let Some(blob) = blob {
+            self.summary.new_chunks += 1;
+            self.summary.new_raw_bytes += raw;
+            self.summary.new_stored_bytes += blob.data.len() as u64;
+            Progress::add(&self.progress.stored, blob.data.len() as u64);
+            self.packer.add(blob).await?;
+        }
+        Ok(())
+    }
+
+    /// Add a small stream held in memory (a small file of a tree) without starting the
+    /// threads `add_stream` uses: for many small files those would cost more than the work.
+    ///
+    /// # Errors
+    /// Storage errors, `LockLost`.
+    pub async fn add_bytes(
+        &mut self,
+        name: &str,
+        kind: EntryType,
+        data: Vec<u8>,
+        mode: Option<u32>,
+        mtime: Option<DateTime<Utc>>,
+    ) -> Result<StreamEntry> {
+        self.lock.check()?;
+        let (keys, index, claimed) = (
+            self.repo.keys().clone(),
+            self.index.clone(),
+            self.claimed.clone(),
+        );
+        let (params, level) = (
+            self.repo.config().chunker,
+            self.repo.config().compression.level,
+        );
+        let size = data.len() as u64;
+        let processed = tokio::task::spawn_blocking(
+            move || -> std::io::Result<Vec<(ChunkId, u64, Option<Blob>)>> {
+                let mut chunker =
+                    Chunker::new(std::io::Cursor::new(data), params, keys.gear_seed());
+                let mut out = Vec::new();
+                while let Some(chunk) = chunker.next_chunk()? {
+                    let (id, blob) = process_chunk(&keys, &index, &claimed, &chunk, level);
+                    out.push((id, chunk.len() as u64, blob));
+                }
+                Ok(out)
+            },
+        )
+        .await
+        .map_err(|e| Error::Invalid(format!("chunking task failed: {e}")))?
+        .map_err(|e| Error::io("read", name, e))?;
+        let mut chunks = Vec::with_capacity(processed.len());
+        for (id, raw, blob) in processed {
+            self.record(raw, blob.as_ref()).await?;
+            chunks.push(id);
         }
         self.summary.raw_bytes += size;
         Progress::add(&self.progress.items, 1);
