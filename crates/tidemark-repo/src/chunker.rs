@@ -7,17 +7,70 @@ use fastcdc::v2020::{cut_gear, get_gear_with_seed, logarithm2, MASKS};
 
 use crate::config::ChunkerParams;
 
-/// Cuts a `Read` into chunks without holding more than a few maximal chunks in memory.
-pub struct Chunker<R> {
-    reader: R,
-    buf: BytesMut,
-    eof: bool,
+/// Finds cut points: FastCDC 2020, normalisation level 1, key-seeded gear table (format §4).
+pub struct Cutter {
     min: usize,
     avg: usize,
     max: usize,
     masks: [u64; 4],
     gear: Box<[u64; 256]>,
     gear_ls: Box<[u64; 256]>,
+}
+
+impl Cutter {
+    /// A cutter for `params` and the repository's gear seed.
+    pub fn new(params: ChunkerParams, seed: u64) -> Self {
+        let bits = logarithm2(params.avg);
+        let (mask_s, mask_l) = (MASKS[(bits + 1) as usize], MASKS[(bits - 1) as usize]);
+        let (gear, gear_ls) = get_gear_with_seed(seed);
+        Cutter {
+            min: params.min as usize,
+            avg: params.avg as usize,
+            max: params.max as usize,
+            masks: [mask_s, mask_l, mask_s << 1, mask_l << 1],
+            gear,
+            gear_ls,
+        }
+    }
+
+    /// Length of the chunk that starts `buf`. `buf` must hold a maximal chunk or end the stream.
+    pub fn cut(&self, buf: &[u8]) -> usize {
+        let [ms, ml, msl, mll] = self.masks;
+        let (_, len) = cut_gear(
+            buf,
+            self.min,
+            self.avg,
+            self.max,
+            ms,
+            ml,
+            msl,
+            mll,
+            &self.gear,
+            &self.gear_ls,
+        );
+        len.max(1).min(buf.len())
+    }
+
+    /// Cut a whole in-memory stream; the same boundaries as `Chunker` gives.
+    pub fn cut_all<'a>(&'a self, mut data: &'a [u8]) -> impl Iterator<Item = &'a [u8]> + 'a {
+        std::iter::from_fn(move || {
+            if data.is_empty() {
+                return None;
+            }
+            let (chunk, rest) = data.split_at(self.cut(data));
+            data = rest;
+            Some(chunk)
+        })
+    }
+}
+
+/// Cuts a `Read` into chunks without holding more than a few maximal chunks in memory.
+pub struct Chunker<R> {
+    reader: R,
+    buf: BytesMut,
+    eof: bool,
+    max: usize,
+    cutter: Cutter,
     /// Bytes read from the source so far.
     pub bytes_read: u64,
 }
@@ -25,20 +78,12 @@ pub struct Chunker<R> {
 impl<R: Read> Chunker<R> {
     /// A chunker over `reader` with `params` and the repository's gear seed.
     pub fn new(reader: R, params: ChunkerParams, seed: u64) -> Self {
-        let bits = logarithm2(params.avg);
-        // Normalisation level 1 (format §4).
-        let (mask_s, mask_l) = (MASKS[(bits + 1) as usize], MASKS[(bits - 1) as usize]);
-        let (gear, gear_ls) = get_gear_with_seed(seed);
         Chunker {
             reader,
             buf: BytesMut::with_capacity(4 * params.max as usize),
             eof: false,
-            min: params.min as usize,
-            avg: params.avg as usize,
             max: params.max as usize,
-            masks: [mask_s, mask_l, mask_s << 1, mask_l << 1],
-            gear,
-            gear_ls,
+            cutter: Cutter::new(params, seed),
             bytes_read: 0,
         }
     }
@@ -80,20 +125,8 @@ impl<R: Read> Chunker<R> {
         if self.buf.is_empty() {
             return Ok(None);
         }
-        let [ms, ml, msl, mll] = self.masks;
-        let (_, len) = cut_gear(
-            &self.buf,
-            self.min,
-            self.avg,
-            self.max,
-            ms,
-            ml,
-            msl,
-            mll,
-            &self.gear,
-            &self.gear_ls,
-        );
-        Ok(Some(self.buf.split_to(len.max(1)).freeze()))
+        let len = self.cutter.cut(&self.buf);
+        Ok(Some(self.buf.split_to(len).freeze()))
     }
 }
 
@@ -161,6 +194,16 @@ mod tests {
             a.iter().map(|c| c.len()).collect::<Vec<_>>(),
             b.iter().map(|c| c.len()).collect::<Vec<_>>()
         );
+    }
+
+    #[test]
+    fn cutting_in_memory_gives_the_same_chunks_as_streaming() {
+        let input = data(3 << 20, 4);
+        let cutter = Cutter::new(ChunkerParams::default(), 9);
+        let a: Vec<&[u8]> = cutter.cut_all(&input).collect();
+        let b = chunks(&input, 9);
+        assert_eq!(a.len(), b.len());
+        assert!(a.iter().zip(&b).all(|(x, y)| *x == &y[..]));
     }
 
     #[test]
