@@ -292,9 +292,7 @@ impl<'l> Backup<'l> {
                 pending.len()
             )));
         }
-        self.summary.raw_bytes += size;
-        Progress::add(&self.progress.items, 1);
-        let entry = StreamEntry {
+        Ok(self.finish_stream(StreamEntry {
             name: name.to_owned(),
             kind,
             size,
@@ -302,9 +300,15 @@ impl<'l> Backup<'l> {
             mtime,
             target: None,
             chunks,
-        };
+        }))
+    }
+
+    /// Record a finished stream in the snapshot-to-be.
+    fn finish_stream(&mut self, entry: StreamEntry) -> StreamEntry {
+        self.summary.raw_bytes += entry.size;
+        Progress::add(&self.progress.items, 1);
         self.streams.push(entry.clone());
-        Ok(entry)
+        entry
     }
 
     /// Count one chunk of a stream and pack it if it is new.
@@ -364,9 +368,7 @@ impl<'l> Backup<'l> {
             self.record(raw, blob.as_ref()).await?;
             chunks.push(id);
         }
-        self.summary.raw_bytes += size;
-        Progress::add(&self.progress.items, 1);
-        let entry = StreamEntry {
+        Ok(self.finish_stream(StreamEntry {
             name: name.to_owned(),
             kind,
             size,
@@ -374,9 +376,7 @@ impl<'l> Backup<'l> {
             mtime,
             target: None,
             chunks,
-        };
-        self.streams.push(entry.clone());
-        Ok(entry)
+        }))
     }
 
     /// Flush packs, write the index, then the snapshot. Only now does the snapshot exist.
