@@ -112,7 +112,7 @@ async fn restore(ctx: &Context, repo: &Repository, a: &RestoreArgs) -> Result<i3
         if is_tree {
             restore_tree(repo, &index, &wanted, &a.target, progress.clone()).await
         } else if wanted.len() == 1 {
-            restore_file(repo, &index, wanted[0], &a.target, progress.clone()).await
+            restore_file(repo, &index, wanted[0], &a.target, progress.clone(), true).await
         } else {
             std::fs::create_dir_all(&a.target)
                 .with_context(|| format!("failed to create {}", a.target.display()))?;
@@ -123,6 +123,7 @@ async fn restore(ctx: &Context, repo: &Repository, a: &RestoreArgs) -> Result<i3
                     s,
                     &a.target.join(safe_name(&s.name)?),
                     progress.clone(),
+                    true,
                 )
                 .await?;
             }
@@ -173,12 +174,15 @@ fn safe_name(name: &str) -> Result<PathBuf> {
 }
 
 /// Restore one stream to `target` through a temporary file: `target` appears only when whole.
+/// With `sync`, the file is fsynced before it is moved into place; a tree restore instead syncs
+/// the whole file system once at the end (one fsync per file made small files slow).
 async fn restore_file(
     repo: &Repository,
     index: &MasterIndex,
     s: &StreamEntry,
     target: &Path,
     progress: Arc<Progress>,
+    sync: bool,
 ) -> Result<()> {
     if target.exists() {
         return Err(usage(
@@ -204,7 +208,9 @@ async fn restore_file(
         progress,
     )
     .await?;
-    tmp.as_file().sync_all()?;
+    if sync {
+        tmp.as_file().sync_all()?;
+    }
     let tmp_path = tmp.into_temp_path();
     if let Some(m) = s.mode {
         use std::os::unix::fs::PermissionsExt;
@@ -240,10 +246,15 @@ async fn restore_tree(
                     .with_context(|| format!("failed to create link {}", path.display()))?;
             }
             EntryType::File | EntryType::Stream => {
-                restore_file(repo, index, e, &path, progress.clone()).await?
+                restore_file(repo, index, e, &path, progress.clone(), false).await?
             }
         }
     }
+    // Everything written so far reaches the disk before the restore reports success.
+    let root = std::fs::File::open(target)
+        .with_context(|| format!("failed to open {}", target.display()))?;
+    rustix::fs::syncfs(&root)
+        .with_context(|| format!("failed to sync the file system of {}", target.display()))?;
     // Directory modes last, so read-only directories do not stop their own restore.
     for e in entries.iter().filter(|e| e.kind == EntryType::Dir) {
         if let Some(m) = e.mode {
