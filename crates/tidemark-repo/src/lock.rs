@@ -158,8 +158,12 @@ impl LockGuard {
                 "locks/{}",
                 hex::encode(repo.save_json("locks", aad::LOCK, &record).await?)
             );
-            let others = live_locks(repo, opts.skew, kind == LockKind::Exclusive).await?;
-            // Only exclusive lockers exclude each other; a shared locker never waits (§8.1).
+            // Only exclusive lockers exclude each other; a shared locker never waits (§8.1),
+            // so it need not read the other locks at all.
+            let others = match kind {
+                LockKind::Shared => Vec::new(),
+                LockKind::Exclusive => live_locks(repo, opts.skew, true).await?,
+            };
             let conflict = match kind {
                 LockKind::Shared => None,
                 LockKind::Exclusive => others

@@ -165,6 +165,13 @@ impl Location {
             .map(|(k, v)| (k.into_owned(), v.into_owned()))
             .collect();
         url.set_query(None);
+        if url.password().is_some() {
+            let _ = url.set_password(None);
+            return Err(LocationError::SecretInUrl {
+                location: url.to_string(),
+                key: "password".into(),
+            });
+        }
         for (k, v) in pairs {
             if is_secret(&k) {
                 return Err(LocationError::SecretInUrl {
@@ -261,7 +268,7 @@ impl Location {
                         text: self.url.to_string(),
                         reason: "not a local path".into(),
                     })?;
-                self.no_options(&name, &[])?;
+                self.no_options()?;
                 Ok(Arc::new(
                     LocalStorage::new(path, name.clone()).map_err(|e| build(Box::new(e)))?,
                 ))
@@ -366,8 +373,8 @@ impl Location {
         }
     }
 
-    fn no_options(&self, _name: &str, allowed: &[&str]) -> Result<(), LocationError> {
-        match self.options.keys().find(|k| !allowed.contains(&k.as_str())) {
+    fn no_options(&self) -> Result<(), LocationError> {
+        match self.options.keys().next() {
             Some(k) => Err(self.unknown(k)),
             None => Ok(()),
         }
@@ -399,6 +406,9 @@ mod tests {
     #[test]
     fn secrets_in_the_url_are_refused_without_echoing_them() {
         let e = Location::parse("s3://b/p?secret_access_key=hunter2").unwrap_err();
+        assert!(matches!(e, LocationError::SecretInUrl { .. }));
+        assert!(!e.to_string().contains("hunter2"), "{e}");
+        let e = Location::parse("s3://AKIA:hunter2@b/p").unwrap_err();
         assert!(matches!(e, LocationError::SecretInUrl { .. }));
         assert!(!e.to_string().contains("hunter2"), "{e}");
     }

@@ -25,7 +25,8 @@ pub struct Args {
     /// Rows in the sample table.
     #[arg(long, default_value_t = 200_000)]
     rows: u32,
-    /// Keep the temporary directory and print its path.
+    /// Keep the temporary directory and print its path (the demo repository's password is
+    /// random and not kept: the sample databases remain useful, the repository does not).
     #[arg(long)]
     keep: bool,
 }

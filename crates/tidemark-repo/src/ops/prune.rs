@@ -301,8 +301,3 @@ async fn repack_packs(
     }
     Ok(out)
 }
-
-/// When prune would consider `t` old enough, for tests and messages.
-pub fn older_than(t: DateTime<Utc>, grace: Duration) -> bool {
-    t < Utc::now() - chrono::Duration::from_std(grace).unwrap_or_default()
-}
