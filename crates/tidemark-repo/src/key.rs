@@ -40,7 +40,7 @@ pub struct KdfParams {
     pub m_cost_kib: u32,
     /// Passes (default 3).
     pub t_cost: u32,
-    /// Lanes (default 1).
+    /// Lanes, computed in parallel (default 4, as RFC 9106 recommends with 64 MiB and 3 passes).
     pub p_cost: u32,
 }
 
@@ -49,7 +49,7 @@ impl Default for KdfParams {
         KdfParams {
             m_cost_kib: 65536,
             t_cost: 3,
-            p_cost: 1,
+            p_cost: 4,
         }
     }
 }
@@ -108,6 +108,11 @@ pub fn username() -> String {
         .unwrap_or_default()
 }
 
+/// The largest Argon2id parameters a reader will try (format §3.3).
+const MAX_M_COST_KIB: u32 = 4 * 1024 * 1024;
+const MAX_T_COST: u32 = 64;
+const MAX_P_COST: u32 = 64;
+
 fn kek(secret: &Secret, kdf: &Kdf) -> Result<Zeroizing<[u8; 32]>> {
     let mut out = Zeroizing::new([0u8; 32]);
     match (secret, kdf) {
@@ -121,6 +126,17 @@ fn kek(secret: &Secret, kdf: &Kdf) -> Result<Zeroizing<[u8; 32]>> {
             },
         ) => {
             let salt = hex::decode(salt).map_err(|_| Error::corrupt("key", "salt is not hex"))?;
+            // Format §3.3: a replaced key object must not make the reader allocate without bound.
+            if *m_cost_kib > MAX_M_COST_KIB || *t_cost > MAX_T_COST || *p_cost > MAX_P_COST {
+                return Err(Error::corrupt(
+                    "key",
+                    format!(
+                        "Argon2id parameters out of range (memory {m_cost_kib} KiB, {t_cost} passes, \
+                         {p_cost} lanes; at most {MAX_M_COST_KIB} KiB, {MAX_T_COST} passes, \
+                         {MAX_P_COST} lanes)"
+                    ),
+                ));
+            }
             let params = argon2::Params::new(*m_cost_kib, *t_cost, *p_cost, Some(32))
                 .map_err(|e| Error::corrupt("key", format!("bad Argon2id parameters: {e}")))?;
             argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params)
@@ -250,6 +266,31 @@ mod tests {
             .unwrap_master(&Secret::Raw(Zeroizing::new(vec![1; 32])), "k")
             .unwrap()
             .is_none());
+    }
+
+    #[test]
+    fn parallel_lanes_open_and_absurd_parameters_are_refused_before_allocating() {
+        let m = MasterKey::generate();
+        let lanes = KdfParams {
+            m_cost_kib: 256,
+            t_cost: 1,
+            p_cost: 4,
+        };
+        let kf = KeyFile::wrap(&m, &Secret::password("pw"), lanes).unwrap();
+        let opened = kf.unwrap_master(&Secret::password("pw"), "k").unwrap();
+        assert_eq!(opened.unwrap().0, m.0);
+
+        let mut forged = kf.clone();
+        if let Kdf::Argon2id { m_cost_kib, .. } = &mut forged.kdf {
+            *m_cost_kib = u32::MAX;
+        }
+        let err = forged
+            .unwrap_master(&Secret::password("pw"), "keys/x")
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("out of range"),
+            "unexpected error: {err}"
+        );
     }
 
     #[test]
