@@ -7,10 +7,12 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use async_trait::async_trait;
+use tidemark_repo::id::SnapshotId;
 use tidemark_repo::ops::backup::Backup;
 use tidemark_repo::snapshot::{DatabaseIdentity, Snapshot, SnapshotKind};
 use tidemark_repo::Repository;
 
+pub mod postgres;
 pub mod sqlite;
 
 /// What an engine can do.
@@ -136,4 +138,18 @@ pub trait Engine: Send + Sync {
         snapshot: &Snapshot,
         target: &Path,
     ) -> Result<RestoreReport>;
+}
+
+/// Run `engine`'s backup into `backup` and write the snapshot, with the kind, identity and
+/// positions the engine reported. An engine error abandons the backup: no snapshot.
+///
+/// # Errors
+/// The engine's error, or the repository's when writing the snapshot fails.
+pub async fn run_backup(
+    engine: &dyn Engine,
+    mut backup: Backup<'_>,
+) -> Result<(SnapshotId, Snapshot)> {
+    let info = engine.backup(&mut backup).await?;
+    backup.describe(info.kind, info.database);
+    Ok(backup.finish(info.positions).await?)
 }

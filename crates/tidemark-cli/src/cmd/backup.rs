@@ -90,12 +90,10 @@ async fn backup(
             opts.engine = engine.name().into();
             opts.kind = SnapshotKind::Physical;
             opts.database = engine.identity().await?;
-            let mut b = Backup::start(repo, lock, opts, progress.clone()).await?;
-            let info = engine.backup(&mut b).await.map_err(|e| match e {
-                tidemark_engine::Error::Repo(r) => anyhow::Error::from(r),
-                other => anyhow::Error::from(SourceFailed(other.to_string())),
-            })?;
-            return Ok(b.finish(info.positions).await?);
+            let b = Backup::start(repo, lock, opts, progress.clone()).await?;
+            return tidemark_engine::run_backup(&engine, b)
+                .await
+                .map_err(engine_error);
         }
         if a.stdin {
             opts.engine = "stdin".into();
@@ -164,6 +162,14 @@ async fn backup(
         );
     }
     Ok(crate::exit::OK)
+}
+
+/// A repository failure keeps its own exit code; anything else failed at the source.
+pub fn engine_error(e: tidemark_engine::Error) -> anyhow::Error {
+    match e {
+        tidemark_engine::Error::Repo(r) => anyhow::Error::from(r),
+        other => anyhow::Error::from(SourceFailed(other.to_string())),
+    }
 }
 
 /// Files up to this size are read whole and chunked without the streaming pipeline.

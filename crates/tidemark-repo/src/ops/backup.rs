@@ -383,6 +383,13 @@ impl<'l> Backup<'l> {
     ///
     /// # Errors
     /// Storage errors, `LockLost`.
+    /// Record what the snapshot says about its source, once the engine knows it (its kind and
+    /// the database's identity, read during the backup).
+    pub fn describe(&mut self, kind: SnapshotKind, database: DatabaseIdentity) {
+        self.opts.kind = kind;
+        self.opts.database = database;
+    }
+
     pub async fn finish(
         mut self,
         positions: BTreeMap<String, serde_json::Value>,

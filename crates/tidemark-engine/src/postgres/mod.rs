@@ -1,0 +1,195 @@
+//! PostgreSQL: logical dumps with PostgreSQL's own `pg_dump`/`pg_restore`, WAL archiving and
+//! (planned) physical base backups over the replication protocol. Design: docs/design/pitr.md.
+
+pub mod conn;
+pub mod logical;
+
+pub mod wire;
+
+use std::path::{Path, PathBuf};
+
+use async_trait::async_trait;
+use tidemark_repo::ops::backup::Backup;
+use tidemark_repo::snapshot::{DatabaseIdentity, Snapshot};
+use tidemark_repo::Repository;
+
+pub use conn::{ConnOptions, PasswordSource, SslMode};
+
+use crate::{BackupInfo, Capabilities, Engine, Error, RestoreReport, Result};
+
+/// What the server says about itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerInfo {
+    /// `pg_control_system().system_identifier`: tells clusters apart.
+    pub system_id: String,
+    /// `server_version`.
+    pub version: String,
+    /// `server_version_num`.
+    pub version_num: u32,
+    /// Whether the server is a standby.
+    pub in_recovery: bool,
+}
+
+/// A PostgreSQL server to protect.
+#[derive(Debug, Clone)]
+pub struct Postgres {
+    /// How to connect.
+    pub conn: ConnOptions,
+    /// Where `pg_dump`, `pg_restore`, … are; `None` searches PATH and then Debian's
+    /// `/usr/lib/postgresql/<major>/bin`.
+    pub bin_dir: Option<PathBuf>,
+    /// What a logical backup takes.
+    pub logical: logical::DumpOptions,
+}
+
+/// Quote an identifier for SQL.
+pub fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// Quote a string literal for SQL (standard_conforming_strings, the default since 9.1).
+pub fn quote_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+impl Postgres {
+    /// A server reached with `conn`.
+    pub fn new(conn: ConnOptions) -> Self {
+        Postgres {
+            conn,
+            bin_dir: None,
+            logical: logical::DumpOptions::default(),
+        }
+    }
+
+    fn db_error(&self, action: &'static str, e: impl std::fmt::Display) -> Error {
+        Error::Database {
+            action,
+            database: self.conn.server(),
+            reason: e.to_string(),
+        }
+    }
+
+    /// A connection for queries.
+    ///
+    /// # Errors
+    /// `Database` when the server cannot be reached or refuses the login.
+    pub async fn connect(&self) -> Result<wire::Connection> {
+        wire::Connection::connect(&self.conn, false)
+            .await
+            .map_err(|e| self.db_error("connect to", e))
+    }
+
+    /// Ask the server who it is.
+    ///
+    /// # Errors
+    /// `Database`.
+    pub async fn server_info(&self) -> Result<ServerInfo> {
+        let mut c = self.connect().await?;
+        let rows = c
+            .query(
+                "SELECT system_identifier::text, current_setting('server_version'), \
+                 current_setting('server_version_num'), pg_is_in_recovery()::text \
+                 FROM pg_control_system()",
+            )
+            .await
+            .map_err(|e| self.db_error("query", e))?;
+        c.close().await;
+        let row = rows
+            .first()
+            .ok_or_else(|| self.db_error("query", "pg_control_system() returned no row"))?;
+        let get = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
+        Ok(ServerInfo {
+            system_id: get(0),
+            version: get(1),
+            version_num: get(2).parse().unwrap_or(0),
+            in_recovery: get(3) == "true",
+        })
+    }
+
+    /// Databases that can be dumped: connectable, not templates.
+    ///
+    /// # Errors
+    /// `Database`.
+    pub async fn databases(&self) -> Result<Vec<String>> {
+        let mut c = self.connect().await?;
+        let rows = c
+            .query(
+                "SELECT datname FROM pg_database WHERE datallowconn AND NOT datistemplate \
+                 ORDER BY datname",
+            )
+            .await
+            .map_err(|e| self.db_error("list the databases of", e))?;
+        c.close().await;
+        Ok(rows
+            .into_iter()
+            .filter_map(|r| r.into_iter().next().flatten())
+            .collect())
+    }
+
+    /// The path of one of PostgreSQL's programs, matching the server's major version when
+    /// Debian's layout is there.
+    pub fn program(&self, name: &str, version_num: u32) -> PathBuf {
+        if let Some(d) = &self.bin_dir {
+            return d.join(name);
+        }
+        let major = version_num / 10000;
+        let debian = PathBuf::from(format!("/usr/lib/postgresql/{major}/bin/{name}"));
+        if major > 0 && debian.is_file() {
+            return debian;
+        }
+        if let Some(paths) = std::env::var_os("PATH") {
+            for dir in std::env::split_paths(&paths) {
+                if dir.join(name).is_file() {
+                    return dir.join(name);
+                }
+            }
+        }
+        PathBuf::from(name)
+    }
+}
+
+#[async_trait]
+impl Engine for Postgres {
+    fn name(&self) -> &'static str {
+        "postgres"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            logical: true,
+            physical: false,
+            online: true,
+            log_archiving: true,
+            point_in_time: false,
+            verify: true,
+        }
+    }
+
+    async fn identity(&self) -> Result<DatabaseIdentity> {
+        let info = self.server_info().await?;
+        Ok(DatabaseIdentity {
+            name: self.conn.server(),
+            system_id: Some(info.system_id),
+            version: Some(info.version),
+        })
+    }
+
+    async fn backup(&self, backup: &mut Backup<'_>) -> Result<BackupInfo> {
+        logical::backup(self, backup).await
+    }
+
+    async fn restore(
+        &self,
+        _repo: &Repository,
+        id: &str,
+        _snapshot: &Snapshot,
+        _target: &Path,
+    ) -> Result<RestoreReport> {
+        Err(Error::WrongSnapshot {
+            snapshot: id.to_owned(),
+            engine: "postgres",
+            reason: "a logical PostgreSQL snapshot is restored into a database, not a path: use `tidemark pg restore`".into(),
+        })
+    }
+}

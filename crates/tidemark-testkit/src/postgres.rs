@@ -1,0 +1,255 @@
+//! Throwaway PostgreSQL 15 clusters from Debian's `postgresql-15`, on 127.0.0.1.
+//!
+//! PostgreSQL refuses to run as root and the harness often is root: the cluster's directory is
+//! then given to the `postgres` user, and `initdb`, `pg_ctl` and the server run through
+//! `runuser -u postgres --`. The server is started by `pg_ctl` (it daemonizes), so it is stopped
+//! with `pg_ctl stop`, which signals the PID in the cluster's own `postmaster.pid`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use crate::process::free_port;
+
+/// The password of the `postgres` superuser in every test cluster (host connections use
+/// SCRAM-SHA-256; the Unix socket in the cluster directory trusts).
+pub const SUPERUSER_PASSWORD: &str = "test-superuser-secret";
+
+/// Where the server binaries are: `$TIDEMARK_PG_BIN`, else Debian's PostgreSQL 15.
+///
+/// # Panics
+/// When `initdb` is not there, with the command that installs it.
+pub fn pg_bin() -> PathBuf {
+    let dir = std::env::var_os("TIDEMARK_PG_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/usr/lib/postgresql/15/bin"));
+    assert!(
+        dir.join("initdb").is_file(),
+        "PostgreSQL 15 is needed by this test and {} has no initdb; install it with: \
+         apt-get install postgresql-15 (or run .ci/run), or set TIDEMARK_PG_BIN",
+        dir.display()
+    );
+    dir
+}
+
+fn is_root() -> bool {
+    // The effective uid, from /proc (no libc dependency for one number).
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
+        })
+        .unwrap_or(false)
+}
+
+/// A command run as the cluster's owner: through `runuser -u postgres --` when we are root.
+pub fn as_owner(program: &Path) -> Command {
+    if is_root() {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(program);
+        c
+    } else {
+        Command::new(program)
+    }
+}
+
+fn run(mut cmd: Command, what: &str) -> Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("failed to run {what}: {e}"));
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// A running PostgreSQL cluster in a temporary directory.
+#[derive(Debug)]
+pub struct Postgres {
+    /// Its scratch directory (data directory, socket, log, anything a test puts there).
+    pub dir: tempfile::TempDir,
+    /// The TCP port on 127.0.0.1.
+    pub port: u16,
+    bin: PathBuf,
+    running: bool,
+}
+
+impl Postgres {
+    /// Create and start a cluster. `extra_conf` lines are appended to `postgresql.conf`.
+    ///
+    /// # Panics
+    /// When PostgreSQL is missing or fails to initialize or start; the message has its log.
+    pub fn start(extra_conf: &[&str]) -> Postgres {
+        let bin = pg_bin();
+        let dir = tempfile::Builder::new()
+            .prefix("tidemark-pg-")
+            .tempdir()
+            .expect("tempdir");
+        let pwfile = dir.path().join("pwfile");
+        std::fs::write(&pwfile, SUPERUSER_PASSWORD).expect("write pwfile");
+        if is_root() {
+            run(
+                {
+                    let mut c = Command::new("chown");
+                    c.args(["-R", "postgres:postgres"]).arg(dir.path());
+                    c
+                },
+                "chown of the cluster directory",
+            );
+        }
+        let mut initdb = as_owner(&bin.join("initdb"));
+        initdb
+            .arg("-D")
+            .arg(dir.path().join("data"))
+            .args([
+                "-U",
+                "postgres",
+                "--auth-local=trust",
+                "--auth-host=scram-sha-256",
+                "--no-sync",
+                "-E",
+                "UTF8",
+                "--locale=C",
+            ])
+            .arg(format!("--pwfile={}", pwfile.display()));
+        run(initdb, "initdb");
+        let port = free_port();
+        let mut conf = format!(
+            "\nlisten_addresses = '127.0.0.1'\nport = {port}\nunix_socket_directories = '{}'\n\
+             wal_level = replica\nmax_wal_senders = 10\nfsync = off\nsynchronous_commit = on\n\
+             log_min_messages = info\n",
+            dir.path().display()
+        );
+        for l in extra_conf {
+            conf.push_str(l);
+            conf.push('\n');
+        }
+        let conf_path = dir.path().join("data/postgresql.conf");
+        let mut base = std::fs::read_to_string(&conf_path).expect("read postgresql.conf");
+        base.push_str(&conf);
+        std::fs::write(&conf_path, base).expect("write postgresql.conf");
+        // Replication connections from 127.0.0.1 (initdb allows them only for local sockets).
+        let hba = dir.path().join("data/pg_hba.conf");
+        let mut h = std::fs::read_to_string(&hba).expect("read pg_hba.conf");
+        h.push_str("host replication all 127.0.0.1/32 scram-sha-256\n");
+        std::fs::write(&hba, h).expect("write pg_hba.conf");
+        let mut pg = Postgres {
+            dir,
+            port,
+            bin,
+            running: false,
+        };
+        pg.start_server();
+        pg
+    }
+
+    /// The data directory.
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// The binaries' directory.
+    pub fn bin(&self) -> &Path {
+        &self.bin
+    }
+
+    /// The server log.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+    }
+
+    /// Write a file the server's user can read (a password file, a config), mode 0600.
+    pub fn write_private(&self, name: &str, content: &str) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let p = self.dir.path().join(name);
+        std::fs::write(&p, content).expect("write private file");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        if is_root() {
+            run(
+                {
+                    let mut c = Command::new("chown");
+                    c.arg("postgres:postgres").arg(&p);
+                    c
+                },
+                "chown",
+            );
+        }
+        p
+    }
+
+    /// Start the server (after `stop`, or a changed configuration).
+    ///
+    /// # Panics
+    /// When it does not start; the message has its log.
+    pub fn start_server(&mut self) {
+        let mut c = as_owner(&self.bin.join("pg_ctl"));
+        c.arg("-D")
+            .arg(self.data_dir())
+            .arg("-l")
+            .arg(self.dir.path().join("server.log"))
+            .args(["-w", "-t", "60", "start"]);
+        let out = c.output().expect("run pg_ctl start");
+        assert!(
+            out.status.success(),
+            "pg_ctl start failed ({}); log:\n{}",
+            out.status,
+            self.log()
+        );
+        self.running = true;
+    }
+
+    /// Stop the server: `fast` (clean) or `immediate` (as if it crashed).
+    pub fn stop(&mut self, mode: &str) {
+        if !self.running {
+            return;
+        }
+        let mut c = as_owner(&self.bin.join("pg_ctl"));
+        c.arg("-D")
+            .arg(self.data_dir())
+            .args(["-m", mode, "-w", "stop"]);
+        let _ = c.output();
+        self.running = false;
+    }
+
+    /// Run SQL through psql on the Unix socket as the superuser; the output, unaligned.
+    ///
+    /// # Panics
+    /// When psql fails; the message has its output.
+    pub fn psql(&self, db: &str, sql: &str) -> String {
+        let mut c = Command::new(self.bin.join("psql"));
+        c.args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h"])
+            .arg(self.dir.path())
+            .args([
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+                "-d",
+                db,
+                "-c",
+                sql,
+            ]);
+        let out = run(c, &format!("psql {sql:?}"));
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    /// libpq environment for a TCP connection as the superuser, except the password.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("PGHOST", "127.0.0.1".into()),
+            ("PGPORT", self.port.to_string()),
+            ("PGUSER", "postgres".into()),
+        ]
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        self.stop("immediate");
+    }
+}
