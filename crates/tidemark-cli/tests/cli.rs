@@ -576,3 +576,107 @@ fn a_reader_that_stops_early_is_not_an_error() {
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     assert!(stderr(&o).is_empty(), "{}", stderr(&o));
 }
+
+/// Every process's command line, to prove a secret never appears in one.
+fn all_cmdlines() -> String {
+    let mut out = String::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        if let Ok(c) = std::fs::read(e.path().join("cmdline")) {
+            out.push_str(&String::from_utf8_lossy(&c).replace('\0', " "));
+            out.push('\n');
+        }
+    }
+    out
+}
+
+#[test]
+fn pg_backup_and_restore_round_trip_without_the_password_in_any_command_line() {
+    let cluster = tidemark_testkit::Postgres::start(&[]);
+    cluster.psql("postgres", "CREATE DATABASE app");
+    cluster.psql(
+        "app",
+        "CREATE TABLE t AS SELECT g AS id, md5(g::text) AS v FROM generate_series(1, 50000) g",
+    );
+    let env = Env::new();
+    env.init();
+    let pwfile = env.path("pgpass");
+    std::fs::write(&pwfile, tidemark_testkit::SUPERUSER_PASSWORD).unwrap();
+    let url = format!("postgresql://postgres@127.0.0.1:{}/app", cluster.port);
+    let conn = [
+        "--url",
+        url.as_str(),
+        "--pg-password-file",
+        pwfile.to_str().unwrap(),
+    ];
+
+    let mut backup = env.cmd(&[&["pg", "backup", "--json", "--globals"][..], &conn[..]].concat());
+    let mut child = backup
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut seen = String::new();
+    let watch = std::time::Instant::now();
+    // The JSON answer and errors are small: the pipes cannot fill while we watch.
+    while child.try_wait().unwrap().is_none() {
+        seen.push_str(&all_cmdlines());
+        assert!(
+            watch.elapsed() < Duration::from_secs(120),
+            "pg backup did not finish in 120 s"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "pg backup failed: {}", stderr(&out));
+    assert!(
+        seen.contains("pg_dump"),
+        "the watcher never saw pg_dump run"
+    );
+    assert!(
+        !seen.contains(tidemark_testkit::SUPERUSER_PASSWORD),
+        "the PostgreSQL password appeared in a command line"
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["snapshot"]["engine"], "postgres");
+    assert_eq!(v["snapshot"]["kind"], "logical");
+
+    let restore = |extra: &[&str]| {
+        env.run(
+            &[
+                &["pg", "restore", "latest", "--into", "app_copy"][..],
+                extra,
+                &conn[..],
+            ]
+            .concat(),
+        )
+    };
+    let o = restore(&[]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let fp = "SELECT count(*) || ':' || sum(hashtext(v)) FROM t";
+    assert_eq!(cluster.psql("app_copy", fp), cluster.psql("app", fp));
+    // A second restore to the same name is refused without --clean: a usage-class error from
+    // the database side, one line, exit 8 (the source refused), nothing changed.
+    let o = restore(&[]);
+    assert_eq!(code(&o), 8, "{}", stderr(&o));
+    assert!(stderr(&o).contains("--clean"), "{}", stderr(&o));
+    assert_eq!(code(&restore(&["--clean"])), 0);
+
+    // Wrong password: one line naming the server and the user, exit 8, no snapshot.
+    std::fs::write(&pwfile, "wrong").unwrap();
+    let before = env.snapshot_ids().len();
+    let o = env.run(&[&["pg", "backup"][..], &conn[..]].concat());
+    assert_eq!(code(&o), 8, "{}", stderr(&o));
+    let e = stderr(&o);
+    assert!(e.contains("refused the login of user \"postgres\""), "{e}");
+    assert_eq!(env.snapshot_ids().len(), before);
+
+    // A password inside the URL is refused before anything connects.
+    let o = env.run(&[
+        "pg",
+        "backup",
+        "--url",
+        "postgresql://postgres:hunter2@127.0.0.1/app",
+    ]);
+    assert_eq!(code(&o), 2, "{}", stderr(&o));
+    assert!(!stderr(&o).contains("hunter2"));
+}

@@ -6,6 +6,7 @@ mod demo;
 mod forget;
 mod init;
 mod key;
+mod pg;
 mod prune;
 mod restore;
 mod snapshots;
@@ -50,6 +51,9 @@ pub enum Command {
     /// Manage the keys that open the repository.
     #[command(subcommand)]
     Key(key::Command),
+    /// PostgreSQL: logical backups (pg_dump) and restores (pg_restore).
+    #[command(subcommand)]
+    Pg(pg::Command),
     /// Show what the repository holds and how well it deduplicates.
     Stats(stats::Args),
     /// Back up and restore a sample SQLite database in a temporary directory. Needs nothing.
@@ -73,6 +77,7 @@ pub async fn run(cli: Cli) -> Result<i32> {
         Command::Check(a) => check::run(&ctx, a).await,
         Command::Key(c) => key::run(&ctx, c).await,
         Command::Stats(a) => stats::run(&ctx, a).await,
+        Command::Pg(c) => pg::run(&ctx, c).await,
         Command::Demo(_) => unreachable!("handled above"),
     }
 }
