@@ -238,6 +238,77 @@ impl Postgres {
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
     }
 
+    /// Run SQL until it returns `want`, or panic after `timeout` with the last answer and the log.
+    pub fn wait_for(&self, db: &str, sql: &str, want: &str, timeout: std::time::Duration) {
+        let start = std::time::Instant::now();
+        let mut last = String::new();
+        while start.elapsed() < timeout {
+            let mut c = Command::new(self.bin.join("psql"));
+            c.args(["-X", "-q", "-A", "-t", "-h"])
+                .arg(self.dir.path())
+                .args([
+                    "-p",
+                    &self.port.to_string(),
+                    "-U",
+                    "postgres",
+                    "-d",
+                    db,
+                    "-c",
+                    sql,
+                ]);
+            if let Ok(out) = c.output() {
+                last = format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&out.stdout).trim(),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+                if out.status.success() && last == want {
+                    return;
+                }
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        panic!(
+            "{sql:?} did not return {want:?} within {timeout:?} (last: {last:?}); log:\n{}",
+            self.log()
+        );
+    }
+
+    /// Give `path` (recursively) to the cluster's owner, so the server and its
+    /// archive_command can use it.
+    pub fn give(&self, path: &Path) {
+        if is_root() {
+            let mut c = Command::new("chown");
+            c.args(["-R", "postgres:postgres"]).arg(path);
+            run(c, "chown");
+        }
+    }
+
+    /// Take a base backup of the running server into `dest` with pg_basebackup (WAL not
+    /// included: it must come from the archive).
+    pub fn base_backup(&self, dest: &Path) {
+        let mut c = as_owner(&self.bin.join("pg_basebackup"));
+        c.arg("-D")
+            .arg(dest)
+            .args(["-X", "none", "-c", "fast", "--no-sync", "-h"])
+            .arg(self.dir.path())
+            .args(["-p", &self.port.to_string(), "-U", "postgres"]);
+        run(c, "pg_basebackup");
+    }
+
+    /// Replace the data directory with `other` (the old one is kept as `data.old`); the
+    /// server must be stopped.
+    pub fn swap_data_dir(&self, other: &Path) {
+        assert!(
+            !self.running,
+            "stop the server before swapping its data directory"
+        );
+        let old = self.dir.path().join("data.old");
+        let _ = std::fs::remove_dir_all(&old);
+        std::fs::rename(self.data_dir(), &old).expect("move the data directory aside");
+        std::fs::rename(other, self.data_dir()).expect("move the new data directory in");
+    }
+
     /// libpq environment for a TCP connection as the superuser, except the password.
     pub fn env(&self) -> Vec<(&'static str, String)> {
         vec![

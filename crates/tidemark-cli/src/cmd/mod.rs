@@ -11,6 +11,7 @@ mod prune;
 mod restore;
 mod snapshots;
 mod stats;
+mod wal;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -54,6 +55,11 @@ pub enum Command {
     /// PostgreSQL: logical backups (pg_dump) and restores (pg_restore).
     #[command(subcommand)]
     Pg(pg::Command),
+    /// Archive one WAL file (PostgreSQL's archive_command: `tidemark wal-push %p`).
+    WalPush(wal::PushArgs),
+    /// Fetch one WAL file from the archive (restore_command: `tidemark wal-fetch %f %p`).
+    /// Exits 1 when the archive does not have it, 126 on any failure.
+    WalFetch(wal::FetchArgs),
     /// Show what the repository holds and how well it deduplicates.
     Stats(stats::Args),
     /// Back up and restore a sample SQLite database in a temporary directory. Needs nothing.
@@ -64,6 +70,22 @@ pub enum Command {
 pub async fn run(cli: Cli) -> Result<i32> {
     if let Command::Demo(a) = &cli.command {
         return demo::run(a, &cli.global).await;
+    }
+    if let Command::WalFetch(a) = cli.command {
+        // Every failure, a bad config included, must stop recovery (exit 126), never look like
+        // "not in the archive" (exit 1 or 2), which would end recovery early. A panic too
+        // (Rust's 101 would read as "not found").
+        std::panic::set_hook(Box::new(|info| {
+            eprintln!("tidemark wal-fetch: internal error: {info}");
+            std::process::exit(wal::FETCH_FAILED);
+        }));
+        return Ok(match Context::resolve(&cli.global) {
+            Ok(ctx) => wal::fetch(&ctx, a).await,
+            Err(e) => {
+                eprintln!("tidemark wal-fetch: {}", crate::exit::one_line(&e));
+                wal::FETCH_FAILED
+            }
+        });
     }
     let ctx = Context::resolve(&cli.global)?;
     match cli.command {
@@ -78,6 +100,8 @@ pub async fn run(cli: Cli) -> Result<i32> {
         Command::Key(c) => key::run(&ctx, c).await,
         Command::Stats(a) => stats::run(&ctx, a).await,
         Command::Pg(c) => pg::run(&ctx, c).await,
+        Command::WalPush(a) => wal::push(&ctx, a).await,
+        Command::WalFetch(_) => unreachable!("handled above"),
         Command::Demo(_) => unreachable!("handled above"),
     }
 }

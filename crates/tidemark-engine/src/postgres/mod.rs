@@ -1,9 +1,10 @@
 //! PostgreSQL: logical dumps with PostgreSQL's own `pg_dump`/`pg_restore`, WAL archiving and
 //! (planned) physical base backups over the replication protocol. Design: docs/design/pitr.md.
 
+pub mod archive;
 pub mod conn;
 pub mod logical;
-
+pub mod wal;
 pub mod wire;
 
 use std::path::{Path, PathBuf};

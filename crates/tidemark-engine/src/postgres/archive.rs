@@ -1,0 +1,376 @@
+//! `wal-push` (archive_command) and `wal-fetch` (restore_command): pitr.md §5 and §7.
+
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use tidemark_repo::log::{read_segment, write_segment, Written};
+use tidemark_repo::Repository;
+use tidemark_storage::ErrorKind;
+
+use super::wal::{self, WalFile};
+use crate::{Error, Result};
+
+/// Name of the spool directory kept next to the WAL (inside `pg_wal`, which base backups skip).
+pub const SPOOL: &str = "tidemark-spool";
+
+fn io(action: &'static str, path: &Path, source: std::io::Error) -> Error {
+    Error::Io {
+        action,
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+fn bad_wal(path: &Path, reason: impl std::fmt::Display) -> Error {
+    Error::Database {
+        action: "archive",
+        database: path.display().to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+/// How `wal-push` works.
+#[derive(Debug, Clone)]
+pub struct PushOptions {
+    /// Segments archived per call, the requested one included (default 8).
+    pub batch: usize,
+    /// Where `.ok` records go; default `<dir of the WAL file>/tidemark-spool`.
+    pub spool_dir: Option<PathBuf>,
+    /// The data directory, for the system identifier of history files; default the current
+    /// directory (where PostgreSQL runs archive_command).
+    pub data_dir: PathBuf,
+}
+
+impl Default for PushOptions {
+    fn default() -> Self {
+        PushOptions {
+            batch: 8,
+            spool_dir: None,
+            data_dir: PathBuf::from("."),
+        }
+    }
+}
+
+impl PushOptions {
+    fn spool(&self, wal_path: &Path) -> PathBuf {
+        self.spool_dir.clone().unwrap_or_else(|| {
+            wal_path
+                .parent()
+                .unwrap_or_else(|| Path::new("."))
+                .join(SPOOL)
+        })
+    }
+}
+
+/// A WAL file read from disk and checked.
+struct WalData {
+    name: String,
+    path: PathBuf,
+    data: Bytes,
+    system_id: u64,
+    meta: serde_json::Value,
+}
+
+fn read_wal(path: &Path, o: &PushOptions) -> Result<WalData> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let kind = WalFile::parse(&name).ok_or_else(|| {
+        bad_wal(
+            path,
+            "not a WAL file name (segment, .partial, .history or .backup)",
+        )
+    })?;
+    let data = Bytes::from(std::fs::read(path).map_err(|e| io("read", path, e))?);
+    let (system_id, meta) = if kind.has_page_header() {
+        let h = wal::long_header(&data).map_err(|e| bad_wal(path, e))?;
+        let seg = match kind {
+            WalFile::Segment(s) | WalFile::Partial(s) => s,
+            _ => unreachable!("has_page_header"),
+        };
+        let start = seg.start_lsn(u64::from(h.seg_size));
+        if h.page_addr != start || h.timeline != seg.timeline {
+            return Err(bad_wal(
+                path,
+                format!(
+                    "its header says timeline {} at {}, its name says timeline {} at {}",
+                    h.timeline,
+                    wal::lsn_string(h.page_addr),
+                    seg.timeline,
+                    wal::lsn_string(start)
+                ),
+            ));
+        }
+        (
+            h.system_id,
+            serde_json::json!({
+                "timeline": seg.timeline,
+                "start_lsn": wal::lsn_string(start),
+                "end_lsn": wal::lsn_string(start + data.len() as u64),
+                "seg_size": h.seg_size,
+            }),
+        )
+    } else {
+        let id = wal::control_system_id(&o.data_dir).map_err(|e| bad_wal(path, e))?;
+        (id, serde_json::json!({}))
+    };
+    Ok(WalData {
+        name,
+        path: path.to_owned(),
+        data,
+        system_id,
+        meta,
+    })
+}
+
+fn spool_record(spool: &Path, name: &str) -> PathBuf {
+    spool.join(format!("{name}.ok"))
+}
+
+/// Whether `wal_path` was already archived by an earlier batch with exactly this content.
+/// Cheap: no repository access, one hash of the file.
+pub fn already_pushed(wal_path: &Path, o: &PushOptions) -> bool {
+    let Some(name) = wal_path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+    else {
+        return false;
+    };
+    let Ok(recorded) = std::fs::read_to_string(spool_record(&o.spool(wal_path), &name)) else {
+        return false;
+    };
+    let Ok(data) = std::fs::read(wal_path) else {
+        return false;
+    };
+    recorded.trim() == blake3::hash(&data).to_hex().as_str()
+}
+
+/// Write `content` to `path` durably: a temporary name, fsync, rename, fsync the directory.
+fn write_atomic(path: &Path, content: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let dir = path.parent().unwrap_or_else(|| Path::new("."));
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".tidemark-")
+        .tempfile_in(dir)?;
+    tmp.write_all(content)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// The result of one `wal-push` call.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PushReport {
+    /// The segment PostgreSQL asked for, and whether it was new.
+    pub requested: String,
+    /// `stored` or `already present`.
+    pub outcome: &'static str,
+    /// Further ready segments archived in the same call.
+    pub ahead: Vec<String>,
+}
+
+async fn push_one(repo: &Repository, w: &WalData, spool: &Path) -> Result<Written> {
+    let written = write_segment(
+        repo,
+        &wal::stream(w.system_id),
+        &w.name,
+        w.data.clone(),
+        w.meta.clone(),
+    )
+    .await?;
+    // Only now is the segment durable; the record may claim no more than that.
+    std::fs::create_dir_all(spool).map_err(|e| io("create", spool, e))?;
+    let hash = blake3::hash(&w.data).to_hex();
+    write_atomic(&spool_record(spool, &w.name), hash.as_bytes())
+        .map_err(|e| io("write", &spool_record(spool, &w.name), e))?;
+    Ok(written)
+}
+
+/// Archive `wal_path`, and up to `batch - 1` further segments PostgreSQL has marked ready.
+/// Returns only after the requested segment is durable in the repository.
+///
+/// # Errors
+/// `Database` for a file that is not WAL (or not this cluster's), repository errors (a segment
+/// of that name with different content is `Corrupt`). Failures of the segments archived
+/// ahead are logged, not returned: PostgreSQL will ask for them again.
+pub async fn push(repo: &Repository, wal_path: &Path, o: &PushOptions) -> Result<PushReport> {
+    let spool = o.spool(wal_path);
+    let main = read_wal(wal_path, o)?;
+    let mut ahead = Vec::new();
+    if o.batch > 1 && matches!(WalFile::parse(&main.name), Some(WalFile::Segment(_))) {
+        let dir = wal_path.parent().unwrap_or_else(|| Path::new("."));
+        let mut ready: Vec<String> = std::fs::read_dir(dir.join("archive_status"))
+            .map(|rd| {
+                rd.flatten()
+                    .filter_map(|e| {
+                        let n = e.file_name().to_string_lossy().into_owned();
+                        n.strip_suffix(".ready").map(str::to_owned)
+                    })
+                    .filter(|n| {
+                        matches!(WalFile::parse(n), Some(WalFile::Segment(_))) && *n > main.name
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        ready.sort();
+        for n in ready.into_iter().take(o.batch - 1) {
+            let p = dir.join(&n);
+            if already_pushed(&p, o) {
+                continue;
+            }
+            match read_wal(&p, o) {
+                Ok(w) if w.system_id == main.system_id => ahead.push(w),
+                Ok(_) => {}
+                Err(e) => tracing::debug!(segment = %n, error = %e, "not archived ahead"),
+            }
+        }
+    }
+    let others = futures::stream::iter(ahead.iter())
+        .map(|w| async {
+            let r = push_one(repo, w, &spool).await;
+            if let Err(e) = &r {
+                tracing::warn!(segment = %w.name, error = %e, "archiving ahead failed; PostgreSQL will retry it");
+            }
+            r.ok().map(|_| w.name.clone())
+        })
+        .buffer_unordered(4);
+    let (main_result, done) =
+        tokio::join!(push_one(repo, &main, &spool), others.collect::<Vec<_>>());
+    let written = main_result?;
+    let mut ahead: Vec<String> = done.into_iter().flatten().collect();
+    ahead.sort();
+    tracing::info!(segment = %main.name, path = %main.path.display(), ahead = ahead.len(), "archived");
+    Ok(PushReport {
+        requested: main.name,
+        outcome: match written {
+            Written::Stored => "stored",
+            Written::AlreadyPresent => "already present",
+        },
+        ahead,
+    })
+}
+
+/// What `wal-fetch` found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fetched {
+    /// Written to the destination, this many bytes.
+    Restored(u64),
+    /// The archive does not have it (PostgreSQL then ends recovery or tries elsewhere).
+    NotFound,
+}
+
+/// How `wal-fetch` works.
+#[derive(Debug, Clone)]
+pub struct FetchOptions {
+    /// The cluster; default: `global/pg_control` of `data_dir`.
+    pub system_id: Option<u64>,
+    /// The data directory being recovered; default the current directory.
+    pub data_dir: PathBuf,
+    /// Segments fetched ahead into the spool (default 4).
+    pub prefetch: usize,
+}
+
+impl Default for FetchOptions {
+    fn default() -> Self {
+        FetchOptions {
+            system_id: None,
+            data_dir: PathBuf::from("."),
+            prefetch: 4,
+        }
+    }
+}
+
+fn is_not_found(e: &tidemark_repo::Error) -> bool {
+    matches!(e, tidemark_repo::Error::Storage(s) if s.kind == ErrorKind::NotFound)
+}
+
+/// Fetch `name` from the archive into `dest`, verified, never leaving a partial file there.
+/// Segments after it are fetched ahead into the spool, so the next calls are local.
+///
+/// # Errors
+/// `Database` for a name that is not WAL; repository errors for anything but absence (a
+/// damaged segment is `Corrupt`): the caller must make PostgreSQL stop, not carry on.
+pub async fn fetch(
+    repo: &Repository,
+    name: &str,
+    dest: &Path,
+    o: &FetchOptions,
+) -> Result<Fetched> {
+    let kind = WalFile::parse(name).ok_or_else(|| {
+        bad_wal(
+            Path::new(name),
+            "not a WAL file name PostgreSQL would ask for",
+        )
+    })?;
+    let system_id = match o.system_id {
+        Some(id) => id,
+        None => wal::control_system_id(&o.data_dir).map_err(|e| bad_wal(&o.data_dir, e))?,
+    };
+    let stream = wal::stream(system_id);
+    let spool = dest
+        .parent()
+        .unwrap_or_else(|| Path::new("."))
+        .join(SPOOL)
+        .join("prefetch");
+    let spooled = spool.join(name);
+    let data = if let Ok(d) = std::fs::read(&spooled) {
+        let _ = std::fs::remove_file(&spooled);
+        Bytes::from(d)
+    } else {
+        match read_segment(repo, &stream, name).await {
+            Ok(d) => d,
+            Err(e) if is_not_found(&e) => return Ok(Fetched::NotFound),
+            Err(e) => return Err(e.into()),
+        }
+    };
+    write_atomic(dest, &data).map_err(|e| io("write", dest, e))?;
+    if let (WalFile::Segment(seg), true) = (kind, o.prefetch > 0) {
+        if let Ok(h) = wal::long_header(&data) {
+            prefetch(
+                repo,
+                &stream,
+                seg,
+                u64::from(h.seg_size),
+                &spool,
+                o.prefetch,
+            )
+            .await;
+        }
+    }
+    Ok(Fetched::Restored(data.len() as u64))
+}
+
+/// Fetch the `n` segments after `seg` into `spool` (verified; write-then-rename). Failures
+/// only mean the later call fetches for itself.
+async fn prefetch(
+    repo: &Repository,
+    stream: &str,
+    seg: wal::SegmentName,
+    seg_size: u64,
+    spool: &Path,
+    n: usize,
+) {
+    if std::fs::create_dir_all(spool).is_err() {
+        return;
+    }
+    let mut names = Vec::new();
+    let mut next = seg;
+    for _ in 0..n {
+        next = next.next(seg_size);
+        let name = next.to_string();
+        if !spool.join(&name).exists() {
+            names.push(name);
+        }
+    }
+    futures::stream::iter(names)
+        .map(|name| async move {
+            if let Ok(d) = read_segment(repo, stream, &name).await {
+                let _ = write_atomic(&spool.join(&name), &d);
+            }
+        })
+        .buffer_unordered(n.max(1))
+        .collect::<Vec<_>>()
+        .await;
+}
