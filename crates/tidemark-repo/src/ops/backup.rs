@@ -142,6 +142,32 @@ pub struct Backup<'l> {
     progress: Arc<Progress>,
 }
 
+/// How a stream is cut into chunks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Cutting {
+    /// Content-defined (FastCDC with the repository's keyed gear table): for dumps and other
+    /// streams where an insertion shifts everything after it.
+    #[default]
+    ContentDefined,
+    /// Fixed blocks of this many bytes (the last one shorter): for files changed in place at
+    /// fixed offsets, such as database pages, where content-defined cuts drift (format §5).
+    Fixed(usize),
+}
+
+impl Cutting {
+    fn check(self) -> Result<()> {
+        match self {
+            Cutting::Fixed(n) if n == 0 || n > MAX_FIXED_BLOCK => Err(Error::Invalid(format!(
+                "a fixed block of {n} bytes is outside 1..={MAX_FIXED_BLOCK}"
+            ))),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The largest fixed block (the content-defined maximum chunk size is larger still).
+pub const MAX_FIXED_BLOCK: usize = 1 << 20;
+
 enum Work {
     Chunk(u64, Bytes),
     Failed(std::io::Error),
@@ -198,7 +224,25 @@ impl<'l> Backup<'l> {
         mode: Option<u32>,
         mtime: Option<DateTime<Utc>>,
     ) -> Result<StreamEntry> {
+        self.add_stream_cut(name, kind, reader, mode, mtime, Cutting::ContentDefined)
+            .await
+    }
+
+    /// `add_stream` with a choice of how the stream is cut.
+    ///
+    /// # Errors
+    /// As for `add_stream`; `Invalid` for a fixed block size out of range.
+    pub async fn add_stream_cut<R: Read + Send + 'static>(
+        &mut self,
+        name: &str,
+        kind: EntryType,
+        reader: R,
+        mode: Option<u32>,
+        mtime: Option<DateTime<Utc>>,
+        cutting: Cutting,
+    ) -> Result<StreamEntry> {
         self.lock.check()?;
+        cutting.check()?;
         let params = self.repo.config().chunker;
         let keys = self.repo.keys().clone();
         let level = self.repo.config().compression.level;
@@ -208,10 +252,19 @@ impl<'l> Backup<'l> {
 
         let seed = keys.gear_seed();
         let reader_thread = std::thread::spawn(move || {
-            let mut chunker = Chunker::new(reader, params, seed);
+            let mut source: Box<dyn FnMut() -> std::io::Result<Option<Bytes>>> = match cutting {
+                Cutting::ContentDefined => {
+                    let mut chunker = Chunker::new(reader, params, seed);
+                    Box::new(move || chunker.next_chunk())
+                }
+                Cutting::Fixed(block) => {
+                    let mut reader = reader;
+                    Box::new(move || read_block(&mut reader, block))
+                }
+            };
             let mut seq = 0u64;
             loop {
-                match chunker.next_chunk() {
+                match source() {
                     Ok(Some(c)) => {
                         if work_tx.send(Work::Chunk(seq, c)).is_err() {
                             return;
@@ -338,7 +391,25 @@ impl<'l> Backup<'l> {
         mode: Option<u32>,
         mtime: Option<DateTime<Utc>>,
     ) -> Result<StreamEntry> {
+        self.add_bytes_cut(name, kind, data, mode, mtime, Cutting::ContentDefined)
+            .await
+    }
+
+    /// `add_bytes` with a choice of how the bytes are cut.
+    ///
+    /// # Errors
+    /// As for `add_bytes`; `Invalid` for a fixed block size out of range.
+    pub async fn add_bytes_cut(
+        &mut self,
+        name: &str,
+        kind: EntryType,
+        data: Vec<u8>,
+        mode: Option<u32>,
+        mtime: Option<DateTime<Utc>>,
+        cutting: Cutting,
+    ) -> Result<StreamEntry> {
         self.lock.check()?;
+        cutting.check()?;
         let (keys, index, claimed) = (
             self.repo.keys().clone(),
             self.index.clone(),
@@ -353,8 +424,11 @@ impl<'l> Backup<'l> {
             tokio::task::spawn_blocking(move || -> Vec<(ChunkId, u64, Option<Blob>)> {
                 // Cut the buffer in place: a streaming chunker would allocate and zero 4 MiB per file.
                 let cutter = Cutter::new(params, keys.gear_seed());
-                cutter
-                    .cut_all(&data)
+                let chunks: Box<dyn Iterator<Item = &[u8]>> = match cutting {
+                    Cutting::ContentDefined => Box::new(cutter.cut_all(&data)),
+                    Cutting::Fixed(block) => Box::new(data.chunks(block)),
+                };
+                chunks
                     .map(|chunk| {
                         let (id, blob) = process_chunk(&keys, &index, &claimed, chunk, level);
                         (id, chunk.len() as u64, blob)
@@ -379,16 +453,17 @@ impl<'l> Backup<'l> {
         }))
     }
 
-    /// Flush packs, write the index, then the snapshot. Only now does the snapshot exist.
-    ///
-    /// # Errors
-    /// Storage errors, `LockLost`.
     /// Record what the snapshot says about its source, once the engine knows it (its kind and
     /// the database's identity, read during the backup).
     pub fn describe(&mut self, kind: SnapshotKind, database: DatabaseIdentity) {
         self.opts.kind = kind;
         self.opts.database = database;
     }
+
+    /// Flush packs, write the index, then the snapshot. Only now does the snapshot exist.
+    ///
+    /// # Errors
+    /// Storage errors, `LockLost`.
 
     pub async fn finish(
         mut self,
@@ -426,4 +501,23 @@ impl<'l> Backup<'l> {
         let id = self.repo.save_snapshot(&snapshot).await?;
         Ok((id, snapshot))
     }
+}
+
+/// Read up to `block` bytes: a full block unless the reader ends first; `None` at the end.
+fn read_block<R: Read>(reader: &mut R, block: usize) -> std::io::Result<Option<Bytes>> {
+    let mut buf = vec![0u8; block];
+    let mut filled = 0;
+    while filled < block {
+        match reader.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    if filled == 0 {
+        return Ok(None);
+    }
+    buf.truncate(filled);
+    Ok(Some(Bytes::from(buf)))
 }
