@@ -464,7 +464,6 @@ impl<'l> Backup<'l> {
     ///
     /// # Errors
     /// Storage errors, `LockLost`.
-
     pub async fn finish(
         mut self,
         positions: BTreeMap<String, serde_json::Value>,
