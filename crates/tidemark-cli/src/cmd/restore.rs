@@ -6,9 +6,10 @@ use std::sync::Arc;
 
 use anyhow::{Context as _, Result};
 use tidemark_engine::Engine;
-use tidemark_repo::index::MasterIndex;
 use tidemark_repo::lock::{LockGuard, LockKind, LockOptions};
-use tidemark_repo::ops::restore::{restore_stream, RestoreOptions};
+use tidemark_repo::ops::restore::{
+    restore_file, restore_stream, restore_tree, safe_name, RestoreOptions,
+};
 use tidemark_repo::progress::Progress;
 use tidemark_repo::snapshot::{EntryType, Snapshot, StreamEntry};
 use tidemark_repo::Repository;
@@ -110,9 +111,9 @@ async fn restore(ctx: &Context, repo: &Repository, a: &RestoreArgs) -> Result<i3
         }
         let is_tree = snap.streams.iter().any(|s| s.kind != EntryType::Stream);
         if is_tree {
-            restore_tree(repo, &index, &wanted, &a.target, progress.clone()).await
+            Ok(restore_tree(repo, &index, &wanted, "", &a.target, progress.clone()).await?)
         } else if wanted.len() == 1 {
-            restore_file(repo, &index, wanted[0], &a.target, progress.clone(), true).await
+            Ok(restore_file(repo, &index, wanted[0], &a.target, progress.clone(), true).await?)
         } else {
             std::fs::create_dir_all(&a.target)
                 .with_context(|| format!("failed to create {}", a.target.display()))?;
@@ -158,112 +159,6 @@ fn raw_stdout() -> Result<std::fs::File> {
         .try_clone_to_owned()
         .context("failed to duplicate stdout")?;
     Ok(std::fs::File::from(fd))
-}
-
-/// A stream name as a relative path, refusing anything that could escape the target.
-fn safe_name(name: &str) -> Result<PathBuf> {
-    if name.is_empty()
-        || name.starts_with('/')
-        || name
-            .split('/')
-            .any(|c| c.is_empty() || c == "." || c == "..")
-    {
-        anyhow::bail!("refusing to restore unsafe path {name:?} from the snapshot");
-    }
-    Ok(PathBuf::from(name))
-}
-
-/// Restore one stream to `target` through a temporary file: `target` appears only when whole.
-/// With `sync`, the file is fsynced before it is moved into place; a tree restore instead syncs
-/// the whole file system once at the end (one fsync per file made small files slow).
-async fn restore_file(
-    repo: &Repository,
-    index: &MasterIndex,
-    s: &StreamEntry,
-    target: &Path,
-    progress: Arc<Progress>,
-    sync: bool,
-) -> Result<()> {
-    if target.exists() {
-        return Err(usage(
-            format!("{} exists", target.display()),
-            "remove it or choose another --target",
-        ));
-    }
-    let dir = target
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).with_context(|| format!("failed to create {}", dir.display()))?;
-    let tmp = tempfile::Builder::new()
-        .prefix(".tidemark-restore-")
-        .tempfile_in(dir)?;
-    let f = tmp.reopen()?;
-    restore_stream(
-        repo,
-        index,
-        s,
-        std::io::BufWriter::with_capacity(1 << 20, f),
-        &RestoreOptions::default(),
-        progress,
-    )
-    .await?;
-    if sync {
-        tmp.as_file().sync_all()?;
-    }
-    let tmp_path = tmp.into_temp_path();
-    if let Some(m) = s.mode {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&tmp_path, std::fs::Permissions::from_mode(m))?;
-    }
-    tmp_path.persist_noclobber(target).map_err(|e| {
-        anyhow::anyhow!(
-            "failed to move the restored file to {}: {}",
-            target.display(),
-            e.error
-        )
-    })?;
-    Ok(())
-}
-
-async fn restore_tree(
-    repo: &Repository,
-    index: &MasterIndex,
-    entries: &[&StreamEntry],
-    target: &Path,
-    progress: Arc<Progress>,
-) -> Result<()> {
-    std::fs::create_dir_all(target)
-        .with_context(|| format!("failed to create {}", target.display()))?;
-    for e in entries {
-        let path = target.join(safe_name(&e.name)?);
-        match e.kind {
-            EntryType::Dir => std::fs::create_dir_all(&path)
-                .with_context(|| format!("failed to create {}", path.display()))?,
-            EntryType::Symlink => {
-                let t = e.target.as_deref().unwrap_or("");
-                std::os::unix::fs::symlink(t, &path)
-                    .with_context(|| format!("failed to create link {}", path.display()))?;
-            }
-            EntryType::File | EntryType::Stream => {
-                restore_file(repo, index, e, &path, progress.clone(), false).await?
-            }
-        }
-    }
-    // Everything written so far reaches the disk before the restore reports success.
-    let root = std::fs::File::open(target)
-        .with_context(|| format!("failed to open {}", target.display()))?;
-    rustix::fs::syncfs(&root)
-        .with_context(|| format!("failed to sync the file system of {}", target.display()))?;
-    // Directory modes last, so read-only directories do not stop their own restore.
-    for e in entries.iter().filter(|e| e.kind == EntryType::Dir) {
-        if let Some(m) = e.mode {
-            use std::os::unix::fs::PermissionsExt;
-            let _ =
-                std::fs::set_permissions(target.join(&e.name), std::fs::Permissions::from_mode(m));
-        }
-    }
-    Ok(())
 }
 
 pub async fn run_dump(ctx: &Context, a: DumpArgs) -> Result<i32> {

@@ -102,7 +102,13 @@ fn parse_header(h: &[u8]) -> Result<Option<Header>, String> {
     let sum: u64 = h
         .iter()
         .enumerate()
-        .map(|(i, &b)| if (148..156).contains(&i) { 32 } else { u64::from(b) })
+        .map(|(i, &b)| {
+            if (148..156).contains(&i) {
+                32
+            } else {
+                u64::from(b)
+            }
+        })
         .sum();
     if sum != stored {
         return Err(format!(
@@ -123,12 +129,18 @@ fn parse_header(h: &[u8]) -> Result<Option<Header>, String> {
         other => Kind::Other(other),
     };
     if name.is_empty() || name.starts_with('/') || name.split('/').any(|c| c == "..") {
-        return Err(format!("tar member name {name:?} is not a safe relative path"));
+        return Err(format!(
+            "tar member name {name:?} is not a safe relative path"
+        ));
     }
     Ok(Some(Header {
         name: name.trim_end_matches('/').to_owned(),
         kind,
-        size: if kind == Kind::File { octal(&h[124..136])? } else { 0 },
+        size: if kind == Kind::File {
+            octal(&h[124..136])?
+        } else {
+            0
+        },
         mode: octal(&h[100..108])? as u32 & 0o7777,
         mtime: octal(&h[136..148])? as i64,
         link: cstr(&h[157..257]),
@@ -263,8 +275,14 @@ mod tests {
     fn a_damaged_header_or_an_unsafe_name_is_refused() {
         let mut h = header("base/1/1259", b'0', 0);
         h[0] ^= 1;
-        assert!(Parser::default().feed(Bytes::from(h)).unwrap_err().contains("checksum"));
+        assert!(Parser::default()
+            .feed(Bytes::from(h))
+            .unwrap_err()
+            .contains("checksum"));
         let h = header("../etc/passwd", b'0', 0);
-        assert!(Parser::default().feed(Bytes::from(h)).unwrap_err().contains("safe"));
+        assert!(Parser::default()
+            .feed(Bytes::from(h))
+            .unwrap_err()
+            .contains("safe"));
     }
 }

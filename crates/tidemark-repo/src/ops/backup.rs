@@ -207,6 +207,11 @@ impl<'l> Backup<'l> {
         })
     }
 
+    /// The repository being written.
+    pub fn repository(&self) -> &Repository {
+        &self.repo
+    }
+
     /// Add a directory or symlink entry (no content).
     pub fn add_entry(&mut self, entry: StreamEntry) {
         self.streams.push(entry);

@@ -2,6 +2,7 @@
 //! window so memory does not grow with the stream.
 
 use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use futures::{StreamExt, TryStreamExt};
@@ -12,7 +13,7 @@ use crate::index::MasterIndex;
 use crate::pack::{open_blob_into, PackEntry};
 use crate::progress::Progress;
 use crate::repository::Repository;
-use crate::snapshot::StreamEntry;
+use crate::snapshot::{EntryType, StreamEntry};
 
 /// Options for restores: shared by the CLI, the agent and tests.
 #[derive(Debug, Clone)]
@@ -203,4 +204,120 @@ pub async fn restore_stream<W: Write + Send + 'static>(
     }
     Progress::add(&progress.items, 1);
     Ok(n)
+}
+
+/// A stream name as a relative path, refusing anything that could escape the target.
+pub fn safe_name(name: &str) -> Result<PathBuf> {
+    if name.is_empty()
+        || name.starts_with('/')
+        || name
+            .split('/')
+            .any(|c| c.is_empty() || c == "." || c == "..")
+    {
+        return Err(Error::Invalid(format!(
+            "refusing to restore unsafe path {name:?} from the snapshot"
+        )));
+    }
+    Ok(PathBuf::from(name))
+}
+
+/// Restore one stream to `target` through a temporary file: `target` appears only when whole.
+/// With `sync`, the file is fsynced before it is moved into place; a tree restore instead syncs
+/// the whole file system once at the end (one fsync per file made small files slow).
+pub async fn restore_file(
+    repo: &Repository,
+    index: &MasterIndex,
+    s: &StreamEntry,
+    target: &Path,
+    progress: Arc<Progress>,
+    sync: bool,
+) -> Result<()> {
+    if target.exists() {
+        return Err(Error::Invalid(format!(
+            "{} exists; remove it or choose another target",
+            target.display()
+        )));
+    }
+    let dir = target
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let io = |action, p: &Path, e| Error::io(action, p.display().to_string(), e);
+    std::fs::create_dir_all(dir).map_err(|e| io("create", dir, e))?;
+    let tmp = tempfile::Builder::new()
+        .prefix(".tidemark-restore-")
+        .tempfile_in(dir)
+        .map_err(|e| io("create a temporary file in", dir, e))?;
+    let f = tmp.reopen().map_err(|e| io("open", tmp.path(), e))?;
+    restore_stream(
+        repo,
+        index,
+        s,
+        std::io::BufWriter::with_capacity(1 << 20, f),
+        &RestoreOptions::default(),
+        progress,
+    )
+    .await?;
+    if sync {
+        tmp.as_file()
+            .sync_all()
+            .map_err(|e| io("sync", tmp.path(), e))?;
+    }
+    let tmp_path = tmp.into_temp_path();
+    if let Some(m) = s.mode {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&tmp_path, std::fs::Permissions::from_mode(m))
+            .map_err(|e| io("set the mode of", &tmp_path, e))?;
+    }
+    tmp_path
+        .persist_noclobber(target)
+        .map_err(|e| io("move the restored file to", target, e.error))?;
+    Ok(())
+}
+
+/// Restore entries of a tree under `target`, each at its name with `strip` removed from the
+/// front; the file system is synced once at the end, and directory modes are set last.
+///
+/// # Errors
+/// `Invalid` for unsafe names or existing files, `Io`, and as for `restore_stream`.
+pub async fn restore_tree(
+    repo: &Repository,
+    index: &MasterIndex,
+    entries: &[&StreamEntry],
+    strip: &str,
+    target: &Path,
+    progress: Arc<Progress>,
+) -> Result<()> {
+    let io = |action, p: &Path, e| Error::io(action, p.display().to_string(), e);
+    std::fs::create_dir_all(target).map_err(|e| io("create", target, e))?;
+    let rel = |e: &StreamEntry| safe_name(e.name.strip_prefix(strip).unwrap_or(&e.name));
+    for e in entries {
+        let path = target.join(rel(e)?);
+        match e.kind {
+            EntryType::Dir => std::fs::create_dir_all(&path).map_err(|e| io("create", &path, e))?,
+            EntryType::Symlink => {
+                let t = e.target.as_deref().unwrap_or("");
+                std::os::unix::fs::symlink(t, &path)
+                    .map_err(|e| io("create the link", &path, e))?;
+            }
+            EntryType::File | EntryType::Stream => {
+                restore_file(repo, index, e, &path, progress.clone(), false).await?
+            }
+        }
+    }
+    // Everything written so far reaches the disk before the restore reports success.
+    let root = std::fs::File::open(target).map_err(|e| io("open", target, e))?;
+    rustix::fs::syncfs(&root)
+        .map_err(|e| io("sync the file system of", target, std::io::Error::from(e)))?;
+    // Directory modes last, so read-only directories do not stop their own restore.
+    for e in entries.iter().filter(|e| e.kind == EntryType::Dir) {
+        if let Some(m) = e.mode {
+            use std::os::unix::fs::PermissionsExt;
+            if let Ok(r) = rel(e) {
+                let _ =
+                    std::fs::set_permissions(target.join(r), std::fs::Permissions::from_mode(m));
+            }
+        }
+    }
+    Ok(())
 }

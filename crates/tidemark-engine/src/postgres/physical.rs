@@ -1,0 +1,485 @@
+//! Physical base backups over the replication protocol (pitr.md §9): BASE_BACKUP with a
+//! manifest, its tar stream parsed file by file, each file cut into fixed blocks of whole
+//! pages so that an unchanged block is stored once across backups.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::time::Duration;
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use postgres_protocol::message::backend::Message;
+use tidemark_repo::ops::backup::{Backup, Cutting};
+use tidemark_repo::snapshot::{DatabaseIdentity, EntryType, SnapshotKind, StreamEntry};
+use tokio::sync::mpsc;
+
+use super::tar::{self, Event, Kind};
+use super::wal::{self, SegmentName};
+use super::wire::{Connection, WireError};
+use super::Postgres;
+use crate::{BackupInfo, Error, Result};
+
+/// The name of the stream holding PostgreSQL's backup manifest.
+pub const MANIFEST: &str = "backup_manifest";
+/// Prefix of the main data directory's files in a snapshot.
+pub const DATA: &str = "data/";
+
+/// Files up to this size are gathered in memory and cut in one step.
+const SMALL: u64 = 1 << 20;
+
+/// How physical backups are taken.
+#[derive(Debug, Clone)]
+pub struct PhysicalOptions {
+    /// Bytes per block: a whole number of 8 KiB pages (default 8 pages, 64 KiB).
+    pub block: usize,
+    /// How long to wait for the WAL the backup needs to reach the archive.
+    pub wal_wait: Duration,
+}
+
+impl Default for PhysicalOptions {
+    fn default() -> Self {
+        PhysicalOptions {
+            block: 64 << 10,
+            wal_wait: Duration::from_secs(60),
+        }
+    }
+}
+
+/// One archive member handed from the receiving task to the backup.
+enum Member {
+    Small(tar::Header, Vec<u8>),
+    Large(tar::Header, mpsc::Receiver<Bytes>),
+    Entry(tar::Header),
+}
+
+/// What the server said around the data.
+#[derive(Debug, Default)]
+struct Ended {
+    start_lsn: u64,
+    start_tli: u32,
+    end_lsn: u64,
+    end_tli: u32,
+    manifest: Vec<u8>,
+    tablespaces: usize,
+}
+
+/// The content of a large file, read on the backup's reader thread. Fewer bytes than the
+/// header announced is an error, never a short file.
+struct ChannelReader {
+    rx: mpsc::Receiver<Bytes>,
+    cur: Bytes,
+    left: u64,
+    name: String,
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.cur.is_empty() {
+            if self.left == 0 {
+                return Ok(0);
+            }
+            match self.rx.blocking_recv() {
+                Some(b) => self.cur = b,
+                None => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        format!(
+                            "the base backup stream ended {} bytes before the end of {}",
+                            self.left, self.name
+                        ),
+                    ))
+                }
+            }
+        }
+        let n = buf.len().min(self.cur.len());
+        buf[..n].copy_from_slice(&self.cur[..n]);
+        self.cur = self.cur.slice(n..);
+        self.left -= n as u64;
+        Ok(n)
+    }
+}
+
+fn protocol(server: &str, what: impl Into<String>) -> WireError {
+    WireError::Protocol {
+        server: server.to_owned(),
+        what: what.into(),
+    }
+}
+
+fn first_row(rows: &[Vec<Option<String>>]) -> (u64, u32) {
+    let row = rows.first();
+    let get = |i: usize| row.and_then(|r| r.get(i).cloned().flatten());
+    (
+        get(0).and_then(|l| wal::parse_lsn(&l)).unwrap_or(0),
+        get(1).and_then(|t| t.parse().ok()).unwrap_or(0),
+    )
+}
+
+/// Run BASE_BACKUP on `conn` and hand each member to `tx`, in archive order.
+async fn receive(
+    mut conn: Connection,
+    tx: mpsc::Sender<(String, Member)>,
+) -> Result<Ended, WireError> {
+    const COMMAND: &str = "BASE_BACKUP (LABEL 'tidemark', CHECKPOINT 'fast', WAIT true, \
+                           MANIFEST 'yes', MANIFEST_CHECKSUMS 'CRC32C', TARGET 'client')";
+    let server = conn.server().to_owned();
+    let closed = || protocol(&server, "the backup was abandoned by the reader");
+    conn.start_query(COMMAND).await?;
+    let mut ended = Ended::default();
+    let mut results = 0;
+    let mut rows: Vec<Vec<Option<String>>> = Vec::new();
+    let mut parser = tar::Parser::default();
+    let mut prefix = String::new();
+    let mut in_manifest = false;
+    // The member being received: a small file's buffer, or a large file's channel.
+    let mut small: Option<(tar::Header, Vec<u8>)> = None;
+    let mut large: Option<(mpsc::Sender<Bytes>, u64)> = None;
+    let mut error = None;
+    loop {
+        match conn.recv().await? {
+            Message::RowDescription(_) => rows.clear(),
+            Message::DataRow(body) => {
+                let buf = body.buffer();
+                let mut row = Vec::new();
+                let mut ranges = body.ranges();
+                while let Some(r) = fallible_iterator::FallibleIterator::next(&mut ranges)
+                    .map_err(|e| protocol(&server, e.to_string()))?
+                {
+                    row.push(r.map(|r| String::from_utf8_lossy(&buf[r]).into_owned()));
+                }
+                rows.push(row);
+            }
+            Message::CommandComplete(_) => {
+                results += 1;
+                match results {
+                    1 => (ended.start_lsn, ended.start_tli) = first_row(&rows),
+                    2 => ended.tablespaces = rows.len(),
+                    3 => (ended.end_lsn, ended.end_tli) = first_row(&rows),
+                    _ => {}
+                }
+            }
+            Message::CopyOutResponse(_) => {}
+            Message::CopyData(body) => {
+                let data = body.into_bytes();
+                let Some(&kind) = data.first() else { continue };
+                match kind {
+                    b'n' => {
+                        if !parser.at_boundary() || small.is_some() || large.is_some() {
+                            return Err(protocol(&server, "a new archive began inside a file"));
+                        }
+                        let name = String::from_utf8_lossy(&data[1..])
+                            .split('\0')
+                            .next()
+                            .unwrap_or_default()
+                            .to_owned();
+                        prefix = match name.as_str() {
+                            "base.tar" => DATA.to_owned(),
+                            other => format!("tablespace/{}/", other.trim_end_matches(".tar")),
+                        };
+                        parser = tar::Parser::default();
+                    }
+                    b'm' => in_manifest = true,
+                    b'p' => {}
+                    b'd' if in_manifest => ended.manifest.extend_from_slice(&data[1..]),
+                    b'd' => {
+                        let events = parser
+                            .feed(data.slice(1..))
+                            .map_err(|e| protocol(&server, e))?;
+                        for e in events {
+                            match e {
+                                Event::Member(h) if h.kind == Kind::File && h.size > SMALL => {
+                                    let (ftx, frx) = mpsc::channel(16);
+                                    large = Some((ftx, h.size));
+                                    tx.send((prefix.clone(), Member::Large(h, frx)))
+                                        .await
+                                        .map_err(|_| closed())?;
+                                }
+                                Event::Member(h) if h.kind == Kind::File && h.size > 0 => {
+                                    let size = h.size as usize;
+                                    small = Some((h, Vec::with_capacity(size)));
+                                }
+                                Event::Member(h) if h.kind == Kind::File => {
+                                    tx.send((prefix.clone(), Member::Small(h, Vec::new())))
+                                        .await
+                                        .map_err(|_| closed())?;
+                                }
+                                Event::Member(h) => {
+                                    tx.send((prefix.clone(), Member::Entry(h)))
+                                        .await
+                                        .map_err(|_| closed())?;
+                                }
+                                Event::Data(d) => {
+                                    if let Some((h, buf)) = &mut small {
+                                        buf.extend_from_slice(&d);
+                                        if buf.len() as u64 == h.size {
+                                            let (h, buf) = small.take().expect("set");
+                                            tx.send((prefix.clone(), Member::Small(h, buf)))
+                                                .await
+                                                .map_err(|_| closed())?;
+                                        }
+                                    } else if let Some((ftx, left)) = &mut large {
+                                        *left -= d.len() as u64;
+                                        let done = *left == 0;
+                                        ftx.send(d).await.map_err(|_| closed())?;
+                                        if done {
+                                            large = None;
+                                        }
+                                    }
+                                }
+                                Event::End => {}
+                            }
+                        }
+                    }
+                    other => {
+                        return Err(protocol(
+                            &server,
+                            format!("unknown base backup message type {:?}", other as char),
+                        ))
+                    }
+                }
+            }
+            Message::CopyDone if small.is_some() || large.is_some() || !parser.at_boundary() => {
+                return Err(protocol(&server, "the base backup ended inside a file"));
+            }
+            Message::ErrorResponse(body) => error = Some(conn.query_error(COMMAND, &body)),
+            Message::ReadyForQuery(_) => break,
+            _ => {}
+        }
+    }
+    if let Some(e) = error {
+        return Err(e);
+    }
+    if ended.end_lsn == 0 || ended.manifest.is_empty() {
+        return Err(protocol(
+            &server,
+            "the base backup ended without its stop position or manifest",
+        ));
+    }
+    conn.close().await;
+    Ok(ended)
+}
+
+fn mtime(h: &tar::Header) -> Option<DateTime<Utc>> {
+    DateTime::from_timestamp(h.mtime, 0)
+}
+
+/// Parse a size setting as SHOW prints it (`16MB`).
+fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let digits = s.trim_end_matches(|c: char| c.is_ascii_alphabetic());
+    let n: u64 = digits.parse().ok()?;
+    Some(match &s[digits.len()..] {
+        "" | "B" => n,
+        "kB" => n << 10,
+        "MB" => n << 20,
+        "GB" => n << 30,
+        _ => return None,
+    })
+}
+
+/// Take a base backup into `backup`.
+///
+/// # Errors
+/// `Database` when the server cannot be reached, refuses, or the WAL the backup needs does not
+/// reach the archive in time; the caller then abandons the backup (no snapshot).
+pub async fn backup(
+    pg: &Postgres,
+    backup: &mut Backup<'_>,
+    o: &PhysicalOptions,
+) -> Result<BackupInfo> {
+    if o.block == 0 || !o.block.is_multiple_of(8192) {
+        return Err(Error::Database {
+            action: "back up",
+            database: pg.conn.server(),
+            reason: format!(
+                "a block of {} bytes is not a whole number of 8 KiB pages",
+                o.block
+            ),
+        });
+    }
+    let info = pg.server_info().await?;
+    let mut conn = Connection::connect(&pg.conn, true)
+        .await
+        .map_err(|e| pg.db_error("open a replication connection to", e))?;
+    let seg_size = conn
+        .query("SHOW wal_segment_size")
+        .await
+        .ok()
+        .and_then(|r| r.first().cloned())
+        .and_then(|r| r.into_iter().next().flatten())
+        .and_then(|s| parse_size(&s))
+        .unwrap_or(16 << 20);
+    let (tx, mut rx) = mpsc::channel::<(String, Member)>(8);
+    let receiver = tokio::spawn(receive(conn, tx));
+    let cut = Cutting::Fixed(o.block);
+    let added: Result<()> = async {
+        while let Some((prefix, m)) = rx.recv().await {
+            match m {
+                Member::Small(h, data) => {
+                    let name = format!("{prefix}{}", h.name);
+                    backup
+                        .add_bytes_cut(&name, EntryType::File, data, Some(h.mode), mtime(&h), cut)
+                        .await?;
+                }
+                Member::Large(h, frx) => {
+                    let name = format!("{prefix}{}", h.name);
+                    let reader = ChannelReader {
+                        rx: frx,
+                        cur: Bytes::new(),
+                        left: h.size,
+                        name: name.clone(),
+                    };
+                    backup
+                        .add_stream_cut(
+                            &name,
+                            EntryType::File,
+                            reader,
+                            Some(h.mode),
+                            mtime(&h),
+                            cut,
+                        )
+                        .await?;
+                }
+                Member::Entry(h) => {
+                    let (kind, target) = match h.kind {
+                        Kind::Symlink => (EntryType::Symlink, Some(h.link.clone())),
+                        _ => (EntryType::Dir, None),
+                    };
+                    backup.add_entry(StreamEntry {
+                        name: format!("{prefix}{}", h.name),
+                        kind,
+                        size: 0,
+                        mode: Some(h.mode),
+                        mtime: mtime(&h),
+                        target,
+                        chunks: vec![],
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+    .await;
+    drop(rx);
+    let ended = receiver
+        .await
+        .map_err(|e| pg.db_error("back up", e))?
+        .map_err(|e| pg.db_error("back up", e));
+    added?;
+    let ended = ended?;
+    backup
+        .add_bytes(
+            MANIFEST,
+            EntryType::Stream,
+            ended.manifest.clone(),
+            Some(0o600),
+            None,
+        )
+        .await?;
+
+    let system_id: u64 = info
+        .system_id
+        .parse()
+        .map_err(|_| pg.db_error("back up", "the system identifier is not a number"))?;
+    let first = SegmentName::containing(ended.start_tli, ended.start_lsn, seg_size);
+    let last = SegmentName::containing(ended.end_tli, ended.end_lsn.saturating_sub(1), seg_size);
+    wait_for_wal(
+        pg,
+        backup.repository(),
+        system_id,
+        first,
+        last,
+        seg_size,
+        o.wal_wait,
+    )
+    .await?;
+
+    let mut positions = BTreeMap::new();
+    positions.insert("pg.system_id".into(), info.system_id.clone().into());
+    positions.insert("pg.timeline".into(), ended.start_tli.into());
+    positions.insert(
+        "pg.start_lsn".into(),
+        wal::lsn_string(ended.start_lsn).into(),
+    );
+    positions.insert("pg.stop_lsn".into(), wal::lsn_string(ended.end_lsn).into());
+    positions.insert("pg.stop_timeline".into(), ended.end_tli.into());
+    positions.insert("pg.start_wal".into(), first.to_string().into());
+    positions.insert("pg.stop_wal".into(), last.to_string().into());
+    positions.insert("pg.seg_size".into(), seg_size.into());
+    positions.insert("pg.block_size".into(), (o.block as u64).into());
+    positions.insert(
+        "pg.tablespaces".into(),
+        (ended.tablespaces.saturating_sub(1) as u64).into(),
+    );
+    Ok(BackupInfo {
+        kind: SnapshotKind::Physical,
+        database: DatabaseIdentity {
+            name: pg.conn.server(),
+            system_id: Some(info.system_id),
+            version: Some(info.version),
+        },
+        positions,
+    })
+}
+
+/// Wait until every segment from `first` to `last` is in the archive.
+async fn wait_for_wal(
+    pg: &Postgres,
+    repo: &tidemark_repo::Repository,
+    system_id: u64,
+    first: SegmentName,
+    last: SegmentName,
+    seg_size: u64,
+    limit: Duration,
+) -> Result<()> {
+    let stream = wal::stream(system_id);
+    let started = std::time::Instant::now();
+    loop {
+        let have: std::collections::HashSet<String> =
+            tidemark_repo::log::list_segments(repo, &stream)
+                .await?
+                .into_iter()
+                .collect();
+        let mut missing = None;
+        let mut s = first;
+        loop {
+            if !have.contains(&s.to_string()) {
+                missing = Some(s);
+                break;
+            }
+            // A backup cannot cross a timeline switch (PostgreSQL fails it), so this ends.
+            if s.start_lsn(seg_size) >= last.start_lsn(seg_size) {
+                break;
+            }
+            s = s.next(seg_size);
+        }
+        let Some(missing) = missing else {
+            return Ok(());
+        };
+        if started.elapsed() >= limit {
+            return Err(Error::Database {
+                action: "back up",
+                database: pg.conn.server(),
+                reason: format!(
+                    "the WAL this base backup needs ({first} to {last}) is not in the archive after {}s \
+                     ({missing} is missing); set archive_command = 'tidemark wal-push %p' for this repository",
+                    limit.as_secs()
+                ),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_as_show_prints_them() {
+        assert_eq!(parse_size("16MB"), Some(16 << 20));
+        assert_eq!(parse_size("1GB"), Some(1 << 30));
+        assert_eq!(parse_size("8kB"), Some(8 << 10));
+        assert_eq!(parse_size("lots"), None);
+    }
+}
