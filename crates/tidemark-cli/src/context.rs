@@ -92,6 +92,8 @@ pub struct Context {
     pub storage_options: StorageOptions,
     password_file: Option<PathBuf>,
     key_file: Option<PathBuf>,
+    config: Option<PathBuf>,
+    repo_flag: Option<String>,
     pub json: bool,
     pub quiet: bool,
 }
@@ -133,9 +135,52 @@ impl Context {
             storage_options,
             password_file: g.password_file.clone().or(file.password_file),
             key_file: g.key_file.clone().or(file.key_file),
+            config: g.config.clone(),
+            repo_flag: g.repo.clone(),
             json: g.json,
             quiet: g.quiet,
         })
+    }
+
+    /// Environment that lets another tidemark process (PostgreSQL's restore_command) open the
+    /// same repository: file paths and the location, never a secret itself.
+    ///
+    /// # Errors
+    /// A usage error when the secret came from TIDEMARK_PASSWORD, which cannot be passed on
+    /// without writing it down.
+    pub fn child_env(&self) -> Result<Vec<(&'static str, String)>> {
+        let abs = |p: &PathBuf| -> Result<String> {
+            Ok(std::path::absolute(p)
+                .with_context(|| format!("failed to resolve {}", p.display()))?
+                .display()
+                .to_string())
+        };
+        let mut v = Vec::new();
+        if let Some(c) = &self.config {
+            v.push(("TIDEMARK_CONFIG", abs(c)?));
+        }
+        if let Some(r) = &self.repo_flag {
+            let is_path = !r.contains("://");
+            v.push((
+                "TIDEMARK_REPOSITORY",
+                if is_path {
+                    abs(&PathBuf::from(r))?
+                } else {
+                    r.clone()
+                },
+            ));
+        }
+        if let Some(k) = &self.key_file {
+            v.push(("TIDEMARK_KEY_FILE", abs(k)?));
+        } else if let Some(p) = &self.password_file {
+            v.push(("TIDEMARK_PASSWORD_FILE", abs(p)?));
+        } else {
+            return Err(usage(
+                "the repository password came from TIDEMARK_PASSWORD, which PostgreSQL's restore_command cannot be given without writing it down",
+                "use --password-file, --key-file or a config file",
+            ));
+        }
+        Ok(v)
     }
 
     pub fn storage(&self) -> Result<Arc<dyn Storage>> {

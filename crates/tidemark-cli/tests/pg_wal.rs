@@ -263,3 +263,117 @@ fn wal_push_killed_mid_upload_is_retried_and_leaves_no_gap_or_damaged_segment() 
     let o = tidemark(&a.config, &["check"]);
     assert!(o.status.success(), "{}", stderr(&o));
 }
+
+/// Restore a tidemark base backup and recover it to a point in time, then to the end.
+fn restore_to(cluster: &mut Postgres, a: &Archive, dir: &str, target: &[&str]) -> String {
+    let dest = cluster.dir.path().join(dir);
+    let args = [
+        &[
+            "pg",
+            "restore",
+            "latest",
+            "--pgdata",
+            dest.to_str().unwrap(),
+        ][..],
+        target,
+    ]
+    .concat();
+    let o = tidemark(&a.config, &args);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    cluster.give(&dest);
+    cluster.swap_data_dir(&dest);
+    cluster.start_server();
+    cluster.wait_for(
+        "postgres",
+        "SELECT pg_is_in_recovery()",
+        "f",
+        Duration::from_secs(120),
+    );
+    let rows = cluster.psql("postgres", "SELECT count(*) FROM t");
+    cluster.stop("fast");
+    rows
+}
+
+#[test]
+fn a_physical_backup_recovers_to_a_time_and_to_the_end_of_the_archive() {
+    let mut cluster = Postgres::start(&["archive_mode = on", "archive_command = ''"]);
+    let a = archive(&cluster);
+    cluster.psql(
+        "postgres",
+        &format!(
+            "ALTER SYSTEM SET archive_command = 'TIDEMARK_CONFIG={} {BIN} wal-push -q %p'",
+            a.config.display()
+        ),
+    );
+    cluster.psql("postgres", "SELECT pg_reload_conf()");
+    cluster.psql(
+        "postgres",
+        "CREATE TABLE t (id int, at timestamptz DEFAULT clock_timestamp());
+         INSERT INTO t (id) SELECT g FROM generate_series(1, 1000) g",
+    );
+    let pw = cluster.write_private("pg-password", tidemark_testkit::SUPERUSER_PASSWORD);
+    let url = format!("postgresql://postgres@127.0.0.1:{}/postgres", cluster.port);
+    let o = tidemark(
+        &a.config,
+        &[
+            "pg",
+            "backup",
+            "--physical",
+            "--json",
+            "--url",
+            &url,
+            "--pg-password-file",
+            pw.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["snapshot"]["kind"], "physical");
+    assert!(v["snapshot"]["positions"]["pg.stop_lsn"].is_string(), "{v}");
+
+    // Rows committed after the backup, on both sides of a target time.
+    cluster.psql(
+        "postgres",
+        "INSERT INTO t (id) SELECT g FROM generate_series(1001, 1100) g",
+    );
+    std::thread::sleep(Duration::from_millis(1200));
+    let target = cluster.psql("postgres", "SELECT now()");
+    std::thread::sleep(Duration::from_millis(1200));
+    cluster.psql(
+        "postgres",
+        "INSERT INTO t (id) SELECT g FROM generate_series(1101, 1300) g",
+    );
+    let last = cluster.psql("postgres", "SELECT pg_walfile_name(pg_current_wal_lsn())");
+    cluster.psql("postgres", "SELECT pg_switch_wal()");
+    cluster.wait_for(
+        "postgres",
+        &format!("SELECT last_archived_wal >= '{last}' FROM pg_stat_archiver"),
+        "t",
+        Duration::from_secs(60),
+    );
+    cluster.stop("fast");
+
+    assert_eq!(
+        restore_to(&mut cluster, &a, "pitr", &["--to-time", &target]),
+        "1100"
+    );
+    assert_eq!(restore_to(&mut cluster, &a, "end", &[]), "1300");
+
+    // A data directory that is not empty is refused, and nothing in it changes.
+    let busy = cluster.dir.path().join("busy");
+    std::fs::create_dir_all(&busy).unwrap();
+    std::fs::write(busy.join("keep"), "x").unwrap();
+    let o = tidemark(
+        &a.config,
+        &[
+            "pg",
+            "restore",
+            "latest",
+            "--pgdata",
+            busy.to_str().unwrap(),
+        ],
+    );
+    assert_ne!(o.status.code(), Some(0));
+    assert!(stderr(&o).contains("not empty"), "{}", stderr(&o));
+    assert_eq!(std::fs::read_dir(&busy).unwrap().count(), 1);
+}

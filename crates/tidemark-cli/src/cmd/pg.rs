@@ -16,10 +16,12 @@ use crate::output::{size, Bar};
 
 #[derive(Debug, clap::Subcommand)]
 pub enum Command {
-    /// Back up a PostgreSQL server: pg_dump per database (custom format) plus globals.
-    Backup(BackupArgs),
-    /// Restore one database of a logical snapshot with pg_restore.
-    Restore(RestoreArgs),
+    /// Back up a PostgreSQL server: pg_dump per database (custom format) plus globals, or
+    /// (--physical) a base backup over the replication protocol.
+    Backup(Box<BackupArgs>),
+    /// Restore one database of a logical snapshot with pg_restore, or (--pgdata) a physical
+    /// backup into a new data directory with recovery to a point in time.
+    Restore(Box<RestoreArgs>),
 }
 
 /// How to reach the server. Unset fields come from the libpq environment (PGHOST, PGPORT,
@@ -89,6 +91,14 @@ impl ConnArgs {
 pub struct BackupArgs {
     #[command(flatten)]
     conn: ConnArgs,
+    /// A physical base backup over the replication protocol (for point-in-time recovery)
+    /// instead of pg_dump. Needs a role with REPLICATION and the WAL archived to this
+    /// repository (archive_command = 'tidemark wal-push %p').
+    #[arg(long, conflicts_with_all = ["databases", "all", "globals"])]
+    physical: bool,
+    /// Seconds to wait for the WAL a physical backup needs to reach the archive.
+    #[arg(long, default_value_t = 60)]
+    wal_wait: u64,
     /// Dump this database (repeatable); default the connection's database.
     #[arg(long = "database", conflicts_with = "all")]
     databases: Vec<String>,
@@ -107,8 +117,34 @@ pub struct BackupArgs {
 pub struct RestoreArgs {
     #[command(flatten)]
     conn: ConnArgs,
-    /// Snapshot id (or a unique prefix), or `latest`.
+    /// Snapshot id (or a unique prefix), or `latest` (for --pgdata with a target: the latest
+    /// physical backup before it).
     snapshot: String,
+    /// Restore a physical backup into this new (or empty) data directory and configure
+    /// recovery from the WAL archive, instead of restoring a logical dump into a database.
+    #[arg(long, conflicts_with_all = ["database", "into", "clean", "schemas", "tables", "jobs", "no_owner"])]
+    pgdata: Option<PathBuf>,
+    /// Recover up to this time ('2026-11-20 14:50:00+01').
+    #[arg(long, requires = "pgdata", group = "target")]
+    to_time: Option<String>,
+    /// Recover up to this WAL position (16/B374D848).
+    #[arg(long, requires = "pgdata", group = "target")]
+    to_lsn: Option<String>,
+    /// Recover up to the commit of this transaction id.
+    #[arg(long, requires = "pgdata", group = "target")]
+    to_xid: Option<String>,
+    /// Recover up to this named restore point (pg_create_restore_point).
+    #[arg(long, requires = "pgdata", group = "target")]
+    to_name: Option<String>,
+    /// Stop as soon as the backup is consistent.
+    #[arg(long, requires = "pgdata", group = "target")]
+    immediate: bool,
+    /// Recover to the end of the archived WAL (the default).
+    #[arg(long, requires = "pgdata", group = "target")]
+    latest: bool,
+    /// What the server does at the target: promote, pause or shutdown.
+    #[arg(long, requires = "pgdata", default_value = "promote")]
+    action: String,
     /// The database in the snapshot to restore (needed when it holds several).
     #[arg(long)]
     database: Option<String>,
@@ -134,8 +170,8 @@ pub struct RestoreArgs {
 
 pub async fn run(ctx: &Context, c: Command) -> Result<i32> {
     match c {
-        Command::Backup(a) => backup(ctx, a).await,
-        Command::Restore(a) => restore(ctx, a).await,
+        Command::Backup(a) => backup(ctx, *a).await,
+        Command::Restore(a) => restore(ctx, *a).await,
     }
 }
 
@@ -144,6 +180,12 @@ async fn backup(ctx: &Context, a: BackupArgs) -> Result<i32> {
     pg.logical.databases = a.databases;
     pg.logical.all = a.all;
     pg.logical.globals = a.globals;
+    if a.physical {
+        pg.physical = Some(tidemark_engine::postgres::physical::PhysicalOptions {
+            wal_wait: std::time::Duration::from_secs(a.wal_wait),
+            ..Default::default()
+        });
+    }
     let repo = ctx.open().await?;
     let lock =
         LockGuard::acquire(&repo, LockKind::Shared, "backup", &LockOptions::default()).await?;
@@ -182,6 +224,9 @@ async fn backup(ctx: &Context, a: BackupArgs) -> Result<i32> {
 }
 
 async fn restore(ctx: &Context, a: RestoreArgs) -> Result<i32> {
+    if a.pgdata.is_some() {
+        return restore_physical(ctx, a).await;
+    }
     let pg = a.conn.engine()?;
     let repo = ctx.open().await?;
     let lock =
@@ -228,4 +273,191 @@ async fn restore(ctx: &Context, a: RestoreArgs) -> Result<i32> {
         );
     }
     Ok(crate::exit::OK)
+}
+
+/// The recovery target as PostgreSQL settings, and the bound it puts on the base backup.
+enum Bound {
+    None,
+    Time(chrono::DateTime<chrono::FixedOffset>),
+    Lsn(u64),
+}
+
+fn recovery_settings(a: &RestoreArgs) -> Result<(Vec<(&'static str, String)>, Bound)> {
+    use tidemark_engine::postgres::wal::parse_lsn;
+    let mut s = Vec::new();
+    let mut bound = Bound::None;
+    if let Some(t) = &a.to_time {
+        let parsed = ["%Y-%m-%d %H:%M:%S%.f%#z", "%Y-%m-%dT%H:%M:%S%.f%#z"]
+            .iter()
+            .find_map(|f| chrono::DateTime::parse_from_str(t, f).ok())
+            .ok_or_else(|| {
+                usage(
+                    format!("--to-time {t:?} is not a time with a zone"),
+                    "write it like '2026-11-20 14:50:00+01'",
+                )
+            })?;
+        s.push(("recovery_target_time", parsed.to_rfc3339()));
+        bound = Bound::Time(parsed);
+    } else if let Some(l) = &a.to_lsn {
+        let lsn = parse_lsn(l).ok_or_else(|| {
+            usage(
+                format!("--to-lsn {l:?} is not an LSN"),
+                "write it like 16/B374D848",
+            )
+        })?;
+        s.push(("recovery_target_lsn", l.clone()));
+        bound = Bound::Lsn(lsn);
+    } else if let Some(x) = &a.to_xid {
+        if x.parse::<u64>().is_err() {
+            return Err(usage(
+                format!("--to-xid {x:?} is not a transaction id"),
+                "give a number",
+            ));
+        }
+        s.push(("recovery_target_xid", x.clone()));
+    } else if let Some(n) = &a.to_name {
+        s.push(("recovery_target_name", n.clone()));
+    } else if a.immediate {
+        s.push(("recovery_target", "immediate".into()));
+    }
+    if !matches!(a.action.as_str(), "promote" | "pause" | "shutdown") {
+        return Err(usage(
+            format!("--action {:?} is not promote, pause or shutdown", a.action),
+            "see `tidemark pg restore --help`",
+        ));
+    }
+    if s.is_empty() {
+        // To the end of the archive: PostgreSQL promotes when restore_command runs out.
+        s.push(("recovery_target_timeline", "latest".into()));
+    } else {
+        s.push(("recovery_target_timeline", "latest".into()));
+        s.push(("recovery_target_action", a.action.clone()));
+    }
+    Ok((s, bound))
+}
+
+/// Quote a value for postgresql.conf.
+fn conf_quote(v: &str) -> String {
+    format!("'{}'", v.replace('\\', "\\\\").replace('\'', "''"))
+}
+
+/// Quote a word for the shell that runs restore_command.
+fn sh_quote(v: &str) -> String {
+    format!("'{}'", v.replace('\'', "'\\''"))
+}
+
+async fn restore_physical(ctx: &Context, a: RestoreArgs) -> Result<i32> {
+    let target = a.pgdata.clone().expect("checked by the caller");
+    let (settings, bound) = recovery_settings(&a)?;
+    let env = ctx.child_env()?;
+    let repo = ctx.open().await?;
+    let lock =
+        LockGuard::acquire(&repo, LockKind::Shared, "restore", &LockOptions::default()).await?;
+    let started = std::time::Instant::now();
+    let result = async {
+        let (id, snap) = if a.snapshot == "latest" {
+            pick_base_backup(&repo, &bound).await?
+        } else {
+            repo.find_snapshot(&a.snapshot).await?
+        };
+        let progress = Arc::new(Progress::default());
+        let bar = Bar::start("pg restore", None, progress.clone(), ctx.quiet || ctx.json);
+        let r = tidemark_engine::postgres::physical::restore(
+            &repo,
+            &id.short(),
+            &snap,
+            &target,
+            progress,
+        )
+        .await;
+        bar.finish();
+        let report = r?;
+        // Recovery from the archive: restore_command runs this binary with the repository's
+        // location and the path of its secret, never the secret.
+        let exe = std::env::current_exe()?;
+        let mut command = String::new();
+        for (k, v) in &env {
+            command.push_str(&format!("{k}={} ", sh_quote(v)));
+        }
+        let system_id = snap.database.system_id.clone().unwrap_or_default();
+        command.push_str(&format!(
+            "{} wal-fetch --system-id {} %f %p",
+            sh_quote(&exe.display().to_string()),
+            sh_quote(&system_id)
+        ));
+        let mut conf = String::from("\n# Written by tidemark pg restore\n");
+        conf.push_str(&format!("restore_command = {}\n", conf_quote(&command)));
+        for (k, v) in &settings {
+            conf.push_str(&format!("{k} = {}\n", conf_quote(v)));
+        }
+        let auto = target.join("postgresql.auto.conf");
+        let mut text = std::fs::read_to_string(&auto).unwrap_or_default();
+        text.push_str(&conf);
+        std::fs::write(&auto, text)?;
+        std::fs::write(target.join("recovery.signal"), "")?;
+        Ok::<_, anyhow::Error>((id, snap, report))
+    }
+    .await;
+    lock.release().await?;
+    let (id, snap, report) = result?;
+    if ctx.json {
+        super::print_json(&serde_json::json!({
+            "snapshot": id.to_hex(),
+            "restore": report,
+            "start_lsn": snap.positions.get("pg.start_lsn"),
+            "stop_lsn": snap.positions.get("pg.stop_lsn"),
+            "recovery": settings.iter().map(|(k, v)| (k.to_string(), v.clone())).collect::<std::collections::BTreeMap<_, _>>(),
+        }))?;
+    } else if !ctx.quiet {
+        println!(
+            "restored base backup {} into {} ({}, {}) in {:.1}s; recovery is configured: start the server to replay WAL from the archive",
+            id.short(),
+            report.target,
+            size(report.bytes),
+            report.verified.as_deref().unwrap_or("not verified"),
+            started.elapsed().as_secs_f64()
+        );
+    }
+    Ok(crate::exit::OK)
+}
+
+/// The latest physical PostgreSQL snapshot that ends before the bound.
+async fn pick_base_backup(
+    repo: &tidemark_repo::Repository,
+    bound: &Bound,
+) -> Result<(
+    tidemark_repo::id::SnapshotId,
+    tidemark_repo::snapshot::Snapshot,
+)> {
+    use tidemark_engine::postgres::wal::parse_lsn;
+    let mut candidates: Vec<_> = repo
+        .snapshots()
+        .await?
+        .into_iter()
+        .filter(|(_, s)| {
+            s.engine == "postgres" && s.kind == tidemark_repo::snapshot::SnapshotKind::Physical
+        })
+        .collect();
+    let total = candidates.len();
+    candidates.retain(|(_, s)| match bound {
+        Bound::None => true,
+        Bound::Time(t) => s.time_end <= *t,
+        Bound::Lsn(l) => s
+            .positions
+            .get("pg.stop_lsn")
+            .and_then(|v| v.as_str())
+            .and_then(parse_lsn)
+            .is_some_and(|stop| stop <= *l),
+    });
+    candidates.sort_by_key(|(_, s)| s.time_end);
+    candidates.pop().ok_or_else(|| {
+        usage(
+            if total == 0 {
+                "the repository has no physical PostgreSQL backup".to_owned()
+            } else {
+                "no physical backup ends before the recovery target; the earliest restorable point is the end of the oldest base backup".to_owned()
+            },
+            "list them with `tidemark snapshots`, or take one with `tidemark pg backup --physical`",
+        )
+    })
 }

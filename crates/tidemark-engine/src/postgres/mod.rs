@@ -43,6 +43,8 @@ pub struct Postgres {
     pub bin_dir: Option<PathBuf>,
     /// What a logical backup takes.
     pub logical: logical::DumpOptions,
+    /// Take a physical base backup instead of a logical one.
+    pub physical: Option<physical::PhysicalOptions>,
 }
 
 /// Quote an identifier for SQL.
@@ -62,6 +64,7 @@ impl Postgres {
             conn,
             bin_dir: None,
             logical: logical::DumpOptions::default(),
+            physical: None,
         }
     }
 
@@ -161,7 +164,7 @@ impl Engine for Postgres {
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             logical: true,
-            physical: false,
+            physical: true,
             online: true,
             log_archiving: true,
             point_in_time: false,
@@ -179,20 +182,28 @@ impl Engine for Postgres {
     }
 
     async fn backup(&self, backup: &mut Backup<'_>) -> Result<BackupInfo> {
-        logical::backup(self, backup).await
+        match &self.physical {
+            Some(o) => physical::backup(self, backup, o).await,
+            None => logical::backup(self, backup).await,
+        }
     }
 
+    /// Restore a physical snapshot into a new data directory at `target` (verified against
+    /// its manifest; recovery settings are not written here).
     async fn restore(
         &self,
-        _repo: &Repository,
+        repo: &Repository,
         id: &str,
-        _snapshot: &Snapshot,
-        _target: &Path,
+        snapshot: &Snapshot,
+        target: &Path,
     ) -> Result<RestoreReport> {
-        Err(Error::WrongSnapshot {
-            snapshot: id.to_owned(),
-            engine: "postgres",
-            reason: "a logical PostgreSQL snapshot is restored into a database, not a path: use `tidemark pg restore`".into(),
-        })
+        if snapshot.kind != tidemark_repo::snapshot::SnapshotKind::Physical {
+            return Err(Error::WrongSnapshot {
+                snapshot: id.to_owned(),
+                engine: "postgres",
+                reason: "a logical PostgreSQL snapshot is restored into a database, not a path: use `tidemark pg restore --into`".into(),
+            });
+        }
+        physical::restore(repo, id, snapshot, target, Default::default()).await
     }
 }

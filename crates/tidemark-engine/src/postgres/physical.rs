@@ -471,9 +471,241 @@ async fn wait_for_wal(
     }
 }
 
+/// Whether `dir` is missing or empty.
+fn empty_or_missing(dir: &std::path::Path) -> bool {
+    std::fs::read_dir(dir).map_or(true, |mut d| d.next().is_none())
+}
+
+/// Restore a physical snapshot into `target`, a new or empty directory, and verify every file
+/// against PostgreSQL's backup manifest (as `pg_verifybackup` does). Recovery settings are the
+/// caller's business.
+///
+/// # Errors
+/// `WrongSnapshot` for another engine or kind; `Database` for a non-empty target;
+/// `Verification` when a file differs from the manifest; repository and I/O errors.
+pub async fn restore(
+    repo: &tidemark_repo::Repository,
+    id: &str,
+    snapshot: &tidemark_repo::snapshot::Snapshot,
+    target: &std::path::Path,
+    progress: std::sync::Arc<tidemark_repo::progress::Progress>,
+) -> Result<crate::RestoreReport> {
+    let wrong = |reason: &str| Error::WrongSnapshot {
+        snapshot: id.to_owned(),
+        engine: "postgres",
+        reason: reason.to_owned(),
+    };
+    if snapshot.engine != "postgres" || snapshot.kind != SnapshotKind::Physical {
+        return Err(wrong("it is not a physical PostgreSQL backup"));
+    }
+    if snapshot
+        .streams
+        .iter()
+        .any(|s| s.name.starts_with("tablespace/"))
+    {
+        return Err(wrong(
+            "it has tablespaces outside the data directory, which tidemark cannot restore yet",
+        ));
+    }
+    let manifest = snapshot
+        .streams
+        .iter()
+        .find(|s| s.name == MANIFEST)
+        .ok_or_else(|| wrong("it has no backup manifest"))?;
+    if !empty_or_missing(target) {
+        return Err(Error::Database {
+            action: "restore into",
+            database: target.display().to_string(),
+            reason: "the directory is not empty; a data directory is restored only into a new or empty directory".into(),
+        });
+    }
+    let index = repo.load_index().await?;
+    let entries: Vec<&StreamEntry> = snapshot
+        .streams
+        .iter()
+        .filter(|s| s.name.starts_with(DATA))
+        .collect();
+    tidemark_repo::ops::restore::restore_tree(
+        repo,
+        &index,
+        &entries,
+        DATA,
+        target,
+        progress.clone(),
+    )
+    .await?;
+    let manifest_path = target.join(MANIFEST);
+    tidemark_repo::ops::restore::restore_file(
+        repo,
+        &index,
+        manifest,
+        &manifest_path,
+        progress,
+        true,
+    )
+    .await?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(target, std::fs::Permissions::from_mode(0o700)).map_err(|e| {
+            Error::Io {
+                action: "set the mode of",
+                path: target.display().to_string(),
+                source: e,
+            }
+        })?;
+    }
+    let text = std::fs::read(&manifest_path).map_err(|e| Error::Io {
+        action: "read",
+        path: manifest_path.display().to_string(),
+        source: e,
+    })?;
+    let target_name = target.display().to_string();
+    let verification = tokio::task::spawn_blocking({
+        let target = target.to_owned();
+        move || verify_manifest(&target, &text)
+    })
+    .await
+    .map_err(|e| Error::Verification {
+        database: target_name.clone(),
+        reason: e.to_string(),
+    })?
+    .map_err(|reason| Error::Verification {
+        database: target_name.clone(),
+        reason,
+    })?;
+    Ok(crate::RestoreReport {
+        target: target_name,
+        bytes: verification.1,
+        verified: Some(format!(
+            "{} files match the backup manifest (sizes and CRC32C)",
+            verification.0
+        )),
+    })
+}
+
+#[derive(serde::Deserialize)]
+struct ManifestFile {
+    #[serde(rename = "Path")]
+    path: String,
+    #[serde(rename = "Size")]
+    size: u64,
+    #[serde(rename = "Checksum-Algorithm", default)]
+    algorithm: Option<String>,
+    #[serde(rename = "Checksum", default)]
+    checksum: Option<String>,
+}
+
+#[derive(serde::Deserialize)]
+struct Manifest {
+    #[serde(rename = "Files")]
+    files: Vec<ManifestFile>,
+    #[serde(rename = "Manifest-Checksum")]
+    checksum: String,
+}
+
+/// Check the manifest's own SHA-256 and every file's size and checksum; (files, bytes).
+fn verify_manifest(
+    dir: &std::path::Path,
+    text: &[u8],
+) -> std::result::Result<(usize, u64), String> {
+    use sha2::Digest;
+    let m: Manifest = serde_json::from_slice(text)
+        .map_err(|e| format!("the backup manifest does not parse: {e}"))?;
+    // The checksum covers everything up to the line that holds it.
+    let key = b"\"Manifest-Checksum\"";
+    let at = text
+        .windows(key.len())
+        .rposition(|w| w == key)
+        .ok_or("the backup manifest has no checksum")?;
+    let line_start = text[..at]
+        .iter()
+        .rposition(|&b| b == b'\n')
+        .map_or(0, |i| i + 1);
+    let digest = hex::encode(sha2::Sha256::digest(&text[..line_start]));
+    if !digest.eq_ignore_ascii_case(&m.checksum) {
+        return Err("the backup manifest's own checksum does not match".into());
+    }
+    let mut bytes = 0;
+    for f in &m.files {
+        let path = dir.join(&f.path);
+        let data = std::fs::read(&path)
+            .map_err(|e| format!("{} is missing or unreadable: {e}", f.path))?;
+        if data.len() as u64 != f.size {
+            return Err(format!(
+                "{} has {} bytes; the manifest says {}",
+                f.path,
+                data.len(),
+                f.size
+            ));
+        }
+        if let (Some("CRC32C"), Some(want)) = (f.algorithm.as_deref(), f.checksum.as_deref()) {
+            let got = hex::encode(crc32c::crc32c(&data).to_le_bytes());
+            if !got.eq_ignore_ascii_case(want) {
+                return Err(format!(
+                    "{} does not match its CRC32C in the manifest",
+                    f.path
+                ));
+            }
+        }
+        bytes += f.size;
+    }
+    Ok((m.files.len(), bytes))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn manifest_for(files: &[(&str, &[u8], Option<&str>)]) -> Vec<u8> {
+        use sha2::Digest;
+        let mut text = String::from("{ \"PostgreSQL-Backup-Manifest-Version\": 1,\n\"Files\": [\n");
+        for (i, (path, data, crc)) in files.iter().enumerate() {
+            let crc = crc.map_or_else(
+                || hex::encode(crc32c::crc32c(data).to_le_bytes()),
+                str::to_owned,
+            );
+            text.push_str(&format!(
+                "{{ \"Path\": \"{path}\", \"Size\": {}, \"Checksum-Algorithm\": \"CRC32C\", \"Checksum\": \"{crc}\" }}{}\n",
+                data.len(),
+                if i + 1 < files.len() { "," } else { "" }
+            ));
+        }
+        text.push_str("],\n");
+        let sum = hex::encode(sha2::Sha256::digest(text.as_bytes()));
+        text.push_str(&format!("\"Manifest-Checksum\": \"{sum}\"}}\n"));
+        text.into_bytes()
+    }
+
+    #[test]
+    fn the_manifest_catches_a_changed_file_and_a_changed_manifest() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("global")).unwrap();
+        std::fs::write(dir.path().join("PG_VERSION"), b"15\n").unwrap();
+        std::fs::write(dir.path().join("global/1262"), vec![7u8; 8192]).unwrap();
+        let files: [(&str, &[u8], Option<&str>); 2] = [
+            ("PG_VERSION", b"15\n", None),
+            ("global/1262", &[7u8; 8192], None),
+        ];
+        let good = manifest_for(&files);
+        assert_eq!(verify_manifest(dir.path(), &good).unwrap(), (2, 8195));
+
+        let wrong_crc = manifest_for(&[("PG_VERSION", b"15\n", Some("00000000"))]);
+        assert!(verify_manifest(dir.path(), &wrong_crc)
+            .unwrap_err()
+            .contains("CRC32C"));
+
+        let mut edited = good.clone();
+        let at = edited.windows(4).position(|w| w == b"8192").unwrap();
+        edited[at..at + 4].copy_from_slice(b"8193");
+        assert!(verify_manifest(dir.path(), &edited)
+            .unwrap_err()
+            .contains("own checksum"));
+
+        std::fs::write(dir.path().join("global/1262"), vec![7u8; 100]).unwrap();
+        assert!(verify_manifest(dir.path(), &good)
+            .unwrap_err()
+            .contains("global/1262 has 100 bytes"));
+    }
 
     #[test]
     fn sizes_parse_as_show_prints_them() {

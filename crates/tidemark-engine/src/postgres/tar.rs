@@ -128,7 +128,11 @@ fn parse_header(h: &[u8]) -> Result<Option<Header>, String> {
         b'2' => Kind::Symlink,
         other => Kind::Other(other),
     };
-    if name.is_empty() || name.starts_with('/') || name.split('/').any(|c| c == "..") {
+    // PostgreSQL writes some members as `./pg_wal/…`.
+    while let Some(rest) = name.strip_prefix("./") {
+        name = rest.to_owned();
+    }
+    if name.is_empty() || name.starts_with('/') || name.split('/').any(|c| c == ".." || c == ".") {
         return Err(format!(
             "tar member name {name:?} is not a safe relative path"
         ));
