@@ -377,3 +377,105 @@ fn a_physical_backup_recovers_to_a_time_and_to_the_end_of_the_archive() {
     assert!(stderr(&o).contains("not empty"), "{}", stderr(&o));
     assert_eq!(std::fs::read_dir(&busy).unwrap().count(), 1);
 }
+
+/// Archive everything up to now and wait until the archiver has it.
+fn archive_now(cluster: &Postgres) {
+    let last = cluster.psql("postgres", "SELECT pg_walfile_name(pg_current_wal_lsn())");
+    cluster.psql("postgres", "SELECT pg_switch_wal()");
+    cluster.wait_for(
+        "postgres",
+        &format!("SELECT last_archived_wal >= '{last}' FROM pg_stat_archiver"),
+        "t",
+        Duration::from_secs(60),
+    );
+}
+
+#[test]
+fn a_restore_to_a_point_on_a_later_timeline_follows_the_history() {
+    let mut cluster = Postgres::start(&["archive_mode = on", "archive_command = ''"]);
+    let a = archive(&cluster);
+    cluster.psql(
+        "postgres",
+        &format!(
+            "ALTER SYSTEM SET archive_command = 'TIDEMARK_CONFIG={} {BIN} wal-push -q %p'",
+            a.config.display()
+        ),
+    );
+    cluster.psql("postgres", "SELECT pg_reload_conf()");
+    cluster.psql("postgres", "CREATE TABLE t (id int)");
+    let pw = cluster.write_private("pg-password", tidemark_testkit::SUPERUSER_PASSWORD);
+    let url = format!("postgresql://postgres@127.0.0.1:{}/postgres", cluster.port);
+    let o = tidemark(
+        &a.config,
+        &[
+            "pg",
+            "backup",
+            "--physical",
+            "--url",
+            &url,
+            "--pg-password-file",
+            pw.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    cluster.psql("postgres", "INSERT INTO t SELECT generate_series(1, 100)");
+    std::thread::sleep(Duration::from_millis(1100));
+    let branch = cluster.psql("postgres", "SELECT now()");
+    std::thread::sleep(Duration::from_millis(1100));
+    // Rows the branch must never see.
+    cluster.psql("postgres", "INSERT INTO t SELECT generate_series(500, 599)");
+    archive_now(&cluster);
+    cluster.stop("fast");
+
+    // Branch off at `branch`: timeline 2, then write on it.
+    assert_eq!(
+        restore_to(&mut cluster, &a, "tl2", &["--to-time", &branch]),
+        "100"
+    );
+    cluster.start_server();
+    assert_eq!(
+        cluster.psql(
+            "postgres",
+            "SELECT timeline_id FROM pg_control_checkpoint()"
+        ),
+        "2"
+    );
+    cluster.psql(
+        "postgres",
+        "INSERT INTO t SELECT generate_series(1000, 1049)",
+    );
+    std::thread::sleep(Duration::from_millis(1100));
+    let on_tl2 = cluster.psql("postgres", "SELECT now()");
+    std::thread::sleep(Duration::from_millis(1100));
+    cluster.psql(
+        "postgres",
+        "INSERT INTO t SELECT generate_series(2000, 2049)",
+    );
+    archive_now(&cluster);
+    cluster.stop("fast");
+    let system_id = {
+        let names = std::fs::read_dir(a.repo.join("logs/pg"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect::<Vec<_>>();
+        names[0].clone()
+    };
+    let names = archived_names(&a, &system_id);
+    assert!(names.contains(&"00000002.history".to_owned()), "{names:?}");
+
+    // From the same base backup (timeline 1) to a point on timeline 2.
+    assert_eq!(
+        restore_to(&mut cluster, &a, "tl2b", &["--to-time", &on_tl2]),
+        "150"
+    );
+    cluster.start_server();
+    assert_eq!(
+        cluster.psql(
+            "postgres",
+            "SELECT count(*) FROM t WHERE id BETWEEN 500 AND 599 OR id >= 2000"
+        ),
+        "0"
+    );
+    cluster.stop("fast");
+}

@@ -91,7 +91,9 @@ fn read_wal(path: &Path, o: &PushOptions) -> Result<WalData> {
             _ => unreachable!("has_page_header"),
         };
         let start = seg.start_lsn(u64::from(h.seg_size));
-        if h.page_addr != start || h.timeline != seg.timeline {
+        // The first segment of a new timeline starts as a copy of its parent's segment, so its
+        // first page may carry an older (smaller) timeline; never a newer one.
+        if h.page_addr != start || h.timeline > seg.timeline {
             return Err(bad_wal(
                 path,
                 format!(
