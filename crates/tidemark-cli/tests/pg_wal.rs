@@ -357,7 +357,12 @@ fn a_physical_backup_recovers_to_a_time_and_to_the_end_of_the_archive() {
         restore_to(&mut cluster, &a, "pitr", &["--to-time", &target]),
         "1100"
     );
-    assert_eq!(restore_to(&mut cluster, &a, "end", &[]), "1300");
+    // The restore above promoted onto timeline 2 and archived it; the end of the original
+    // history is on the base backup's timeline.
+    assert_eq!(
+        restore_to(&mut cluster, &a, "end", &["--timeline", "current"]),
+        "1300"
+    );
 
     // A data directory that is not empty is refused, and nothing in it changes.
     let busy = cluster.dir.path().join("busy");
@@ -478,4 +483,109 @@ fn a_restore_to_a_point_on_a_later_timeline_follows_the_history() {
         "0"
     );
     cluster.stop("fast");
+}
+
+/// The PITR check: a workload commits a row every ~50 ms for over a minute; restores to
+/// several times each bring back exactly the rows committed up to that time, by PostgreSQL's own
+/// commit timestamps.
+#[test]
+fn pitr_brings_back_exactly_the_rows_committed_up_to_each_target() {
+    let mut cluster = Postgres::start(&[
+        "archive_mode = on",
+        "archive_command = ''",
+        "track_commit_timestamp = on",
+    ]);
+    let a = archive(&cluster);
+    cluster.psql(
+        "postgres",
+        &format!(
+            "ALTER SYSTEM SET archive_command = 'TIDEMARK_CONFIG={} {BIN} wal-push -q %p'",
+            a.config.display()
+        ),
+    );
+    cluster.psql("postgres", "SELECT pg_reload_conf()");
+    cluster.psql(
+        "postgres",
+        "CREATE TABLE t (id int PRIMARY KEY, at timestamptz DEFAULT clock_timestamp())",
+    );
+    let pw = cluster.write_private("pg-password", tidemark_testkit::SUPERUSER_PASSWORD);
+    let url = format!("postgresql://postgres@127.0.0.1:{}/postgres", cluster.port);
+    let o = tidemark(
+        &a.config,
+        &[
+            "pg",
+            "backup",
+            "--physical",
+            "--url",
+            &url,
+            "--pg-password-file",
+            pw.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+
+    // ~65 s of single-row transactions, one every 50 ms.
+    let mut script = String::new();
+    for i in 1..=1300 {
+        script.push_str(&format!(
+            "INSERT INTO t (id) VALUES ({i});\nSELECT pg_sleep(0.05);\n"
+        ));
+    }
+    let script_path = cluster.write_private("workload.sql", &script);
+    let mut workload = Command::new(cluster.bin().join("psql"))
+        .args(["-X", "-q", "-o", "/dev/null", "-v", "ON_ERROR_STOP=1", "-h"])
+        .arg(cluster.dir.path())
+        .args([
+            "-p",
+            &cluster.port.to_string(),
+            "-U",
+            "postgres",
+            "-d",
+            "postgres",
+            "-f",
+        ])
+        .arg(&script_path)
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut targets = Vec::new();
+    for wait in [15, 20, 20] {
+        std::thread::sleep(Duration::from_secs(wait));
+        targets.push(cluster.psql("postgres", "SELECT now()"));
+    }
+    assert!(workload.wait().unwrap().success(), "the workload failed");
+    let expected: Vec<String> = targets
+        .iter()
+        .map(|t| {
+            cluster.psql(
+                "postgres",
+                &format!("SELECT count(*) FROM t WHERE pg_xact_commit_timestamp(xmin) <= '{t}'"),
+            )
+        })
+        .collect();
+    archive_now(&cluster);
+    cluster.stop("fast");
+
+    for (i, (target, want)) in targets.iter().zip(&expected).enumerate() {
+        let got = restore_to(
+            &mut cluster,
+            &a,
+            &format!("pitr{i}"),
+            &["--to-time", target],
+        );
+        assert_eq!(&got, want, "rows at {target}");
+    }
+    assert!(
+        expected.windows(2).all(|w| w[0] != w[1]),
+        "targets too close: {expected:?}"
+    );
+    assert_eq!(
+        restore_to(
+            &mut cluster,
+            &a,
+            "end",
+            &["--latest", "--timeline", "current"]
+        ),
+        "1300"
+    );
 }

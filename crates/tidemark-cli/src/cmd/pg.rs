@@ -142,6 +142,11 @@ pub struct RestoreArgs {
     /// Recover to the end of the archived WAL (the default).
     #[arg(long, requires = "pgdata", group = "target")]
     latest: bool,
+    /// The timeline to recover along: a number, `current` (the base backup's) or `latest`.
+    /// Default: for --to-time, the timeline that was current at that time (a later branch
+    /// does not contain it); otherwise `latest`.
+    #[arg(long, requires = "pgdata")]
+    timeline: Option<String>,
     /// What the server does at the target: promote, pause or shutdown.
     #[arg(long, requires = "pgdata", default_value = "promote")]
     action: String,
@@ -326,11 +331,16 @@ fn recovery_settings(a: &RestoreArgs) -> Result<(Vec<(&'static str, String)>, Bo
             "see `tidemark pg restore --help`",
         ));
     }
-    if s.is_empty() {
-        // To the end of the archive: PostgreSQL promotes when restore_command runs out.
-        s.push(("recovery_target_timeline", "latest".into()));
-    } else {
-        s.push(("recovery_target_timeline", "latest".into()));
+    if let Some(t) = &a.timeline {
+        if t != "latest" && t != "current" && t.parse::<u32>().is_err() {
+            return Err(usage(
+                format!("--timeline {t:?} is not a number, current or latest"),
+                "see `tidemark pg restore --help`",
+            ));
+        }
+    }
+    // Without a target PostgreSQL recovers to the end of the archive and promotes.
+    if !s.is_empty() {
         s.push(("recovery_target_action", a.action.clone()));
     }
     Ok((s, bound))
@@ -360,6 +370,23 @@ async fn restore_physical(ctx: &Context, a: RestoreArgs) -> Result<i32> {
         } else {
             repo.find_snapshot(&a.snapshot).await?
         };
+        let system_id = snap.database.system_id.clone().unwrap_or_default();
+        let timeline = match (&a.timeline, &bound) {
+            (Some(t), _) => t.clone(),
+            (None, Bound::Time(t)) => {
+                let id: u64 = system_id.parse().unwrap_or(0);
+                tidemark_engine::postgres::archive::timeline_at(
+                    &repo,
+                    id,
+                    t.with_timezone(&chrono::Utc),
+                )
+                .await?
+                .map_or_else(|| "current".to_owned(), |n| n.to_string())
+            }
+            (None, _) => "latest".to_owned(),
+        };
+        let mut settings = settings.clone();
+        settings.push(("recovery_target_timeline", timeline));
         let progress = Arc::new(Progress::default());
         let bar = Bar::start("pg restore", None, progress.clone(), ctx.quiet || ctx.json);
         let r = tidemark_engine::postgres::physical::restore(
@@ -379,7 +406,6 @@ async fn restore_physical(ctx: &Context, a: RestoreArgs) -> Result<i32> {
         for (k, v) in &env {
             command.push_str(&format!("{k}={} ", sh_quote(v)));
         }
-        let system_id = snap.database.system_id.clone().unwrap_or_default();
         command.push_str(&format!(
             "{} wal-fetch --system-id {} %f %p",
             sh_quote(&exe.display().to_string()),
@@ -395,11 +421,11 @@ async fn restore_physical(ctx: &Context, a: RestoreArgs) -> Result<i32> {
         text.push_str(&conf);
         std::fs::write(&auto, text)?;
         std::fs::write(target.join("recovery.signal"), "")?;
-        Ok::<_, anyhow::Error>((id, snap, report))
+        Ok::<_, anyhow::Error>((id, snap, report, settings))
     }
     .await;
     lock.release().await?;
-    let (id, snap, report) = result?;
+    let (id, snap, report, settings) = result?;
     if ctx.json {
         super::print_json(&serde_json::json!({
             "snapshot": id.to_hex(),

@@ -376,3 +376,31 @@ async fn prefetch(
         .collect::<Vec<_>>()
         .await;
 }
+
+/// The timeline that was current at wall time `t`: the newest one whose history file reached the
+/// archive at or before `t`. `None` when no timeline began by then (the base backup's own
+/// timeline is meant). A restore that branched off earlier and promoted makes a newer timeline
+/// that does not contain the times before its promotion, so "latest" would be wrong for them.
+///
+/// # Errors
+/// Storage errors.
+pub async fn timeline_at(
+    repo: &Repository,
+    system_id: u64,
+    t: chrono::DateTime<chrono::Utc>,
+) -> Result<Option<u32>> {
+    let prefix = format!("logs/{}/", wal::stream(system_id));
+    let metas = repo
+        .storage()
+        .list(&prefix)
+        .await
+        .map_err(tidemark_repo::Error::from)?;
+    Ok(metas
+        .iter()
+        .filter(|m| m.modified <= t)
+        .filter_map(|m| match WalFile::parse(m.path.strip_prefix(&prefix)?) {
+            Some(WalFile::History(tli)) => Some(tli),
+            _ => None,
+        })
+        .max())
+}
