@@ -364,6 +364,51 @@ fn a_physical_backup_recovers_to_a_time_and_to_the_end_of_the_archive() {
         "1300"
     );
 
+    // The window, and targets outside it, before anything is written.
+    let o = tidemark(&a.config, &["pg", "window", "--json"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let w: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let c = &w[0];
+    assert_eq!(c["base_backups"].as_array().unwrap().len(), 1, "{w}");
+    assert!(c["earliest"].as_str() < c["latest"].as_str(), "{w}");
+    let tl1 = &c["wal"][0];
+    assert_eq!(tl1["timeline"], 1);
+    assert_eq!(tl1["gaps"].as_array().unwrap().len(), 0, "{w}");
+    for (when, says) in [
+        ("2099-01-01 00:00:00+00", "outside the recoverable window"),
+        ("2000-01-01 00:00:00+00", "before the recoverable window"),
+    ] {
+        let dest = cluster.dir.path().join("never");
+        let o = tidemark(
+            &a.config,
+            &[
+                "pg",
+                "restore",
+                "latest",
+                "--pgdata",
+                dest.to_str().unwrap(),
+                "--to-time",
+                when,
+            ],
+        );
+        assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+        assert!(stderr(&o).contains(says), "{}", stderr(&o));
+        assert!(!dest.exists(), "a refused restore wrote {}", dest.display());
+    }
+    // A missing segment shows as a gap.
+    let sys = c["system_id"].as_str().unwrap();
+    let first = tl1["first"].as_str().unwrap();
+    let seg = u64::from_str_radix(&first[16..], 16).unwrap() + 1;
+    let hole = format!("{}{:08X}", &first[..16], seg);
+    std::fs::remove_file(a.repo.join(format!("logs/pg/{sys}/wal/{hole}"))).unwrap();
+    let o = tidemark(&a.config, &["pg", "window"]);
+    assert!(
+        String::from_utf8_lossy(&o.stdout)
+            .contains(&format!("1 gap(s): [[\"{hole}\",\"{hole}\"]]")),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+
     // A data directory that is not empty is refused, and nothing in it changes.
     let busy = cluster.dir.path().join("busy");
     std::fs::create_dir_all(&busy).unwrap();

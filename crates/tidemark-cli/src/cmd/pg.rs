@@ -22,6 +22,8 @@ pub enum Command {
     /// Restore one database of a logical snapshot with pg_restore, or (--pgdata) a physical
     /// backup into a new data directory with recovery to a point in time.
     Restore(Box<RestoreArgs>),
+    /// Show each cluster's recoverable window: base backups, archived WAL per timeline, gaps.
+    Window,
 }
 
 /// How to reach the server. Unset fields come from the libpq environment (PGHOST, PGPORT,
@@ -177,6 +179,7 @@ pub async fn run(ctx: &Context, c: Command) -> Result<i32> {
     match c {
         Command::Backup(a) => backup(ctx, *a).await,
         Command::Restore(a) => restore(ctx, *a).await,
+        Command::Window => window(ctx).await,
     }
 }
 
@@ -385,6 +388,20 @@ async fn restore_physical(ctx: &Context, a: RestoreArgs) -> Result<i32> {
             }
             (None, _) => "latest".to_owned(),
         };
+        if let Bound::Time(t) = &bound {
+            let id: u64 = system_id.parse().unwrap_or(0);
+            let seg = snap.positions.get("pg.seg_size").and_then(|v| v.as_u64()).unwrap_or(16 << 20);
+            let summary = tidemark_engine::postgres::archive::summarize(&repo, id, seg).await?;
+            if summary.latest_upload.is_none_or(|u| u < *t) {
+                return Err(usage(
+                    format!(
+                        "--to-time {t} is outside the recoverable window, which ends when the newest WAL reached the archive ({})",
+                        summary.latest_upload.map_or("no WAL is archived".to_owned(), |u| u.to_string())
+                    ),
+                    "see the window with `tidemark pg window`; check that archive_command runs",
+                ));
+            }
+        }
         let mut settings = settings.clone();
         settings.push(("recovery_target_timeline", timeline));
         let progress = Arc::new(Progress::default());
@@ -465,6 +482,7 @@ async fn pick_base_backup(
         })
         .collect();
     let total = candidates.len();
+    let oldest = candidates.iter().map(|(_, s)| s.time_end).min();
     candidates.retain(|(_, s)| match bound {
         Bound::None => true,
         Bound::Time(t) => s.time_end <= *t,
@@ -481,9 +499,92 @@ async fn pick_base_backup(
             if total == 0 {
                 "the repository has no physical PostgreSQL backup".to_owned()
             } else {
-                "no physical backup ends before the recovery target; the earliest restorable point is the end of the oldest base backup".to_owned()
+                format!(
+                    "the recovery target is before the recoverable window, which starts at the end of the oldest base backup ({})",
+                    oldest.map_or_else(String::new, |t| t.to_string())
+                )
             },
             "list them with `tidemark snapshots`, or take one with `tidemark pg backup --physical`",
         )
     })
+}
+
+async fn window(ctx: &Context) -> Result<i32> {
+    let repo = ctx.open().await?;
+    let mut backups: std::collections::BTreeMap<String, Vec<serde_json::Value>> =
+        Default::default();
+    let mut seg_sizes: std::collections::BTreeMap<String, u64> = Default::default();
+    let mut earliest: std::collections::BTreeMap<String, chrono::DateTime<chrono::Utc>> =
+        Default::default();
+    for (id, s) in repo.snapshots().await? {
+        if s.engine != "postgres" || s.kind != tidemark_repo::snapshot::SnapshotKind::Physical {
+            continue;
+        }
+        let sys = s.database.system_id.clone().unwrap_or_default();
+        if let Some(n) = s.positions.get("pg.seg_size").and_then(|v| v.as_u64()) {
+            seg_sizes.insert(sys.clone(), n);
+        }
+        let e = earliest.entry(sys.clone()).or_insert(s.time_end);
+        *e = (*e).min(s.time_end);
+        backups.entry(sys).or_default().push(serde_json::json!({
+            "id": id.to_hex(),
+            "end": s.time_end,
+            "timeline": s.positions.get("pg.timeline"),
+            "stop_lsn": s.positions.get("pg.stop_lsn"),
+        }));
+    }
+    // Clusters with WAL but no base backup yet are shown too: nothing is restorable there.
+    for m in repo.storage().list("logs/pg/").await? {
+        if let Some(sys) = m
+            .path
+            .strip_prefix("logs/pg/")
+            .and_then(|r| r.split('/').next())
+        {
+            backups.entry(sys.to_owned()).or_default();
+        }
+    }
+    let mut out = Vec::new();
+    for (sys, list) in &backups {
+        let id: u64 = sys.parse().unwrap_or(0);
+        let seg = seg_sizes.get(sys).copied().unwrap_or(16 << 20);
+        let summary = tidemark_engine::postgres::archive::summarize(&repo, id, seg).await?;
+        out.push(serde_json::json!({
+            "system_id": sys,
+            "base_backups": list,
+            "earliest": earliest.get(sys),
+            "latest": summary.latest_upload,
+            "wal": summary.timelines,
+        }));
+    }
+    if ctx.json {
+        super::print_json(&out)?;
+        return Ok(crate::exit::OK);
+    }
+    for c in &out {
+        println!("cluster {}", c["system_id"].as_str().unwrap_or(""));
+        let n = c["base_backups"].as_array().map_or(0, Vec::len);
+        match (c["earliest"].as_str(), c["latest"].as_str()) {
+            (Some(e), Some(l)) => println!("  recoverable window: {e} to {l} ({n} base backups)"),
+            (None, _) => println!("  nothing is restorable yet: no physical base backup"),
+            (Some(e), None) => println!(
+                "  only the base backups themselves ({n}, earliest {e}): no WAL is archived"
+            ),
+        }
+        for t in c["wal"].as_array().into_iter().flatten() {
+            let gaps = t["gaps"].as_array().map_or(0, Vec::len);
+            println!(
+                "  timeline {}: {} .. {} ({} segments){}",
+                t["timeline"],
+                t["first"].as_str().unwrap_or(""),
+                t["last"].as_str().unwrap_or(""),
+                t["segments"],
+                if gaps == 0 {
+                    String::new()
+                } else {
+                    format!(", {gaps} gap(s): {}", t["gaps"])
+                }
+            );
+        }
+    }
+    Ok(crate::exit::OK)
 }

@@ -404,3 +404,79 @@ pub async fn timeline_at(
         })
         .max())
 }
+
+/// The archived WAL of one timeline.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TimelineWal {
+    /// The timeline.
+    pub timeline: u32,
+    /// First and last segment archived.
+    pub first: String,
+    /// The last segment archived.
+    pub last: String,
+    /// Segments archived.
+    pub segments: usize,
+    /// Missing runs of segments between `first` and `last`: (first missing, last missing).
+    pub gaps: Vec<(String, String)>,
+}
+
+/// What the archive holds for one cluster.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ArchiveSummary {
+    /// Per timeline, in order.
+    pub timelines: Vec<TimelineWal>,
+    /// When the newest WAL object reached the archive: no commit after this can be recovered.
+    pub latest_upload: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// Summarize the archived WAL of a cluster: segments per timeline, gaps, the newest upload.
+///
+/// # Errors
+/// Storage errors.
+pub async fn summarize(repo: &Repository, system_id: u64, seg_size: u64) -> Result<ArchiveSummary> {
+    let prefix = format!("logs/{}/", wal::stream(system_id));
+    let metas = repo
+        .storage()
+        .list(&prefix)
+        .await
+        .map_err(tidemark_repo::Error::from)?;
+    let mut by_tli: std::collections::BTreeMap<u32, Vec<wal::SegmentName>> = Default::default();
+    let mut latest_upload = None;
+    for m in &metas {
+        let Some(name) = m.path.strip_prefix(&prefix) else {
+            continue;
+        };
+        if let Some(WalFile::Segment(s) | WalFile::Partial(s)) = WalFile::parse(name) {
+            by_tli.entry(s.timeline).or_default().push(s);
+            latest_upload = latest_upload.max(Some(m.modified));
+        }
+    }
+    let mut timelines = Vec::new();
+    for (tli, mut segs) in by_tli {
+        segs.sort();
+        segs.dedup();
+        let mut gaps = Vec::new();
+        for w in segs.windows(2) {
+            let expected = w[0].next(seg_size);
+            if expected != w[1] {
+                let last_missing = wal::SegmentName::containing(
+                    tli,
+                    w[1].start_lsn(seg_size) - seg_size,
+                    seg_size,
+                );
+                gaps.push((expected.to_string(), last_missing.to_string()));
+            }
+        }
+        timelines.push(TimelineWal {
+            timeline: tli,
+            first: segs[0].to_string(),
+            last: segs[segs.len() - 1].to_string(),
+            segments: segs.len(),
+            gaps,
+        });
+    }
+    Ok(ArchiveSummary {
+        timelines,
+        latest_upload,
+    })
+}
