@@ -343,7 +343,8 @@ fn backups_killed_at_random_moments_never_leave_a_partial_snapshot() {
     let started = std::time::Instant::now();
     env.ok(&["backup", "--command", &cmd]);
     let whole = started.elapsed().as_millis() as u64;
-    let mut completed = 1;
+    let mut listed = 1;
+    let mut killed_mid_backup = 0;
     for round in 0..20 {
         let mut child = env
             .cmd(&["backup", "--command", &cmd])
@@ -357,19 +358,29 @@ fn backups_killed_at_random_moments_never_leave_a_partial_snapshot() {
         // SIGKILL: no chance to clean up.
         let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
         let status = child.wait().unwrap();
+        let now = env.snapshot_ids().len();
+        // A kill can land after the snapshot was written and before the process exited: then
+        // the snapshot is complete (every listed snapshot is restored whole below).
         if status.success() {
-            completed += 1;
+            assert_eq!(
+                now,
+                listed + 1,
+                "round {round}: a finished backup is listed"
+            );
+        } else {
+            assert!(
+                now == listed || now == listed + 1,
+                "round {round}: {now} snapshots after {listed}"
+            );
+            if now == listed {
+                killed_mid_backup += 1;
+            }
         }
-        let ids = env.snapshot_ids();
-        assert_eq!(
-            ids.len(),
-            completed,
-            "round {round}: only complete backups are listed"
-        );
+        listed = now;
     }
     assert!(
-        completed < 8,
-        "most rounds must be killed mid-backup to test anything ({completed} completed)"
+        killed_mid_backup > 12,
+        "most rounds must be killed mid-backup to test anything (only {killed_mid_backup} were)"
     );
     // The repository is sound, the stale locks do not block, and the next backup works.
     let o = env.run(&["check", "--read-data"]);
