@@ -44,6 +44,42 @@ fn archive(cluster: &Postgres) -> Archive {
     Archive { config, repo }
 }
 
+/// A cluster that archives its WAL with `tidemark wal-push` into a fresh archive, with `extra`
+/// settings.
+fn archiving_cluster(extra: &[&str]) -> (Postgres, Archive) {
+    let mut conf = vec!["archive_mode = on", "archive_command = ''"];
+    conf.extend_from_slice(extra);
+    let cluster = Postgres::start(&conf);
+    let a = archive(&cluster);
+    cluster.psql(
+        "postgres",
+        &format!(
+            "ALTER SYSTEM SET archive_command = 'TIDEMARK_CONFIG={} {BIN} wal-push -q %p'",
+            a.config.display()
+        ),
+    );
+    cluster.psql("postgres", "SELECT pg_reload_conf()");
+    (cluster, a)
+}
+
+/// `tidemark pg backup --physical` of `cluster`; its JSON answer.
+fn physical_backup(cluster: &Postgres, a: &Archive) -> serde_json::Value {
+    let pw = cluster.write_private("pg-password", tidemark_testkit::SUPERUSER_PASSWORD);
+    let url = format!("postgresql://postgres@127.0.0.1:{}/postgres", cluster.port);
+    let args = [
+        "pg",
+        "backup",
+        "--physical",
+        "--json",
+        "--url",
+        &url,
+        "--pg-password-file",
+    ];
+    let o = tidemark(&a.config, &[&args[..], &[pw.to_str().unwrap()]].concat());
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
@@ -61,16 +97,7 @@ fn archived_names(a: &Archive, system_id: &str) -> Vec<String> {
 
 #[test]
 fn archived_wal_recovers_every_committed_row_and_fetch_failures_stop_recovery() {
-    let mut cluster = Postgres::start(&["archive_mode = on", "archive_command = ''"]);
-    let a = archive(&cluster);
-    cluster.psql(
-        "postgres",
-        &format!(
-            "ALTER SYSTEM SET archive_command = 'TIDEMARK_CONFIG={} {BIN} wal-push -q %p'",
-            a.config.display()
-        ),
-    );
-    cluster.psql("postgres", "SELECT pg_reload_conf()");
+    let (mut cluster, a) = archiving_cluster(&[]);
     let system_id = cluster.psql(
         "postgres",
         "SELECT system_identifier FROM pg_control_system()",
@@ -296,38 +323,13 @@ fn restore_to(cluster: &mut Postgres, a: &Archive, dir: &str, target: &[&str]) -
 
 #[test]
 fn a_physical_backup_recovers_to_a_time_and_to_the_end_of_the_archive() {
-    let mut cluster = Postgres::start(&["archive_mode = on", "archive_command = ''"]);
-    let a = archive(&cluster);
-    cluster.psql(
-        "postgres",
-        &format!(
-            "ALTER SYSTEM SET archive_command = 'TIDEMARK_CONFIG={} {BIN} wal-push -q %p'",
-            a.config.display()
-        ),
-    );
-    cluster.psql("postgres", "SELECT pg_reload_conf()");
+    let (mut cluster, a) = archiving_cluster(&[]);
     cluster.psql(
         "postgres",
         "CREATE TABLE t (id int, at timestamptz DEFAULT clock_timestamp());
          INSERT INTO t (id) SELECT g FROM generate_series(1, 1000) g",
     );
-    let pw = cluster.write_private("pg-password", tidemark_testkit::SUPERUSER_PASSWORD);
-    let url = format!("postgresql://postgres@127.0.0.1:{}/postgres", cluster.port);
-    let o = tidemark(
-        &a.config,
-        &[
-            "pg",
-            "backup",
-            "--physical",
-            "--json",
-            "--url",
-            &url,
-            "--pg-password-file",
-            pw.to_str().unwrap(),
-        ],
-    );
-    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let v = physical_backup(&cluster, &a);
     assert_eq!(v["snapshot"]["kind"], "physical");
     assert!(v["snapshot"]["positions"]["pg.stop_lsn"].is_string(), "{v}");
 
@@ -442,32 +444,9 @@ fn archive_now(cluster: &Postgres) {
 
 #[test]
 fn a_restore_to_a_point_on_a_later_timeline_follows_the_history() {
-    let mut cluster = Postgres::start(&["archive_mode = on", "archive_command = ''"]);
-    let a = archive(&cluster);
-    cluster.psql(
-        "postgres",
-        &format!(
-            "ALTER SYSTEM SET archive_command = 'TIDEMARK_CONFIG={} {BIN} wal-push -q %p'",
-            a.config.display()
-        ),
-    );
-    cluster.psql("postgres", "SELECT pg_reload_conf()");
+    let (mut cluster, a) = archiving_cluster(&[]);
     cluster.psql("postgres", "CREATE TABLE t (id int)");
-    let pw = cluster.write_private("pg-password", tidemark_testkit::SUPERUSER_PASSWORD);
-    let url = format!("postgresql://postgres@127.0.0.1:{}/postgres", cluster.port);
-    let o = tidemark(
-        &a.config,
-        &[
-            "pg",
-            "backup",
-            "--physical",
-            "--url",
-            &url,
-            "--pg-password-file",
-            pw.to_str().unwrap(),
-        ],
-    );
-    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    physical_backup(&cluster, &a);
     cluster.psql("postgres", "INSERT INTO t SELECT generate_series(1, 100)");
     std::thread::sleep(Duration::from_millis(1100));
     let branch = cluster.psql("postgres", "SELECT now()");
@@ -535,39 +514,12 @@ fn a_restore_to_a_point_on_a_later_timeline_follows_the_history() {
 /// commit timestamps.
 #[test]
 fn pitr_brings_back_exactly_the_rows_committed_up_to_each_target() {
-    let mut cluster = Postgres::start(&[
-        "archive_mode = on",
-        "archive_command = ''",
-        "track_commit_timestamp = on",
-    ]);
-    let a = archive(&cluster);
-    cluster.psql(
-        "postgres",
-        &format!(
-            "ALTER SYSTEM SET archive_command = 'TIDEMARK_CONFIG={} {BIN} wal-push -q %p'",
-            a.config.display()
-        ),
-    );
-    cluster.psql("postgres", "SELECT pg_reload_conf()");
+    let (mut cluster, a) = archiving_cluster(&["track_commit_timestamp = on"]);
     cluster.psql(
         "postgres",
         "CREATE TABLE t (id int PRIMARY KEY, at timestamptz DEFAULT clock_timestamp())",
     );
-    let pw = cluster.write_private("pg-password", tidemark_testkit::SUPERUSER_PASSWORD);
-    let url = format!("postgresql://postgres@127.0.0.1:{}/postgres", cluster.port);
-    let o = tidemark(
-        &a.config,
-        &[
-            "pg",
-            "backup",
-            "--physical",
-            "--url",
-            &url,
-            "--pg-password-file",
-            pw.to_str().unwrap(),
-        ],
-    );
-    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    physical_backup(&cluster, &a);
 
     // ~65 s of single-row transactions, one every 50 ms.
     let mut script = String::new();
