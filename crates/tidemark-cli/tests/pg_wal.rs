@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
+use tidemark_engine::postgres::wal::SegmentName;
 use tidemark_testkit::Postgres;
 
 const BIN: &str = env!("CARGO_BIN_EXE_tidemark");
@@ -117,14 +118,7 @@ fn archived_wal_recovers_every_committed_row_and_fetch_failures_stop_recovery() 
         );
         cluster.psql("postgres", "SELECT pg_switch_wal()");
     }
-    let last = cluster.psql("postgres", "SELECT pg_walfile_name(pg_current_wal_lsn())");
-    cluster.psql("postgres", "SELECT pg_switch_wal()");
-    cluster.wait_for(
-        "postgres",
-        &format!("SELECT last_archived_wal >= '{last}' FROM pg_stat_archiver"),
-        "t",
-        Duration::from_secs(60),
-    );
+    let last = archive_now(&cluster, 60);
     assert_eq!(
         cluster.psql("postgres", "SELECT failed_count FROM pg_stat_archiver"),
         "0"
@@ -246,14 +240,7 @@ fn wal_push_killed_mid_upload_is_retried_and_leaves_no_gap_or_damaged_segment() 
             ),
         );
     }
-    let last = cluster.psql("postgres", "SELECT pg_walfile_name(pg_current_wal_lsn())");
-    cluster.psql("postgres", "SELECT pg_switch_wal()");
-    cluster.wait_for(
-        "postgres",
-        &format!("SELECT last_archived_wal >= '{last}' FROM pg_stat_archiver"),
-        "t",
-        Duration::from_secs(180),
-    );
+    let last = archive_now(&cluster, 180);
     assert_ne!(
         cluster.psql("postgres", "SELECT failed_count FROM pg_stat_archiver"),
         "0",
@@ -282,9 +269,10 @@ fn wal_push_killed_mid_upload_is_retried_and_leaves_no_gap_or_damaged_segment() 
         if name == last {
             break;
         }
-        let seg = u64::from_str_radix(&name[16..], 16).unwrap() + 1;
-        let log = u64::from_str_radix(&name[8..16], 16).unwrap() + seg / 256;
-        name = format!("{}{:08X}{:08X}", &name[..8], log, seg % 256);
+        name = SegmentName::parse(&name)
+            .unwrap()
+            .next(16 << 20)
+            .to_string();
     }
     // And nothing half-written was left behind in the repository.
     let o = tidemark(&a.config, &["check"]);
@@ -340,26 +328,31 @@ fn a_physical_backup_recovers_to_a_time_and_to_the_end_of_the_archive() {
     );
     std::thread::sleep(Duration::from_millis(1200));
     let target = cluster.psql("postgres", "SELECT now()");
+    let lsn = cluster.psql("postgres", "SELECT pg_current_wal_lsn()");
+    cluster.psql("postgres", "SELECT pg_create_restore_point('after_1100')");
     std::thread::sleep(Duration::from_millis(1200));
     cluster.psql(
         "postgres",
         "INSERT INTO t (id) SELECT g FROM generate_series(1101, 1300) g",
     );
-    let last = cluster.psql("postgres", "SELECT pg_walfile_name(pg_current_wal_lsn())");
-    cluster.psql("postgres", "SELECT pg_switch_wal()");
-    cluster.wait_for(
-        "postgres",
-        &format!("SELECT last_archived_wal >= '{last}' FROM pg_stat_archiver"),
-        "t",
-        Duration::from_secs(60),
-    );
+    archive_now(&cluster, 60);
     cluster.stop("fast");
 
     assert_eq!(
         restore_to(&mut cluster, &a, "pitr", &["--to-time", &target]),
         "1100"
     );
-    // The restore above promoted onto timeline 2 and archived it; the end of the original
+    // The same point by WAL position and by restore point name.
+    for target in [["--to-lsn", lsn.as_str()], ["--to-name", "after_1100"]] {
+        let args = [&target[..], &["--timeline", "current"]].concat();
+        let dir = target[0].trim_start_matches("--to-");
+        assert_eq!(
+            restore_to(&mut cluster, &a, dir, &args),
+            "1100",
+            "{target:?}"
+        );
+    }
+    // The restores above promoted onto new timelines and archived them; the end of the original
     // history is on the base backup's timeline.
     assert_eq!(
         restore_to(&mut cluster, &a, "end", &["--timeline", "current"]),
@@ -400,8 +393,10 @@ fn a_physical_backup_recovers_to_a_time_and_to_the_end_of_the_archive() {
     // A missing segment shows as a gap.
     let sys = c["system_id"].as_str().unwrap();
     let first = tl1["first"].as_str().unwrap();
-    let seg = u64::from_str_radix(&first[16..], 16).unwrap() + 1;
-    let hole = format!("{}{:08X}", &first[..16], seg);
+    let hole = SegmentName::parse(first)
+        .unwrap()
+        .next(16 << 20)
+        .to_string();
     std::fs::remove_file(a.repo.join(format!("logs/pg/{sys}/wal/{hole}"))).unwrap();
     let o = tidemark(&a.config, &["pg", "window"]);
     assert!(
@@ -430,16 +425,17 @@ fn a_physical_backup_recovers_to_a_time_and_to_the_end_of_the_archive() {
     assert_eq!(std::fs::read_dir(&busy).unwrap().count(), 1);
 }
 
-/// Archive everything up to now and wait until the archiver has it.
-fn archive_now(cluster: &Postgres) {
+/// Archive everything up to now and wait until the archiver has it; the last segment written.
+fn archive_now(cluster: &Postgres, timeout_secs: u64) -> String {
     let last = cluster.psql("postgres", "SELECT pg_walfile_name(pg_current_wal_lsn())");
     cluster.psql("postgres", "SELECT pg_switch_wal()");
     cluster.wait_for(
         "postgres",
         &format!("SELECT last_archived_wal >= '{last}' FROM pg_stat_archiver"),
         "t",
-        Duration::from_secs(60),
+        Duration::from_secs(timeout_secs),
     );
+    last
 }
 
 #[test]
@@ -453,7 +449,7 @@ fn a_restore_to_a_point_on_a_later_timeline_follows_the_history() {
     std::thread::sleep(Duration::from_millis(1100));
     // Rows the branch must never see.
     cluster.psql("postgres", "INSERT INTO t SELECT generate_series(500, 599)");
-    archive_now(&cluster);
+    archive_now(&cluster, 60);
     cluster.stop("fast");
 
     // Branch off at `branch`: timeline 2, then write on it.
@@ -480,7 +476,7 @@ fn a_restore_to_a_point_on_a_later_timeline_follows_the_history() {
         "postgres",
         "INSERT INTO t SELECT generate_series(2000, 2049)",
     );
-    archive_now(&cluster);
+    archive_now(&cluster, 60);
     cluster.stop("fast");
     let system_id = {
         let names = std::fs::read_dir(a.repo.join("logs/pg"))
@@ -560,7 +556,7 @@ fn pitr_brings_back_exactly_the_rows_committed_up_to_each_target() {
             )
         })
         .collect();
-    archive_now(&cluster);
+    archive_now(&cluster, 60);
     cluster.stop("fast");
 
     for (i, (target, want)) in targets.iter().zip(&expected).enumerate() {
@@ -585,4 +581,79 @@ fn pitr_brings_back_exactly_the_rows_committed_up_to_each_target() {
         ),
         "1300"
     );
+}
+
+/// A WAL segment file as PostgreSQL writes it, as far as wal-push looks: a long page header
+/// naming the cluster, the timeline and the segment's start, then content.
+fn fake_segment(dir: &Path, seg: u32, system_id: u64, fill: u8) -> String {
+    let name = format!("00000001000000000000{seg:04X}");
+    let mut page = vec![fill; 8192];
+    page[0..2].copy_from_slice(&0xD110u16.to_le_bytes());
+    page[2..4].copy_from_slice(&2u16.to_le_bytes());
+    page[4..8].copy_from_slice(&1u32.to_le_bytes());
+    page[8..16].copy_from_slice(&(u64::from(seg) << 24).to_le_bytes());
+    page[16..24].fill(0);
+    page[24..32].copy_from_slice(&system_id.to_le_bytes());
+    page[32..36].copy_from_slice(&(16u32 << 20).to_le_bytes());
+    page[36..40].copy_from_slice(&8192u32.to_le_bytes());
+    std::fs::write(dir.join(&name), page).unwrap();
+    name
+}
+
+#[test]
+fn wal_push_archives_ready_segments_ahead_and_answers_later_calls_from_its_spool() {
+    let dir = tempfile::tempdir().unwrap();
+    let wal = dir.path().join("pg_wal");
+    std::fs::create_dir_all(wal.join("archive_status")).unwrap();
+    let password = dir.path().join("password");
+    std::fs::write(&password, "right\n").unwrap();
+    let config = dir.path().join("tidemark.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "repository: {}\npassword_file: {}\n",
+            dir.path().join("repo").display(),
+            password.display()
+        ),
+    )
+    .unwrap();
+    assert!(tidemark(&config, &["init", "-q"]).status.success());
+    let names: Vec<String> = (1..=3)
+        .map(|s| fake_segment(&wal, s, 7_000_000_000_000_000_001, s as u8))
+        .collect();
+    for n in &names[1..] {
+        std::fs::write(wal.join("archive_status").join(format!("{n}.ready")), "").unwrap();
+    }
+    let push = |name: &str| {
+        Command::new(BIN)
+            .args(["wal-push", "--json", &format!("pg_wal/{name}")])
+            .current_dir(dir.path())
+            .env_clear()
+            .env("TIDEMARK_CONFIG", &config)
+            .output()
+            .unwrap()
+    };
+    let o = push(&names[0]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(report["outcome"], "stored");
+    assert_eq!(report["ahead"], serde_json::json!([names[1], names[2]]));
+    let stored = dir.path().join("repo/logs/pg/7000000000000000001/wal");
+    assert_eq!(std::fs::read_dir(&stored).unwrap().count(), 3);
+
+    // Later calls for the segments archived ahead do not open the repository: they succeed
+    // even with a password that no longer opens it.
+    std::fs::write(&password, "wrong\n").unwrap();
+    let o = push(&names[1]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    // A file that changed since it was archived is not taken from the spool: the repository
+    // is opened (and here refuses the password), and with the right password the different
+    // content is refused by name.
+    fake_segment(&wal, 3, 7_000_000_000_000_000_001, 0xEE);
+    let o = push(&names[2]);
+    assert_eq!(o.status.code(), Some(4), "{}", stderr(&o));
+    std::fs::write(&password, "right\n").unwrap();
+    let o = push(&names[2]);
+    assert_ne!(o.status.code(), Some(0));
+    assert!(stderr(&o).contains(&names[2]), "{}", stderr(&o));
 }

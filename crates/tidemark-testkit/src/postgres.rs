@@ -216,11 +216,8 @@ impl Postgres {
         self.running = false;
     }
 
-    /// Run SQL through psql on the Unix socket as the superuser; the output, unaligned.
-    ///
-    /// # Panics
-    /// When psql fails; the message has its output.
-    pub fn psql(&self, db: &str, sql: &str) -> String {
+    /// psql on the Unix socket as the superuser, unaligned, running `sql` in `db`.
+    fn psql_command(&self, db: &str, sql: &str) -> Command {
         let mut c = Command::new(self.bin.join("psql"));
         c.args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h"])
             .arg(self.dir.path())
@@ -234,7 +231,15 @@ impl Postgres {
                 "-c",
                 sql,
             ]);
-        let out = run(c, &format!("psql {sql:?}"));
+        c
+    }
+
+    /// Run SQL through psql; the output.
+    ///
+    /// # Panics
+    /// When psql fails; the message has its output.
+    pub fn psql(&self, db: &str, sql: &str) -> String {
+        let out = run(self.psql_command(db, sql), &format!("psql {sql:?}"));
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
     }
 
@@ -243,19 +248,7 @@ impl Postgres {
         let start = std::time::Instant::now();
         let mut last = String::new();
         while start.elapsed() < timeout {
-            let mut c = Command::new(self.bin.join("psql"));
-            c.args(["-X", "-q", "-A", "-t", "-h"])
-                .arg(self.dir.path())
-                .args([
-                    "-p",
-                    &self.port.to_string(),
-                    "-U",
-                    "postgres",
-                    "-d",
-                    db,
-                    "-c",
-                    sql,
-                ]);
+            let mut c = self.psql_command(db, sql);
             if let Ok(out) = c.output() {
                 last = format!(
                     "{}{}",

@@ -374,34 +374,29 @@ async fn restore_physical(ctx: &Context, a: RestoreArgs) -> Result<i32> {
             repo.find_snapshot(&a.snapshot).await?
         };
         let system_id = snap.database.system_id.clone().unwrap_or_default();
+        let seg = snap.positions.get("pg.seg_size").and_then(|v| v.as_u64()).unwrap_or(16 << 20);
+        let archive =
+            tidemark_engine::postgres::archive::summarize(&repo, system_id.parse().unwrap_or(0), seg)
+                .await?;
         let timeline = match (&a.timeline, &bound) {
             (Some(t), _) => t.clone(),
             (None, Bound::Time(t)) => {
-                let id: u64 = system_id.parse().unwrap_or(0);
-                tidemark_engine::postgres::archive::timeline_at(
-                    &repo,
-                    id,
-                    t.with_timezone(&chrono::Utc),
-                )
-                .await?
-                .map_or_else(|| "current".to_owned(), |n| n.to_string())
+                let t = t.with_timezone(&chrono::Utc);
+                if archive.latest_upload.is_none_or(|u| u < t) {
+                    return Err(usage(
+                        format!(
+                            "--to-time {t} is outside the recoverable window, which ends when the newest WAL reached the archive ({})",
+                            archive.latest_upload.map_or("no WAL is archived".to_owned(), |u| u.to_string())
+                        ),
+                        "see the window with `tidemark pg window`; check that archive_command runs",
+                    ));
+                }
+                archive
+                    .timeline_at(t)
+                    .map_or_else(|| "current".to_owned(), |n| n.to_string())
             }
             (None, _) => "latest".to_owned(),
         };
-        if let Bound::Time(t) = &bound {
-            let id: u64 = system_id.parse().unwrap_or(0);
-            let seg = snap.positions.get("pg.seg_size").and_then(|v| v.as_u64()).unwrap_or(16 << 20);
-            let summary = tidemark_engine::postgres::archive::summarize(&repo, id, seg).await?;
-            if summary.latest_upload.is_none_or(|u| u < *t) {
-                return Err(usage(
-                    format!(
-                        "--to-time {t} is outside the recoverable window, which ends when the newest WAL reached the archive ({})",
-                        summary.latest_upload.map_or("no WAL is archived".to_owned(), |u| u.to_string())
-                    ),
-                    "see the window with `tidemark pg window`; check that archive_command runs",
-                ));
-            }
-        }
         let mut settings = settings.clone();
         settings.push(("recovery_target_timeline", timeline));
         let progress = Arc::new(Progress::default());

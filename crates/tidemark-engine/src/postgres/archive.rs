@@ -377,34 +377,6 @@ async fn prefetch(
         .await;
 }
 
-/// The timeline that was current at wall time `t`: the newest one whose history file reached the
-/// archive at or before `t`. `None` when no timeline began by then (the base backup's own
-/// timeline is meant). A restore that branched off earlier and promoted makes a newer timeline
-/// that does not contain the times before its promotion, so "latest" would be wrong for them.
-///
-/// # Errors
-/// Storage errors.
-pub async fn timeline_at(
-    repo: &Repository,
-    system_id: u64,
-    t: chrono::DateTime<chrono::Utc>,
-) -> Result<Option<u32>> {
-    let prefix = format!("logs/{}/", wal::stream(system_id));
-    let metas = repo
-        .storage()
-        .list(&prefix)
-        .await
-        .map_err(tidemark_repo::Error::from)?;
-    Ok(metas
-        .iter()
-        .filter(|m| m.modified <= t)
-        .filter_map(|m| match WalFile::parse(m.path.strip_prefix(&prefix)?) {
-            Some(WalFile::History(tli)) => Some(tli),
-            _ => None,
-        })
-        .max())
-}
-
 /// The archived WAL of one timeline.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct TimelineWal {
@@ -427,6 +399,23 @@ pub struct ArchiveSummary {
     pub timelines: Vec<TimelineWal>,
     /// When the newest WAL object reached the archive: no commit after this can be recovered.
     pub latest_upload: Option<chrono::DateTime<chrono::Utc>>,
+    /// Timeline history files and when each reached the archive (about when it began).
+    pub histories: Vec<(u32, chrono::DateTime<chrono::Utc>)>,
+}
+
+impl ArchiveSummary {
+    /// The timeline that was current at wall time `t`: the newest one whose history file reached
+    /// the archive at or before `t`. `None` when no timeline began by then (the base backup's
+    /// own timeline is meant). A restore that branched off earlier and promoted makes a newer
+    /// timeline that does not contain the times before its promotion, so "latest" would be
+    /// wrong for them.
+    pub fn timeline_at(&self, t: chrono::DateTime<chrono::Utc>) -> Option<u32> {
+        self.histories
+            .iter()
+            .filter(|(_, at)| *at <= t)
+            .map(|(tli, _)| *tli)
+            .max()
+    }
 }
 
 /// Summarize the archived WAL of a cluster: segments per timeline, gaps, the newest upload.
@@ -442,13 +431,18 @@ pub async fn summarize(repo: &Repository, system_id: u64, seg_size: u64) -> Resu
         .map_err(tidemark_repo::Error::from)?;
     let mut by_tli: std::collections::BTreeMap<u32, Vec<wal::SegmentName>> = Default::default();
     let mut latest_upload = None;
+    let mut histories = Vec::new();
     for m in &metas {
         let Some(name) = m.path.strip_prefix(&prefix) else {
             continue;
         };
-        if let Some(WalFile::Segment(s) | WalFile::Partial(s)) = WalFile::parse(name) {
-            by_tli.entry(s.timeline).or_default().push(s);
-            latest_upload = latest_upload.max(Some(m.modified));
+        match WalFile::parse(name) {
+            Some(WalFile::Segment(s) | WalFile::Partial(s)) => {
+                by_tli.entry(s.timeline).or_default().push(s);
+                latest_upload = latest_upload.max(Some(m.modified));
+            }
+            Some(WalFile::History(tli)) => histories.push((tli, m.modified)),
+            _ => {}
         }
     }
     let mut timelines = Vec::new();
@@ -478,5 +472,6 @@ pub async fn summarize(repo: &Repository, system_id: u64, seg_size: u64) -> Resu
     Ok(ArchiveSummary {
         timelines,
         latest_upload,
+        histories,
     })
 }

@@ -317,8 +317,16 @@ impl ConnOptions {
                 self.connect_timeout.as_secs().max(2).to_string(),
             ),
         ];
+        // A configured password file that cannot be read is an error here, not a silent
+        // fallback to no password (which would surface later as a confusing login failure).
+        let password = match (&self.password, self.password()) {
+            (PasswordSource::File(_), Err(e)) => {
+                return Err(std::io::Error::new(std::io::ErrorKind::NotFound, e))
+            }
+            (_, pw) => pw.ok(),
+        };
         let mut dir = None;
-        if let Ok(pw) = self.password() {
+        if let Some(pw) = password {
             use std::io::Write;
             use std::os::unix::fs::OpenOptionsExt;
             let d = tempfile::Builder::new()

@@ -60,6 +60,33 @@ fn stderr_tail(child: &mut std::process::Child) -> std::thread::JoinHandle<Strin
     })
 }
 
+/// Wait for a PostgreSQL tool to exit; a failure carries the last lines of its stderr.
+async fn finish_child(
+    pg: &Postgres,
+    mut child: std::process::Child,
+    tail: std::thread::JoinHandle<String>,
+    program: &std::path::Path,
+    action: &'static str,
+    database: String,
+) -> Result<()> {
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .map_err(|e| pg.db_error(action, e))?
+        .map_err(|e| spawn_failed(program, e))?;
+    let stderr = tail.join().unwrap_or_default();
+    if status.success() {
+        return Ok(());
+    }
+    Err(Error::Database {
+        action,
+        database,
+        reason: format!(
+            "{} exited with {status}: {stderr}",
+            program.file_name().unwrap_or_default().to_string_lossy()
+        ),
+    })
+}
+
 fn spawn_failed(program: &std::path::Path, e: std::io::Error) -> Error {
     Error::Io {
         action: "start",
@@ -98,21 +125,12 @@ async fn dump_into(
     let added = backup
         .add_stream(stream, EntryType::Stream, stdout, Some(0o600), None)
         .await;
-    let status = tokio::task::spawn_blocking(move || child.wait())
-        .await
-        .map_err(|e| pg.db_error("dump", e))?
-        .map_err(|e| spawn_failed(&program, e))?;
-    let stderr = tail.join().unwrap_or_default();
-    if !status.success() {
-        return Err(Error::Database {
-            action: "dump",
-            database: database.unwrap_or("the globals of").to_owned() + " on " + &pg.conn.server(),
-            reason: format!(
-                "{} exited with {status}: {stderr}",
-                program.file_name().unwrap_or_default().to_string_lossy()
-            ),
-        });
-    }
+    let database = format!(
+        "{} on {}",
+        database.unwrap_or("the globals"),
+        pg.conn.server()
+    );
+    finish_child(pg, child, tail, &program, "dump", database).await?;
     Ok(added?)
 }
 
@@ -386,18 +404,8 @@ async fn run_pg_restore(
         )
         .await;
     }
-    let status = tokio::task::spawn_blocking(move || child.wait())
-        .await
-        .map_err(|e| pg.db_error("restore", e))?
-        .map_err(|e| spawn_failed(&program, e))?;
-    let stderr = tail.join().unwrap_or_default();
-    if !status.success() {
-        return Err(Error::Database {
-            action: "restore into",
-            database: format!("{target} on {}", pg.conn.server()),
-            reason: format!("pg_restore exited with {status}: {stderr}"),
-        });
-    }
+    let database = format!("{target} on {}", pg.conn.server());
+    finish_child(pg, child, tail, &program, "restore into", database).await?;
     // pg_restore succeeded but the stream did not reach it whole: not a restore.
     Ok(fed?)
 }

@@ -3,7 +3,7 @@
 //! normal and in replication mode. It is what tidemark needs to ask a server about itself and,
 //! in replication mode, to stream base backups and WAL; it is not a general client.
 
-use bytes::{Buf, BytesMut};
+use bytes::BytesMut;
 use fallible_iterator::FallibleIterator;
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256};
 use postgres_protocol::message::{backend::Message, frontend};
@@ -347,6 +347,5 @@ impl Connection {
         frontend::terminate(&mut out);
         let _ = self.stream.write_all(&out).await;
         let _ = self.stream.shutdown().await;
-        self.buf.advance(self.buf.len());
     }
 }
