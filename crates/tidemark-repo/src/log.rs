@@ -299,12 +299,25 @@ async fn read_frames(
 /// # Errors
 /// `Invalid` for a bad stream name, storage errors.
 pub async fn list_segments(repo: &Repository, stream: &str) -> Result<Vec<String>> {
-    if !valid_stream(stream) {
+    list_segments_starting(repo, stream, "").await
+}
+
+/// Names of the segments of `stream` that begin with `start`, in byte order.
+///
+/// # Errors
+/// `Invalid` for a bad stream name or prefix, storage errors.
+pub async fn list_segments_starting(
+    repo: &Repository,
+    stream: &str,
+    start: &str,
+) -> Result<Vec<String>> {
+    if !valid_stream(stream) || (!start.is_empty() && !valid_name(start)) {
         return Err(Error::Invalid(format!(
-            "log stream {stream:?} has an invalid name"
+            "log stream {stream:?} (names from {start:?}) has an invalid name"
         )));
     }
-    let prefix = format!("logs/{stream}/");
+    let dir = format!("logs/{stream}/");
+    let prefix = format!("{dir}{start}");
     let mut names: Vec<String> = repo
         .storage()
         .list(&prefix)
@@ -312,11 +325,21 @@ pub async fn list_segments(repo: &Repository, stream: &str) -> Result<Vec<String
         .into_iter()
         .filter_map(|m| {
             m.path
-                .strip_prefix(&prefix)
-                .filter(|n| !n.contains('/'))
+                .strip_prefix(&dir)
+                .filter(|n| !n.contains('/') && n.starts_with(start))
                 .map(str::to_owned)
         })
         .collect();
     names.sort();
     Ok(names)
+}
+
+/// Delete one segment (for superseded pieces of a streamed segment). Absent is success.
+///
+/// # Errors
+/// `Invalid` for bad names, storage errors.
+pub async fn delete_segment(repo: &Repository, stream: &str, name: &str) -> Result<()> {
+    let path = path(stream, name)?;
+    repo.storage().delete(&path).await?;
+    Ok(())
 }

@@ -24,6 +24,29 @@ pub enum Command {
     Restore(Box<RestoreArgs>),
     /// Show each cluster's recoverable window: base backups, archived WAL per timeline, gaps.
     Window,
+    /// Archive WAL continuously over the replication protocol (as pg_receivewal does), with a
+    /// replication slot, storing the segment being written every --flush-interval-ms. Runs
+    /// until SIGTERM or Ctrl-C, reconnecting with backoff when the server goes away.
+    Receive(Box<ReceiveArgs>),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ReceiveArgs {
+    #[command(flatten)]
+    conn: ConnArgs,
+    /// The physical replication slot that keeps the WAL the archive does not have yet.
+    #[arg(long, default_value = "tidemark")]
+    slot: String,
+    /// Fail when the slot does not exist instead of creating it.
+    #[arg(long)]
+    no_create_slot: bool,
+    /// Milliseconds between stores of the segment being written: how far behind committed
+    /// data may be in the archive.
+    #[arg(long, default_value_t = 500)]
+    flush_interval_ms: u64,
+    /// Stop after the first error instead of reconnecting.
+    #[arg(long)]
+    once: bool,
 }
 
 /// How to reach the server. Unset fields come from the libpq environment (PGHOST, PGPORT,
@@ -180,6 +203,60 @@ pub async fn run(ctx: &Context, c: Command) -> Result<i32> {
         Command::Backup(a) => backup(ctx, *a).await,
         Command::Restore(a) => restore(ctx, *a).await,
         Command::Window => window(ctx).await,
+        Command::Receive(a) => receive(ctx, *a).await,
+    }
+}
+
+async fn receive(ctx: &Context, a: ReceiveArgs) -> Result<i32> {
+    use tidemark_engine::postgres::stream::{self, Ended, StreamOptions};
+    let pg = a.conn.engine()?;
+    if a.flush_interval_ms == 0 {
+        return Err(usage(
+            "--flush-interval-ms must be at least 1",
+            "500 is the default",
+        ));
+    }
+    let o = StreamOptions {
+        slot: a.slot,
+        create_slot: !a.no_create_slot,
+        flush_interval: std::time::Duration::from_millis(a.flush_interval_ms),
+        ..Default::default()
+    };
+    let repo = ctx.open().await?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+        }
+        let _ = stop_tx.send(true);
+    });
+    let (progress, _) = tokio::sync::watch::channel(stream::Progress::default());
+    let mut backoff = std::time::Duration::from_secs(1);
+    loop {
+        let started = std::time::Instant::now();
+        match stream::stream(&pg, &repo, &o, stop_rx.clone(), &progress).await {
+            Ok(Ended::Shutdown) => return Ok(0),
+            Ok(Ended::TimelineSwitch(t)) => {
+                tracing::info!(timeline = t, "following the new timeline");
+                continue;
+            }
+            Err(e) if a.once => return Err(e.into()),
+            Err(e) => {
+                if started.elapsed() > std::time::Duration::from_secs(60) {
+                    backoff = std::time::Duration::from_secs(1);
+                }
+                tracing::error!(error = %e, retry_in = ?backoff, "streaming failed; reconnecting");
+                let mut stop = stop_rx.clone();
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = stop.wait_for(|s| *s) => return Ok(0),
+                }
+                backoff = (backoff * 2).min(std::time::Duration::from_secs(30));
+            }
+        }
     }
 }
 

@@ -323,7 +323,13 @@ pub async fn fetch(
     } else {
         match read_segment(repo, &stream, name).await {
             Ok(d) => d,
-            Err(e) if is_not_found(&e) => return Ok(Fetched::NotFound),
+            Err(e) if is_not_found(&e) => match kind {
+                WalFile::Segment(seg) => match streamed(repo, &stream, seg).await? {
+                    Some(d) => d,
+                    None => return Ok(Fetched::NotFound),
+                },
+                _ => return Ok(Fetched::NotFound),
+            },
             Err(e) => return Err(e.into()),
         }
     };
@@ -342,6 +348,59 @@ pub async fn fetch(
         }
     }
     Ok(Fetched::Restored(data.len() as u64))
+}
+
+/// A segment the streamer had not finished: its pieces from the start, joined and padded with
+/// zeros to the segment size, as `pg_receivewal` leaves a `.partial` file. Recovery reads up
+/// to the last whole record and ends there. Pieces after a missing one are not used (and said
+/// so): the bytes they hold cannot be replayed without the ones before.
+async fn streamed(repo: &Repository, stream: &str, seg: wal::SegmentName) -> Result<Option<Bytes>> {
+    let names =
+        tidemark_repo::log::list_segments_starting(repo, stream, &format!("{seg}.s")).await?;
+    let mut pieces: Vec<(u64, &String)> = names
+        .iter()
+        .filter_map(|n| wal::parse_piece(n).map(|(_, off)| (off, n)))
+        .collect();
+    if pieces.is_empty() {
+        return Ok(None);
+    }
+    pieces.sort();
+    let mut out: Vec<u8> = Vec::new();
+    let mut seg_size = 0u64;
+    for (offset, name) in pieces {
+        if offset > out.len() as u64 {
+            tracing::warn!(
+                piece = %name, have = out.len(),
+                "a streamed piece is missing before this one; recovery ends before it"
+            );
+            break;
+        }
+        let info = tidemark_repo::log::segment_info(repo, stream, name).await?;
+        seg_size = info
+            .meta
+            .get("seg_size")
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or(seg_size);
+        let data = read_segment(repo, stream, name).await?;
+        // A piece may overlap the ones before it; only its new bytes count.
+        let skip = (out.len() as u64 - offset) as usize;
+        if skip < data.len() {
+            out.extend_from_slice(&data[skip..]);
+        }
+    }
+    if seg_size == 0 || out.len() as u64 > seg_size {
+        return Err(Error::Database {
+            action: "restore",
+            database: format!("{stream}/{seg}"),
+            reason: "its streamed pieces do not say the segment size, or exceed it".into(),
+        });
+    }
+    tracing::info!(
+        segment = %seg, bytes = out.len(),
+        "restoring a segment the streamer had not finished; recovery ends at its last record"
+    );
+    out.resize(seg_size as usize, 0);
+    Ok(Some(Bytes::from(out)))
 }
 
 /// Fetch the `n` segments after `seg` into `spool` (verified; write-then-rename). Failures
@@ -436,7 +495,9 @@ pub async fn summarize(repo: &Repository, system_id: u64, seg_size: u64) -> Resu
         let Some(name) = m.path.strip_prefix(&prefix) else {
             continue;
         };
-        match WalFile::parse(name) {
+        // Streamed pieces count as their segment (partly) archived.
+        let piece = wal::parse_piece(name).map(|(s, _)| WalFile::Partial(s));
+        match piece.or_else(|| WalFile::parse(name)) {
             Some(WalFile::Segment(s) | WalFile::Partial(s)) => {
                 by_tli.entry(s.timeline).or_default().push(s);
                 latest_upload = latest_upload.max(Some(m.modified));

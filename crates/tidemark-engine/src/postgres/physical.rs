@@ -264,6 +264,17 @@ fn mtime(h: &tar::Header) -> Option<DateTime<Utc>> {
 }
 
 /// Parse a size setting as SHOW prints it (`16MB`).
+/// The server's `wal_segment_size` in bytes (16 MiB when it cannot be read).
+pub(crate) async fn wal_segment_size(conn: &mut Connection) -> u64 {
+    conn.query("SHOW wal_segment_size")
+        .await
+        .ok()
+        .and_then(|r| r.first().cloned())
+        .and_then(|r| r.into_iter().next().flatten())
+        .and_then(|s| parse_size(&s))
+        .unwrap_or(16 << 20)
+}
+
 fn parse_size(s: &str) -> Option<u64> {
     let s = s.trim();
     let digits = s.trim_end_matches(|c: char| c.is_ascii_alphabetic());
@@ -301,14 +312,7 @@ pub async fn backup(
     let mut conn = Connection::connect(&pg.conn, true)
         .await
         .map_err(|e| pg.db_error("open a replication connection to", e))?;
-    let seg_size = conn
-        .query("SHOW wal_segment_size")
-        .await
-        .ok()
-        .and_then(|r| r.first().cloned())
-        .and_then(|r| r.into_iter().next().flatten())
-        .and_then(|s| parse_size(&s))
-        .unwrap_or(16 << 20);
+    let seg_size = wal_segment_size(&mut conn).await;
     let (tx, mut rx) = mpsc::channel::<(String, Member)>(8);
     let receiver = tokio::spawn(receive(conn, tx));
     let cut = Cutting::Fixed(o.block);

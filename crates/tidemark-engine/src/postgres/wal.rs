@@ -102,6 +102,17 @@ impl WalFile {
     }
 }
 
+/// The name of a streamed piece of a segment: the bytes from `offset` on (pitr.md §8).
+pub fn piece_name(seg: SegmentName, offset: u64) -> String {
+    format!("{seg}.s{offset:08X}")
+}
+
+/// The segment and offset of a piece name.
+pub fn parse_piece(name: &str) -> Option<(SegmentName, u64)> {
+    let (seg, off) = name.split_once(".s")?;
+    Some((SegmentName::parse(seg)?, u64::from(hex8(off)?)))
+}
+
 /// What the first page of a segment says (its long page header).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LongHeader {
@@ -267,6 +278,15 @@ mod tests {
             WalFile::parse("000000010000000000000002.00000028.backup"),
             Some(WalFile::BackupLabel(_))
         ));
+        let p = piece_name(s, 0x12_3400);
+        assert_eq!(p, "00000002000000010000003F.s00123400");
+        assert_eq!(parse_piece(&p), Some((s, 0x12_3400)));
+        assert_eq!(
+            WalFile::parse(&p),
+            None,
+            "pieces are never what PostgreSQL asks for"
+        );
+        assert_eq!(parse_piece("00000002000000010000003F.partial"), None);
         for bad in ["", "0000000100000000000000G5", "x.history", "../etc/passwd"] {
             assert_eq!(WalFile::parse(bad), None, "{bad}");
         }

@@ -286,6 +286,15 @@ impl Connection {
     /// `Query` with the server's message, `Io`, `Protocol`.
     pub async fn query(&mut self, sql: &str) -> Result<Vec<Row>, WireError> {
         self.start_query(sql).await?;
+        self.finish_query(sql).await
+    }
+
+    /// Read the replies to `sql` (already sent, or whose COPY has ended) up to ReadyForQuery;
+    /// the rows of the last result.
+    ///
+    /// # Errors
+    /// `Query` with the server's message, `Io`, `Protocol`.
+    pub async fn finish_query(&mut self, sql: &str) -> Result<Vec<Row>, WireError> {
         let mut rows = Vec::new();
         let mut error = None;
         loop {
@@ -339,6 +348,81 @@ impl Connection {
             query: sql.to_owned(),
             message: error_text(body),
         }
+    }
+
+    /// The next raw message frame: its type byte and body. For COPY BOTH (streaming
+    /// replication), whose start message the codec does not know. Cancel-safe: a partial frame
+    /// stays buffered.
+    ///
+    /// # Errors
+    /// `Io`, `Protocol` for an impossible length.
+    pub async fn recv_frame(&mut self) -> Result<(u8, bytes::Bytes), WireError> {
+        loop {
+            if self.buf.len() >= 5 {
+                let len = i32::from_be_bytes(self.buf[1..5].try_into().expect("4 bytes"));
+                if len < 4 {
+                    return Err(self.protocol(format!("a message of length {len}")));
+                }
+                let total = 1 + len as usize;
+                if self.buf.len() >= total {
+                    let mut frame = self.buf.split_to(total);
+                    let tag = frame[0];
+                    let body = frame.split_off(5).freeze();
+                    return Ok((tag, body));
+                }
+                if self.buf.capacity() < total {
+                    self.buf.reserve(total - self.buf.len());
+                }
+            }
+            if self.buf.capacity() - self.buf.len() < 8192 {
+                self.buf.reserve(64 * 1024);
+            }
+            let n = self
+                .stream
+                .read_buf(&mut self.buf)
+                .await
+                .map_err(|e| self.io(e))?;
+            if n == 0 {
+                return Err(self.io(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "the server closed the connection",
+                )));
+            }
+        }
+    }
+
+    /// The server's message in an ErrorResponse frame body (from `recv_frame`).
+    pub fn frame_error(&self, sql: &str, body: &[u8]) -> WireError {
+        let mut frame = BytesMut::with_capacity(body.len() + 5);
+        frame.extend_from_slice(b"E");
+        frame.extend_from_slice(&(body.len() as i32 + 4).to_be_bytes());
+        frame.extend_from_slice(body);
+        match Message::parse(&mut frame) {
+            Ok(Some(Message::ErrorResponse(b))) => self.query_error(sql, &b),
+            _ => self.protocol("an unreadable error message"),
+        }
+    }
+
+    /// Send one CopyData message.
+    ///
+    /// # Errors
+    /// `Io`.
+    pub async fn send_copy_data(&mut self, data: &[u8]) -> Result<(), WireError> {
+        let mut out = BytesMut::with_capacity(data.len() + 5);
+        frontend::CopyData::new(data)
+            .map_err(|e| self.io(e))?
+            .write(&mut out);
+        self.send(&out).await
+    }
+
+    /// Send CopyDone.
+    ///
+    /// # Errors
+    /// `Io`.
+    pub async fn send_copy_done(&mut self) -> Result<(), WireError> {
+        let mut out = BytesMut::new();
+        frontend::copy_done(&mut out);
+        self.send(&out).await
     }
 
     /// Close politely.
