@@ -284,8 +284,9 @@ fn restore_to(cluster: &mut Postgres, a: &Archive, dir: &str, target: &[&str]) -
     restore_and_query(cluster, a, dir, target, "SELECT count(*) FROM t")
 }
 
-/// Restore the latest physical backup into `dir` with `target`, start it, and run `sql` once it
-/// is promoted.
+/// Restore the latest physical backup in place of the cluster's data directory with `target`,
+/// let `pg restore --start` start it and wait for the promotion, and run `sql`. (`_dir` names
+/// the attempt in messages.)
 fn restore_and_query(
     cluster: &mut Postgres,
     a: &Archive,
@@ -293,12 +294,15 @@ fn restore_and_query(
     target: &[&str],
     sql: &str,
 ) -> String {
-    let dest = cluster.dir.path().join(dir);
+    cluster.clear_data_dir();
+    let dest = cluster.data_dir();
     let args = [
         &[
             "pg",
             "restore",
             "latest",
+            "--json",
+            "--start",
             "--pgdata",
             dest.to_str().unwrap(),
         ][..],
@@ -306,15 +310,16 @@ fn restore_and_query(
     ]
     .concat();
     let o = tidemark(&a.config, &args);
-    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
-    cluster.give(&dest);
-    cluster.swap_data_dir(&dest);
-    cluster.start_server();
-    cluster.wait_for(
-        "postgres",
-        "SELECT pg_is_in_recovery()",
+    assert_eq!(o.status.code(), Some(0), "{dir}: {}", stderr(&o));
+    cluster.started_elsewhere();
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(report["server"]["outcome"], "promoted", "{dir}: {report}");
+    assert!(report["server"]["recovery_seconds"].as_f64().unwrap() > 0.0);
+    assert_eq!(
+        cluster.psql("postgres", "SELECT pg_is_in_recovery()"),
         "f",
-        Duration::from_secs(120),
+        "{dir}: {report}\n{}",
+        std::fs::read_to_string(dest.join("log/tidemark-start.log")).unwrap_or_default()
     );
     let rows = cluster.psql("postgres", sql);
     cluster.stop("fast");
@@ -417,6 +422,26 @@ fn a_physical_backup_recovers_to_a_time_and_to_the_end_of_the_archive() {
         "{}",
         String::from_utf8_lossy(&o.stdout)
     );
+    // Recovery to the end would stop at the gap as if it were the end: refused.
+    let dest = cluster.dir.path().join("never");
+    let o = tidemark(
+        &a.config,
+        &[
+            "pg",
+            "restore",
+            "latest",
+            "--pgdata",
+            dest.to_str().unwrap(),
+            "--latest",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains(&format!("gap ({hole} to {hole}")),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!dest.exists(), "a refused restore wrote {}", dest.display());
 
     // A data directory that is not empty is refused, and nothing in it changes.
     let busy = cluster.dir.path().join("busy");
@@ -430,11 +455,37 @@ fn a_physical_backup_recovers_to_a_time_and_to_the_end_of_the_archive() {
             "latest",
             "--pgdata",
             busy.to_str().unwrap(),
+            "--immediate",
         ],
     );
     assert_ne!(o.status.code(), Some(0));
     assert!(stderr(&o).contains("not empty"), "{}", stderr(&o));
     assert_eq!(std::fs::read_dir(&busy).unwrap().count(), 1);
+
+    // With the first segment the base backup needs gone, a started restore fails loudly with
+    // the server's log; it never reports a recovery that did not happen.
+    cluster.clear_data_dir();
+    let data = cluster.data_dir();
+    let o = tidemark(
+        &a.config,
+        &[
+            "pg",
+            "restore",
+            "latest",
+            "--pgdata",
+            data.to_str().unwrap(),
+            "--to-lsn",
+            &lsn,
+            "--start",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(8), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("the server stopped during recovery")
+            && stderr(&o).contains("could not locate required checkpoint record"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 /// Archive everything up to now and wait until the archiver has it; the last segment written.
@@ -802,7 +853,9 @@ fn streamed_wal_recovers_everything_committed_more_than_a_second_before_a_crash(
     );
     let (count, max) = got.split_once(' ').unwrap();
     let (count, max): (u64, u64) = (count.parse().unwrap(), max.parse().unwrap());
-    eprintln!("restored {count} rows; committed {due} up to 1 s before the crash, {committed} in all");
+    eprintln!(
+        "restored {count} rows; committed {due} up to 1 s before the crash, {committed} in all"
+    );
     assert_eq!(count, max, "restored rows are not a prefix of the workload");
     assert!(
         count >= due && count <= committed,

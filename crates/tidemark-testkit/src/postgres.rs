@@ -302,6 +302,24 @@ impl Postgres {
         std::fs::rename(other, self.data_dir()).expect("move the new data directory in");
     }
 
+    /// Move the data directory aside (to `data.old`) so that a restore can create it anew; the
+    /// server must be stopped.
+    pub fn clear_data_dir(&self) {
+        assert!(
+            !self.running,
+            "stop the server before moving its data directory"
+        );
+        let old = self.dir.path().join("data.old");
+        let _ = std::fs::remove_dir_all(&old);
+        std::fs::rename(self.data_dir(), &old).expect("move the data directory aside");
+    }
+
+    /// Note that something else (`tidemark pg restore --start`) started the server, so that
+    /// `stop` and drop stop it.
+    pub fn started_elsewhere(&mut self) {
+        self.running = true;
+    }
+
     /// libpq environment for a TCP connection as the superuser, except the password.
     pub fn env(&self) -> Vec<(&'static str, String)> {
         vec![

@@ -111,3 +111,13 @@ pub fn print_json<T: serde::Serialize>(value: &T) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        // clap checks duplicate names, bad `requires` and conflicts only when a command is
+        // built; this builds every subcommand.
+        <super::Cli as clap::CommandFactory>::command().debug_assert();
+    }
+}

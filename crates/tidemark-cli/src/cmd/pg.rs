@@ -175,6 +175,21 @@ pub struct RestoreArgs {
     /// What the server does at the target: promote, pause or shutdown.
     #[arg(long, requires = "pgdata", default_value = "promote")]
     action: String,
+    /// Start the restored server, wait until recovery reaches the target and the server
+    /// promotes (or pauses or shuts down, per --action), and report how long each phase took.
+    #[arg(long, requires = "pgdata")]
+    start: bool,
+    /// With --start: the port the restored server listens on (default: the original's, from
+    /// its configuration).
+    #[arg(long, requires = "start")]
+    start_port: Option<u16>,
+    /// With --start: the operating-system user that runs the server (default: `postgres` when
+    /// tidemark runs as root, which PostgreSQL refuses; else the current user).
+    #[arg(long, requires = "start")]
+    os_user: Option<String>,
+    /// With --start: give up waiting for recovery after this many seconds.
+    #[arg(long, requires = "start", default_value_t = 86_400)]
+    start_timeout: u64,
     /// The database in the snapshot to restore (needed when it holds several).
     #[arg(long)]
     database: Option<String>,
@@ -474,6 +489,9 @@ async fn restore_physical(ctx: &Context, a: RestoreArgs) -> Result<i32> {
             }
             (None, _) => "latest".to_owned(),
         };
+        if settings.is_empty() {
+            refuse_gap(&snap, &archive)?;
+        }
         let mut settings = settings.clone();
         settings.push(("recovery_target_timeline", timeline));
         let progress = Arc::new(Progress::default());
@@ -505,6 +523,9 @@ async fn restore_physical(ctx: &Context, a: RestoreArgs) -> Result<i32> {
         for (k, v) in &settings {
             conf.push_str(&format!("{k} = {}\n", conf_quote(v)));
         }
+        if let Some(port) = a.start_port {
+            conf.push_str(&format!("port = {port}\n"));
+        }
         let auto = target.join("postgresql.auto.conf");
         let mut text = std::fs::read_to_string(&auto).unwrap_or_default();
         text.push_str(&conf);
@@ -515,6 +536,40 @@ async fn restore_physical(ctx: &Context, a: RestoreArgs) -> Result<i32> {
     .await;
     lock.release().await?;
     let (id, snap, report, settings) = result?;
+    let restore_seconds = started.elapsed().as_secs_f64();
+    let started_server = if a.start {
+        let version = snap.database.version.clone().unwrap_or_default();
+        let major: u32 = version
+            .split(|c: char| !c.is_ascii_digit())
+            .next()
+            .and_then(|m| m.parse().ok())
+            .unwrap_or(0);
+        let pg_ctl = a.conn.engine()?.program("pg_ctl", major * 10_000);
+        let root = std::fs::metadata("/proc/self").is_ok_and(|m| {
+            use std::os::unix::fs::MetadataExt;
+            m.uid() == 0
+        });
+        let o = tidemark_engine::postgres::start::StartOptions {
+            pg_ctl,
+            os_user: a
+                .os_user
+                .clone()
+                .or_else(|| root.then(|| "postgres".to_owned())),
+            timeout: std::time::Duration::from_secs(a.start_timeout),
+        };
+        let dir = target.clone();
+        if !ctx.quiet && !ctx.json {
+            eprintln!("starting the restored server and waiting for recovery to finish");
+        }
+        Some(
+            tokio::task::spawn_blocking(move || {
+                tidemark_engine::postgres::start::start_and_wait(&dir, &o)
+            })
+            .await??,
+        )
+    } else {
+        None
+    };
     if ctx.json {
         super::print_json(&serde_json::json!({
             "snapshot": id.to_hex(),
@@ -522,7 +577,30 @@ async fn restore_physical(ctx: &Context, a: RestoreArgs) -> Result<i32> {
             "start_lsn": snap.positions.get("pg.start_lsn"),
             "stop_lsn": snap.positions.get("pg.stop_lsn"),
             "recovery": settings.iter().map(|(k, v)| (k.to_string(), v.clone())).collect::<std::collections::BTreeMap<_, _>>(),
+            "restore_seconds": restore_seconds,
+            "server": started_server,
         }))?;
+    } else if let (Some(s), false) = (&started_server, ctx.quiet) {
+        println!(
+            "restored base backup {} into {} ({}, {}) in {restore_seconds:.1}s",
+            id.short(),
+            report.target,
+            size(report.bytes),
+            report.verified.as_deref().unwrap_or("not verified"),
+        );
+        match s.consistent_seconds {
+            Some(c) => println!("server accepted read-only connections after {c:.1}s"),
+            None => println!("server did not open for read-only connections during recovery"),
+        }
+        println!(
+            "recovery {} after {:.1}s (total {:.1}s)",
+            s.outcome,
+            s.recovery_seconds,
+            restore_seconds + s.recovery_seconds
+        );
+        for l in &s.recovery_log {
+            println!("  {l}");
+        }
     } else if !ctx.quiet {
         println!(
             "restored base backup {} into {} ({}, {}) in {:.1}s; recovery is configured: start the server to replay WAL from the archive",
@@ -534,6 +612,41 @@ async fn restore_physical(ctx: &Context, a: RestoreArgs) -> Result<i32> {
         );
     }
     Ok(crate::exit::OK)
+}
+
+/// Recovery to the end of the archive stops at the first missing segment and promotes, as if
+/// that were the end: refuse that unless the user names an end before the gap.
+fn refuse_gap(
+    snap: &tidemark_repo::snapshot::Snapshot,
+    archive: &tidemark_engine::postgres::archive::ArchiveSummary,
+) -> Result<()> {
+    let timeline = snap
+        .positions
+        .get("pg.timeline")
+        .and_then(|v| v.as_u64())
+        .unwrap_or(1);
+    let start = snap
+        .positions
+        .get("pg.start_wal")
+        .and_then(|v| v.as_str())
+        .unwrap_or("");
+    // Positions compare without the timeline (the first 8 hex digits).
+    let pos = |name: &str| name.get(8..).unwrap_or("").to_owned();
+    for tl in archive
+        .timelines
+        .iter()
+        .filter(|t| u64::from(t.timeline) >= timeline)
+    {
+        if let Some((from, to)) = tl.gaps.iter().find(|(_, to)| pos(to) >= pos(start)) {
+            return Err(usage(
+                format!(
+                    "the archived WAL this base backup needs has a gap ({from} to {to} are missing); recovery to the end of the archive would stop at {from} as if that were the end"
+                ),
+                "name an end before the gap (--to-time or --to-lsn), or restore the missing WAL; `tidemark pg window` shows the gaps",
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The latest physical PostgreSQL snapshot that ends before the bound.

@@ -5,6 +5,7 @@ pub mod archive;
 pub mod conn;
 pub mod logical;
 pub mod physical;
+pub mod start;
 pub mod stream;
 pub mod tar;
 pub mod wal;
