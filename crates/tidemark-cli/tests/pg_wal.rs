@@ -862,3 +862,93 @@ fn streamed_wal_recovers_everything_committed_more_than_a_second_before_a_crash(
         "restored {count} rows; {due} were committed more than 1 s before the crash, {committed} in all"
     );
 }
+
+/// A base backup taken from a standby (its last segment comes from the streamer, since a
+/// standby does not switch segments), and streaming from that standby across its promotion:
+/// the streamer follows timeline 2, and the standby's backup restores to the end of it.
+#[test]
+fn a_standby_is_backed_up_and_streamed_across_its_promotion() {
+    let (mut primary, a) = archiving_cluster(&[]);
+    primary.psql(
+        "postgres",
+        "CREATE TABLE t (id int); INSERT INTO t SELECT generate_series(1, 1000)",
+    );
+    let mut standby = primary.start_standby(&["archive_mode = off"]);
+    standby.wait_for(
+        "postgres",
+        "SELECT count(*) FROM t",
+        "1000",
+        Duration::from_secs(60),
+    );
+    let system_id = standby.psql(
+        "postgres",
+        "SELECT system_identifier FROM pg_control_system()",
+    );
+    let mut receiver = start_receiver(&standby, &a, &standby.dir.path().join("receive.log"));
+    standby.wait_for(
+        "postgres",
+        "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'tidemark' AND active",
+        "1",
+        Duration::from_secs(30),
+    );
+    let v = physical_backup(&standby, &a);
+    assert_eq!(v["snapshot"]["positions"]["pg.timeline"], 1, "{v}");
+
+    // Failover: the primary stops, the standby is promoted and takes writes on timeline 2.
+    primary.psql(
+        "postgres",
+        "INSERT INTO t SELECT generate_series(1001, 1100)",
+    );
+    standby.wait_for(
+        "postgres",
+        "SELECT count(*) FROM t",
+        "1100",
+        Duration::from_secs(60),
+    );
+    primary.stop("fast");
+    standby.promote();
+    standby.psql(
+        "postgres",
+        "INSERT INTO t SELECT generate_series(1101, 1200)",
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let names = archived_names(&a, &system_id);
+        if names.iter().any(|n| n == "00000002.history")
+            && names
+                .iter()
+                .any(|n| n.starts_with("00000002") && n.len() > 24 && n.contains(".s"))
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timeline 2 was not streamed: {names:?}\n{}",
+            std::fs::read_to_string(standby.dir.path().join("receive.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // A graceful stop stores what was received and exits 0.
+    std::thread::sleep(Duration::from_secs(1));
+    let term = Command::new("kill")
+        .args(["-TERM", &receiver.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let status = receiver.wait().unwrap();
+    let log = std::fs::read_to_string(standby.dir.path().join("receive.log")).unwrap();
+    assert!(status.success(), "{status}: {log}");
+    assert!(log.contains("following the new timeline"), "{log}");
+
+    standby.stop("fast");
+    assert_eq!(
+        restore_and_query(
+            &mut standby,
+            &a,
+            "failover",
+            &["--latest"],
+            "SELECT count(*) FROM t"
+        ),
+        "1200"
+    );
+}

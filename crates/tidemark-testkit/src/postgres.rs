@@ -277,6 +277,58 @@ impl Postgres {
         }
     }
 
+    /// A streaming-replication standby of this (running) server, in its own directory and on
+    /// its own port, started; `extra_conf` lines go into its `postgresql.auto.conf`.
+    ///
+    /// # Panics
+    /// When pg_basebackup or the start fails.
+    pub fn start_standby(&self, extra_conf: &[&str]) -> Postgres {
+        let dir = tempfile::Builder::new()
+            .prefix("tidemark-pg-standby-")
+            .tempdir()
+            .expect("tempdir");
+        self.give(dir.path());
+        let data = dir.path().join("data");
+        let mut c = as_owner(&self.bin.join("pg_basebackup"));
+        c.arg("-D")
+            .arg(&data)
+            .args(["-R", "-X", "stream", "-c", "fast", "--no-sync", "-h"])
+            .arg(self.dir.path())
+            .args(["-p", &self.port.to_string(), "-U", "postgres"]);
+        run(c, "pg_basebackup for a standby");
+        let port = free_port();
+        let auto = data.join("postgresql.auto.conf");
+        let mut conf = std::fs::read_to_string(&auto).expect("read postgresql.auto.conf");
+        conf.push_str(&format!(
+            "port = {port}\nunix_socket_directories = '{}'\n",
+            dir.path().display()
+        ));
+        for l in extra_conf {
+            conf.push_str(l);
+            conf.push('\n');
+        }
+        std::fs::write(&auto, conf).expect("write postgresql.auto.conf");
+        self.give(dir.path());
+        let mut pg = Postgres {
+            dir,
+            port,
+            bin: self.bin.clone(),
+            running: false,
+        };
+        pg.start_server();
+        pg
+    }
+
+    /// Promote a standby and wait until it accepts writes.
+    ///
+    /// # Panics
+    /// When pg_ctl promote fails.
+    pub fn promote(&self) {
+        let mut c = as_owner(&self.bin.join("pg_ctl"));
+        c.arg("-D").arg(self.data_dir()).args(["-w", "promote"]);
+        run(c, "pg_ctl promote");
+    }
+
     /// Take a base backup of the running server into `dest` with pg_basebackup (WAL not
     /// included: it must come from the archive).
     pub fn base_backup(&self, dest: &Path) {

@@ -531,6 +531,13 @@ async fn restore_physical(ctx: &Context, a: RestoreArgs) -> Result<i32> {
         text.push_str(&conf);
         std::fs::write(&auto, text)?;
         std::fs::write(target.join("recovery.signal"), "")?;
+        // A backup of a standby carries its standby.signal: PostgreSQL would then stay a
+        // standby forever instead of recovering to the target.
+        match std::fs::remove_file(target.join("standby.signal")) {
+            Ok(()) => tracing::info!("removed the standby.signal the base backup carried"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e.into()),
+        }
         Ok::<_, anyhow::Error>((id, snap, report, settings))
     }
     .await;

@@ -391,8 +391,7 @@ pub async fn backup(
         pg,
         backup.repository(),
         system_id,
-        first,
-        last,
+        (first, last, ended.end_lsn),
         seg_size,
         o.wal_wait,
     )
@@ -426,13 +425,42 @@ pub async fn backup(
     })
 }
 
-/// Wait until every segment from `first` to `last` is in the archive.
+/// How far from its start the streamed pieces of `seg` in `names` reach without a hole.
+async fn pieces_reach(
+    repo: &tidemark_repo::Repository,
+    stream: &str,
+    names: &std::collections::HashSet<String>,
+    seg: SegmentName,
+) -> Result<u64> {
+    let mut pieces: Vec<(u64, &String)> = names
+        .iter()
+        .filter_map(|n| {
+            wal::parse_piece(n)
+                .filter(|(s, _)| *s == seg)
+                .map(|(_, off)| (off, n))
+        })
+        .collect();
+    pieces.sort();
+    let mut reach = 0;
+    for (offset, name) in pieces {
+        if offset > reach {
+            break;
+        }
+        let info = tidemark_repo::log::segment_info(repo, stream, name).await?;
+        reach = reach.max(offset + info.raw_size);
+    }
+    Ok(reach)
+}
+
+/// Wait until the WAL from the start of `first` to `stop_lsn` in `last` is in the archive:
+/// whole segments, or for the last one, streamed pieces that reach the stop position (a
+/// standby does not switch segments at the end of a backup; `pg receive` has it within a
+/// second).
 async fn wait_for_wal(
     pg: &Postgres,
     repo: &tidemark_repo::Repository,
     system_id: u64,
-    first: SegmentName,
-    last: SegmentName,
+    (first, last, stop_lsn): (SegmentName, SegmentName, u64),
     seg_size: u64,
     limit: Duration,
 ) -> Result<()> {
@@ -447,7 +475,11 @@ async fn wait_for_wal(
         let mut missing = None;
         let mut s = first;
         loop {
-            if !have.contains(&s.to_string()) {
+            if !have.contains(&s.to_string())
+                && (s != last
+                    || pieces_reach(repo, &stream, &have, s).await?
+                        < stop_lsn - s.start_lsn(seg_size))
+            {
                 missing = Some(s);
                 break;
             }
@@ -466,7 +498,8 @@ async fn wait_for_wal(
                 database: pg.conn.server(),
                 reason: format!(
                     "the WAL this base backup needs ({first} to {last}) is not in the archive after {}s \
-                     ({missing} is missing); set archive_command = 'tidemark wal-push %p' for this repository",
+                     ({missing} is missing); set archive_command = 'tidemark wal-push %p' for this repository or run `tidemark pg receive`; \
+                     a backup from a standby needs the primary to finish the segment (archive_timeout) or streaming",
                     limit.as_secs()
                 ),
             });
