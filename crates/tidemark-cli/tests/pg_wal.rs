@@ -946,9 +946,9 @@ fn a_standby_is_backed_up_and_streamed_across_its_promotion() {
             &mut standby,
             &a,
             "failover",
-            &["--latest"],
-            "SELECT count(*) FROM t"
+            &["--latest", "--conf", "archive_mode=off"],
+            "SELECT count(*) || ' ' || current_setting('archive_mode') FROM t"
         ),
-        "1200"
+        "1200 off"
     );
 }

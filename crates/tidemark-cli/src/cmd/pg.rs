@@ -187,6 +187,11 @@ pub struct RestoreArgs {
     /// tidemark runs as root, which PostgreSQL refuses; else the current user).
     #[arg(long, requires = "start")]
     os_user: Option<String>,
+    /// A setting for the restored server, written to its postgresql.auto.conf:
+    /// `name=value` (repeatable), e.g. `archive_mode=off` so that a test restore does not
+    /// archive into the production archive.
+    #[arg(long = "conf", requires = "pgdata", value_name = "NAME=VALUE")]
+    conf: Vec<String>,
     /// With --start: give up waiting for recovery after this many seconds.
     #[arg(long, requires = "start", default_value_t = 86_400)]
     start_timeout: u64,
@@ -454,6 +459,24 @@ fn sh_quote(v: &str) -> String {
 async fn restore_physical(ctx: &Context, a: RestoreArgs) -> Result<i32> {
     let target = a.pgdata.clone().expect("checked by the caller");
     let (settings, bound) = recovery_settings(&a)?;
+    let mut extra = Vec::new();
+    for c in &a.conf {
+        let (name, value) = c
+            .split_once('=')
+            .map(|(n, v)| (n.trim(), v.trim()))
+            .filter(|(n, _)| {
+                !n.is_empty()
+                    && n.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.')
+            })
+            .ok_or_else(|| {
+                usage(
+                    format!("--conf {c:?} is not name=value"),
+                    "write it like --conf archive_mode=off",
+                )
+            })?;
+        extra.push((name.to_owned(), value.to_owned()));
+    }
     let env = ctx.child_env()?;
     let repo = ctx.open().await?;
     let lock =
@@ -525,6 +548,9 @@ async fn restore_physical(ctx: &Context, a: RestoreArgs) -> Result<i32> {
         }
         if let Some(port) = a.start_port {
             conf.push_str(&format!("port = {port}\n"));
+        }
+        for (name, value) in &extra {
+            conf.push_str(&format!("{name} = {}\n", conf_quote(value)));
         }
         let auto = target.join("postgresql.auto.conf");
         let mut text = std::fs::read_to_string(&auto).unwrap_or_default();
