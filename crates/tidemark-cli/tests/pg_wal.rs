@@ -182,6 +182,54 @@ fn archived_wal_recovers_every_committed_row_and_fetch_failures_stop_recovery() 
     let broken = cluster.write_private("broken.yaml", "repository: [unclosed\n");
     let o = fetch(&broken, &last);
     assert_eq!(o.status.code(), Some(126), "{}", stderr(&o));
+
+    // Prefetch: a fetch starts a background prefetcher, and the next segment is then served
+    // from the spool without opening the repository (so even a broken config does not matter).
+    let whole: Vec<String> = archived_names(&a, &system_id)
+        .into_iter()
+        .filter(|n| SegmentName::parse(n).is_some())
+        .collect();
+    let (first, second) = (&whole[0], &whole[1]);
+    let o = tidemark(
+        &a.config,
+        &[
+            &["wal-fetch", first, dest.to_str().unwrap()][..],
+            &sysid[..],
+        ]
+        .concat(),
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let spool = cluster.dir.path().join("tidemark-spool/prefetch");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while spool.join(".prefetcher").exists() || !spool.join(second).exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nothing prefetched: {:?}",
+            std::fs::read_dir(&spool).map(|d| d.count())
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::fs::remove_file(&dest).unwrap();
+    let o = tidemark(
+        &broken,
+        &[
+            &["wal-fetch", second, dest.to_str().unwrap()][..],
+            &sysid[..],
+        ]
+        .concat(),
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(std::fs::metadata(&dest).unwrap().len(), 16 << 20);
+    assert!(
+        !spool.join(second).exists(),
+        "a served segment stays in the spool"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    while spool.join(".prefetcher").exists() {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::fs::remove_dir_all(&spool).unwrap();
+
     let object = a.repo.join(format!("logs/pg/{system_id}/wal/{last}"));
     let mut bytes = std::fs::read(&object).unwrap();
     let mid = bytes.len() / 3;

@@ -61,20 +61,18 @@ pub struct AuthFailed;
 
 /// Seal `plaintext` with `key` and `aad` into nonce || ciphertext || tag.
 pub fn seal_with(cipher: &XChaCha20Poly1305, aad: &[u8], plaintext: &[u8]) -> Vec<u8> {
-    let mut nonce = [0u8; NONCE_LEN];
-    rand::rngs::OsRng.fill_bytes(&mut nonce);
-    let ct = cipher
-        .encrypt(
-            XNonce::from_slice(&nonce),
-            Payload {
-                msg: plaintext,
-                aad,
-            },
-        )
+    // One buffer, encrypted in place: nonce, ciphertext, tag.
+    let mut out = Vec::with_capacity(OVERHEAD + plaintext.len());
+    out.resize(NONCE_LEN, 0);
+    // Random 192-bit nonces from the thread's CSPRNG (ChaCha, seeded and reseeded from the
+    // operating system): no system call per blob.
+    rand::thread_rng().fill_bytes(&mut out[..NONCE_LEN]);
+    out.extend_from_slice(plaintext);
+    let (nonce, body) = out.split_at_mut(NONCE_LEN);
+    let tag = cipher
+        .encrypt_in_place_detached(XNonce::from_slice(nonce), aad, body)
         .expect("XChaCha20-Poly1305 encryption cannot fail for in-memory buffers");
-    let mut out = Vec::with_capacity(NONCE_LEN + ct.len());
-    out.extend_from_slice(&nonce);
-    out.extend_from_slice(&ct);
+    out.extend_from_slice(&tag);
     out
 }
 

@@ -5,6 +5,7 @@
 //! `memory://`) plus options; see [`Location`]. Everything above this crate sees only
 //! `Arc<dyn Storage>`.
 
+pub mod direct;
 mod error;
 mod gcs;
 pub mod layer;

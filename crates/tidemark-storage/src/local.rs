@@ -97,6 +97,9 @@ fn publish(tmp: &Path, dest: &Path, mode: PutMode) -> std::io::Result<()> {
     sync_dir(dest.parent().unwrap_or(Path::new(".")))
 }
 
+/// Objects this large (packs, log segments) are written around the page cache.
+const DIRECT_FROM: usize = 1 << 20;
+
 fn write_file(dest: &Path, data: &[u8], mode: PutMode) -> std::io::Result<()> {
     let dir = dest.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir)?;
@@ -105,9 +108,16 @@ fn write_file(dest: &Path, data: &[u8], mode: PutMode) -> std::io::Result<()> {
     }
     let tmp = temp_name(dest);
     let written = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(data)?;
-        f.sync_all()
+        let f = std::fs::File::create(&tmp)?;
+        if data.len() >= DIRECT_FROM {
+            let mut w = crate::direct::DirectWriter::new(f);
+            w.write_all(data)?;
+            w.finish()?.sync_all()
+        } else {
+            let mut f = f;
+            f.write_all(data)?;
+            f.sync_all()
+        }
     })();
     if let Err(e) = written {
         let _ = std::fs::remove_file(&tmp);

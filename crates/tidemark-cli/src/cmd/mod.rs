@@ -79,6 +79,11 @@ pub async fn run(cli: Cli) -> Result<i32> {
             eprintln!("tidemark wal-fetch: internal error: {info}");
             std::process::exit(wal::FETCH_FAILED);
         }));
+        // Served from the prefetch spool: neither the configuration nor the repository is
+        // needed.
+        if let Some(code) = wal::fetch_spooled(&a) {
+            return Ok(code);
+        }
         return Ok(match Context::resolve(&cli.global) {
             Ok(ctx) => wal::fetch(&ctx, a).await,
             Err(e) => {

@@ -111,7 +111,8 @@ async fn restore(ctx: &Context, repo: &Repository, a: &RestoreArgs) -> Result<i3
         }
         let is_tree = snap.streams.iter().any(|s| s.kind != EntryType::Stream);
         if is_tree {
-            Ok(restore_tree(repo, &index, &wanted, "", &a.target, progress.clone()).await?)
+            restore_tree(repo, &index, &wanted, "", &a.target, progress.clone()).await?;
+            Ok(())
         } else if wanted.len() == 1 {
             Ok(restore_file(repo, &index, wanted[0], &a.target, progress.clone(), true).await?)
         } else {

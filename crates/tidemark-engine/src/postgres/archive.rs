@@ -199,6 +199,11 @@ async fn push_one(repo: &Repository, w: &WalData, spool: &Path) -> Result<Writte
 /// ahead are logged, not returned: PostgreSQL will ask for them again.
 pub async fn push(repo: &Repository, wal_path: &Path, o: &PushOptions) -> Result<PushReport> {
     let spool = o.spool(wal_path);
+    // A server that archives has finished recovery: segments prefetched for it are garbage.
+    let prefetched = prefetch_dir(wal_path);
+    if prefetched.exists() {
+        let _ = std::fs::remove_dir_all(&prefetched);
+    }
     let main = read_wal(wal_path, o)?;
     let mut ahead = Vec::new();
     if o.batch > 1 && matches!(WalFile::parse(&main.name), Some(WalFile::Segment(_))) {
@@ -270,7 +275,7 @@ pub struct FetchOptions {
     pub system_id: Option<u64>,
     /// The data directory being recovered; default the current directory.
     pub data_dir: PathBuf,
-    /// Segments fetched ahead into the spool (default 4).
+    /// Segments a background prefetcher keeps ahead in the spool (default 8).
     pub prefetch: usize,
 }
 
@@ -279,7 +284,7 @@ impl Default for FetchOptions {
         FetchOptions {
             system_id: None,
             data_dir: PathBuf::from("."),
-            prefetch: 4,
+            prefetch: 8,
         }
     }
 }
@@ -311,16 +316,7 @@ pub async fn fetch(
         None => wal::control_system_id(&o.data_dir).map_err(|e| bad_wal(&o.data_dir, e))?,
     };
     let stream = wal::stream(system_id);
-    let spool = dest
-        .parent()
-        .unwrap_or_else(|| Path::new("."))
-        .join(SPOOL)
-        .join("prefetch");
-    let spooled = spool.join(name);
-    let data = if let Ok(d) = std::fs::read(&spooled) {
-        let _ = std::fs::remove_file(&spooled);
-        Bytes::from(d)
-    } else {
+    let data = {
         match read_segment(repo, &stream, name).await {
             Ok(d) => d,
             Err(e) if is_not_found(&e) => match kind {
@@ -334,20 +330,83 @@ pub async fn fetch(
         }
     };
     write_atomic(dest, &data).map_err(|e| io("write", dest, e))?;
-    if let (WalFile::Segment(seg), true) = (kind, o.prefetch > 0) {
-        if let Ok(h) = wal::long_header(&data) {
-            prefetch(
-                repo,
-                &stream,
-                seg,
-                u64::from(h.seg_size),
-                &spool,
-                o.prefetch,
-            )
-            .await;
+    Ok(Fetched::Restored(data.len() as u64))
+}
+
+/// The prefetch spool next to `dest` (inside `pg_wal`).
+pub fn prefetch_dir(dest: &Path) -> PathBuf {
+    dest.parent()
+        .unwrap_or_else(|| Path::new("."))
+        .join(SPOOL)
+        .join("prefetch")
+}
+
+/// Serve `name` from the prefetch spool, if a prefetcher put it there: a rename, no
+/// repository access. Spooled files were verified when they were written, and archived names
+/// are immutable, so a file left from an earlier recovery is still right.
+///
+/// # Errors
+/// When the spooled file exists but cannot be moved or copied to `dest`.
+pub fn take_spooled(name: &str, dest: &Path) -> Result<bool> {
+    if WalFile::parse(name).is_none() {
+        return Ok(false);
+    }
+    let spooled = prefetch_dir(dest).join(name);
+    match std::fs::rename(&spooled, dest) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        // Another file system (a symlinked pg_wal): copy, then drop the spooled file.
+        Err(_) => {
+            let data = std::fs::read(&spooled).map_err(|e| io("read", &spooled, e))?;
+            write_atomic(dest, &data).map_err(|e| io("write", dest, e))?;
+            let _ = std::fs::remove_file(&spooled);
+            Ok(true)
         }
     }
-    Ok(Fetched::Restored(data.len() as u64))
+}
+
+/// How many of the `n` segments after `name` are waiting in the spool of `dest`.
+pub fn spooled_ahead(name: &str, dest: &Path, seg_size: u64, n: usize) -> usize {
+    let Some(WalFile::Segment(mut seg)) = WalFile::parse(name) else {
+        return 0;
+    };
+    let spool = prefetch_dir(dest);
+    (0..n)
+        .filter(|_| {
+            seg = seg.next(seg_size);
+            spool.join(seg.to_string()).exists()
+        })
+        .count()
+}
+
+/// Fetch the `n` segments after `name` into the spool of `dest` (verified; write-then-rename),
+/// stopping at the end of the archive. Run by a background `wal-fetch` so that recovery does
+/// not wait for it. Failures only mean a later call fetches for itself.
+pub async fn prefetch_after(
+    repo: &Repository,
+    name: &str,
+    dest: &Path,
+    o: &FetchOptions,
+    seg_size: u64,
+) -> Result<usize> {
+    let Some(WalFile::Segment(seg)) = WalFile::parse(name) else {
+        return Ok(0);
+    };
+    let system_id = match o.system_id {
+        Some(id) => id,
+        None => wal::control_system_id(&o.data_dir).map_err(|e| bad_wal(&o.data_dir, e))?,
+    };
+    let spool = prefetch_dir(dest);
+    std::fs::create_dir_all(&spool).map_err(|e| io("create", &spool, e))?;
+    Ok(prefetch(
+        repo,
+        &wal::stream(system_id),
+        seg,
+        seg_size,
+        &spool,
+        o.prefetch,
+    )
+    .await)
 }
 
 /// A segment the streamer had not finished: its pieces from the start, joined and padded with
@@ -403,8 +462,8 @@ async fn streamed(repo: &Repository, stream: &str, seg: wal::SegmentName) -> Res
     Ok(Some(Bytes::from(out)))
 }
 
-/// Fetch the `n` segments after `seg` into `spool` (verified; write-then-rename). Failures
-/// only mean the later call fetches for itself.
+/// Fetch the `n` segments after `seg` into `spool` (verified; write-then-rename), four at a
+/// time, in order, stopping at the first the archive does not have; how many were fetched.
 async fn prefetch(
     repo: &Repository,
     stream: &str,
@@ -412,28 +471,37 @@ async fn prefetch(
     seg_size: u64,
     spool: &Path,
     n: usize,
-) {
-    if std::fs::create_dir_all(spool).is_err() {
-        return;
-    }
+) -> usize {
     let mut names = Vec::new();
     let mut next = seg;
     for _ in 0..n {
         next = next.next(seg_size);
-        let name = next.to_string();
-        if !spool.join(&name).exists() {
-            names.push(name);
-        }
+        names.push(next.to_string());
     }
-    futures::stream::iter(names)
+    let mut fetched = 0;
+    let mut results = futures::stream::iter(names)
         .map(|name| async move {
-            if let Ok(d) = read_segment(repo, stream, &name).await {
-                let _ = write_atomic(&spool.join(&name), &d);
+            if spool.join(&name).exists() {
+                return true;
+            }
+            match read_segment(repo, stream, &name).await {
+                Ok(d) => write_atomic(&spool.join(&name), &d).is_ok(),
+                Err(e) => {
+                    if !is_not_found(&e) {
+                        tracing::debug!(segment = %name, error = %e, "not prefetched");
+                    }
+                    false
+                }
             }
         })
-        .buffer_unordered(n.max(1))
-        .collect::<Vec<_>>()
-        .await;
+        .buffered(4);
+    while let Some(ok) = results.next().await {
+        if !ok {
+            break;
+        }
+        fetched += 1;
+    }
+    fetched
 }
 
 /// The archived WAL of one timeline.

@@ -48,7 +48,7 @@ impl Default for PhysicalOptions {
 /// One archive member handed from the receiving task to the backup.
 enum Member {
     Small(tar::Header, Vec<u8>),
-    Large(tar::Header, mpsc::Receiver<Bytes>),
+    Large(tar::Header, mpsc::Receiver<Vec<Bytes>>),
     Entry(tar::Header),
 }
 
@@ -66,11 +66,25 @@ struct Ended {
 /// The content of a large file, read on the backup's reader thread. Fewer bytes than the
 /// header announced is an error, never a short file.
 struct ChannelReader {
-    rx: mpsc::Receiver<Bytes>,
+    rx: mpsc::Receiver<Vec<Bytes>>,
+    queue: std::collections::VecDeque<Bytes>,
     cur: Bytes,
     left: u64,
     name: String,
 }
+
+/// The large file being received: its channel, the bytes still to come, and the batch being
+/// gathered.
+struct LargeFile {
+    tx: mpsc::Sender<Vec<Bytes>>,
+    left: u64,
+    batch: Vec<Bytes>,
+    gathered: usize,
+}
+
+/// Bytes of a large file gathered (as slices of the received messages, not copied) before
+/// they are handed to the reader thread: one wake-up per batch instead of per 32 KiB message.
+const HANDOFF: usize = 1 << 20;
 
 impl Read for ChannelReader {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
@@ -78,8 +92,12 @@ impl Read for ChannelReader {
             if self.left == 0 {
                 return Ok(0);
             }
+            if let Some(b) = self.queue.pop_front() {
+                self.cur = b;
+                continue;
+            }
             match self.rx.blocking_recv() {
-                Some(b) => self.cur = b,
+                Some(batch) => self.queue.extend(batch),
                 None => {
                     return Err(std::io::Error::new(
                         std::io::ErrorKind::UnexpectedEof,
@@ -133,7 +151,7 @@ async fn receive(
     let mut in_manifest = false;
     // The member being received: a small file's buffer, or a large file's channel.
     let mut small: Option<(tar::Header, Vec<u8>)> = None;
-    let mut large: Option<(mpsc::Sender<Bytes>, u64)> = None;
+    let mut large: Option<LargeFile> = None;
     let mut error = None;
     loop {
         match conn.recv().await? {
@@ -188,8 +206,13 @@ async fn receive(
                         for e in events {
                             match e {
                                 Event::Member(h) if h.kind == Kind::File && h.size > SMALL => {
-                                    let (ftx, frx) = mpsc::channel(16);
-                                    large = Some((ftx, h.size));
+                                    let (ftx, frx) = mpsc::channel(4);
+                                    large = Some(LargeFile {
+                                        tx: ftx,
+                                        left: h.size,
+                                        batch: Vec::new(),
+                                        gathered: 0,
+                                    });
                                     tx.send((prefix.clone(), Member::Large(h, frx)))
                                         .await
                                         .map_err(|_| closed())?;
@@ -217,10 +240,17 @@ async fn receive(
                                                 .await
                                                 .map_err(|_| closed())?;
                                         }
-                                    } else if let Some((ftx, left)) = &mut large {
-                                        *left -= d.len() as u64;
-                                        let done = *left == 0;
-                                        ftx.send(d).await.map_err(|_| closed())?;
+                                    } else if let Some(f) = &mut large {
+                                        f.left -= d.len() as u64;
+                                        f.gathered += d.len();
+                                        f.batch.push(d);
+                                        let done = f.left == 0;
+                                        if done || f.gathered >= HANDOFF {
+                                            f.tx.send(std::mem::take(&mut f.batch))
+                                                .await
+                                                .map_err(|_| closed())?;
+                                            f.gathered = 0;
+                                        }
                                         if done {
                                             large = None;
                                         }
@@ -329,6 +359,7 @@ pub async fn backup(
                     let name = format!("{prefix}{}", h.name);
                     let reader = ChannelReader {
                         rx: frx,
+                        queue: Default::default(),
                         cur: Bytes::new(),
                         left: h.size,
                         name: name.clone(),
@@ -557,12 +588,31 @@ pub async fn restore(
         });
     }
     let index = repo.load_index().await?;
+    let target_name = target.display().to_string();
+    let bad = |reason: String| Error::Verification {
+        database: target_name.clone(),
+        reason,
+    };
+    // The manifest first: it is checked before any file is written, and each file is checked
+    // against it from the bytes as they are written (no second pass over the data).
+    let shared = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    tidemark_repo::ops::restore::restore_stream(
+        repo,
+        &index,
+        manifest,
+        SharedVec(shared.clone()),
+        &Default::default(),
+        progress.clone(),
+    )
+    .await?;
+    let text = std::mem::take(&mut *shared.lock().unwrap_or_else(|p| p.into_inner()));
+    let files = parse_manifest(&text).map_err(bad)?;
     let entries: Vec<&StreamEntry> = snapshot
         .streams
         .iter()
         .filter(|s| s.name.starts_with(DATA))
         .collect();
-    tidemark_repo::ops::restore::restore_tree(
+    let written = tidemark_repo::ops::restore::restore_tree(
         repo,
         &index,
         &entries,
@@ -571,6 +621,7 @@ pub async fn restore(
         progress.clone(),
     )
     .await?;
+    let verified = check_files(&files, &written).map_err(bad)?;
     let manifest_path = target.join(MANIFEST);
     tidemark_repo::ops::restore::restore_file(
         repo,
@@ -591,36 +642,17 @@ pub async fn restore(
             }
         })?;
     }
-    let text = std::fs::read(&manifest_path).map_err(|e| Error::Io {
-        action: "read",
-        path: manifest_path.display().to_string(),
-        source: e,
-    })?;
-    let target_name = target.display().to_string();
-    let verification = tokio::task::spawn_blocking({
-        let target = target.to_owned();
-        move || verify_manifest(&target, &text)
-    })
-    .await
-    .map_err(|e| Error::Verification {
-        database: target_name.clone(),
-        reason: e.to_string(),
-    })?
-    .map_err(|reason| Error::Verification {
-        database: target_name.clone(),
-        reason,
-    })?;
     Ok(crate::RestoreReport {
-        target: target_name,
-        bytes: verification.1,
+        target: target_name.clone(),
+        bytes: verified.1,
         verified: Some(format!(
             "{} files match the backup manifest (sizes and CRC32C)",
-            verification.0
+            verified.0
         )),
     })
 }
 
-#[derive(serde::Deserialize)]
+#[derive(Debug, serde::Deserialize)]
 struct ManifestFile {
     #[serde(rename = "Path")]
     path: String,
@@ -640,11 +672,26 @@ struct Manifest {
     checksum: String,
 }
 
-/// Check the manifest's own SHA-256 and every file's size and checksum; (files, bytes).
-fn verify_manifest(
-    dir: &std::path::Path,
-    text: &[u8],
-) -> std::result::Result<(usize, u64), String> {
+/// A `Write` into a vector the caller keeps a handle to (restore_stream takes its writer by
+/// value, to a thread).
+struct SharedVec(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for SharedVec {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Parse the manifest and check its own SHA-256; its files.
+fn parse_manifest(text: &[u8]) -> std::result::Result<Vec<ManifestFile>, String> {
     use sha2::Digest;
     let m: Manifest = serde_json::from_slice(text)
         .map_err(|e| format!("the backup manifest does not parse: {e}"))?;
@@ -662,21 +709,30 @@ fn verify_manifest(
     if !digest.eq_ignore_ascii_case(&m.checksum) {
         return Err("the backup manifest's own checksum does not match".into());
     }
+    Ok(m.files)
+}
+
+/// Check that every file of the manifest was written with its size and checksum, as
+/// `pg_verifybackup` does; (files, bytes).
+fn check_files(
+    files: &[ManifestFile],
+    written: &[tidemark_repo::ops::restore::RestoredFile],
+) -> std::result::Result<(usize, u64), String> {
+    let by_path: std::collections::HashMap<&str, &tidemark_repo::ops::restore::RestoredFile> =
+        written.iter().map(|w| (w.path.as_str(), w)).collect();
     let mut bytes = 0;
-    for f in &m.files {
-        let path = dir.join(&f.path);
-        let data = std::fs::read(&path)
-            .map_err(|e| format!("{} is missing or unreadable: {e}", f.path))?;
-        if data.len() as u64 != f.size {
+    for f in files {
+        let w = by_path
+            .get(f.path.as_str())
+            .ok_or_else(|| format!("{} is in the backup manifest but not in the backup", f.path))?;
+        if w.size != f.size {
             return Err(format!(
                 "{} has {} bytes; the manifest says {}",
-                f.path,
-                data.len(),
-                f.size
+                f.path, w.size, f.size
             ));
         }
         if let (Some("CRC32C"), Some(want)) = (f.algorithm.as_deref(), f.checksum.as_deref()) {
-            let got = hex::encode(crc32c::crc32c(&data).to_le_bytes());
+            let got = hex::encode(w.crc32c.to_le_bytes());
             if !got.eq_ignore_ascii_case(want) {
                 return Err(format!(
                     "{} does not match its CRC32C in the manifest",
@@ -686,7 +742,7 @@ fn verify_manifest(
         }
         bytes += f.size;
     }
-    Ok((m.files.len(), bytes))
+    Ok((files.len(), bytes))
 }
 
 #[cfg(test)]
@@ -713,35 +769,50 @@ mod tests {
         text.into_bytes()
     }
 
+    fn written(path: &str, data: &[u8]) -> tidemark_repo::ops::restore::RestoredFile {
+        tidemark_repo::ops::restore::RestoredFile {
+            path: path.into(),
+            size: data.len() as u64,
+            crc32c: crc32c::crc32c(data),
+        }
+    }
+
     #[test]
-    fn the_manifest_catches_a_changed_file_and_a_changed_manifest() {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir_all(dir.path().join("global")).unwrap();
-        std::fs::write(dir.path().join("PG_VERSION"), b"15\n").unwrap();
-        std::fs::write(dir.path().join("global/1262"), vec![7u8; 8192]).unwrap();
+    fn the_manifest_catches_a_changed_file_a_missing_file_and_a_changed_manifest() {
         let files: [(&str, &[u8], Option<&str>); 2] = [
             ("PG_VERSION", b"15\n", None),
             ("global/1262", &[7u8; 8192], None),
         ];
         let good = manifest_for(&files);
-        assert_eq!(verify_manifest(dir.path(), &good).unwrap(), (2, 8195));
+        let ok = [
+            written("PG_VERSION", b"15\n"),
+            written("global/1262", &[7u8; 8192]),
+        ];
+        let parsed = parse_manifest(&good).unwrap();
+        assert_eq!(check_files(&parsed, &ok).unwrap(), (2, 8195));
 
         let wrong_crc = manifest_for(&[("PG_VERSION", b"15\n", Some("00000000"))]);
-        assert!(verify_manifest(dir.path(), &wrong_crc)
+        assert!(check_files(&parse_manifest(&wrong_crc).unwrap(), &ok)
             .unwrap_err()
             .contains("CRC32C"));
 
         let mut edited = good.clone();
         let at = edited.windows(4).position(|w| w == b"8192").unwrap();
         edited[at..at + 4].copy_from_slice(b"8193");
-        assert!(verify_manifest(dir.path(), &edited)
+        assert!(parse_manifest(&edited)
             .unwrap_err()
             .contains("own checksum"));
 
-        std::fs::write(dir.path().join("global/1262"), vec![7u8; 100]).unwrap();
-        assert!(verify_manifest(dir.path(), &good)
+        let short = [
+            written("PG_VERSION", b"15\n"),
+            written("global/1262", &[7u8; 100]),
+        ];
+        assert!(check_files(&parsed, &short)
             .unwrap_err()
             .contains("global/1262 has 100 bytes"));
+        assert!(check_files(&parsed, &ok[..1])
+            .unwrap_err()
+            .contains("global/1262 is in the backup manifest but not in the backup"));
     }
 
     #[test]

@@ -185,7 +185,7 @@ impl Connection {
                 Err(e) => return Err(self.protocol(e.to_string())),
             }
             if self.buf.capacity() - self.buf.len() < 8192 {
-                self.buf.reserve(64 * 1024);
+                self.buf.reserve(256 * 1024);
             }
             let n = self
                 .stream
@@ -375,7 +375,7 @@ impl Connection {
                 }
             }
             if self.buf.capacity() - self.buf.len() < 8192 {
-                self.buf.reserve(64 * 1024);
+                self.buf.reserve(256 * 1024);
             }
             let n = self
                 .stream

@@ -67,8 +67,8 @@ struct Packer {
 impl Packer {
     fn new(repo: Repository, max_uploads: usize) -> Self {
         Packer {
+            current: PackBuilder::with_capacity(repo.config().pack_size.min as usize),
             repo,
-            current: PackBuilder::new(),
             uploads: JoinSet::new(),
             done: Vec::new(),
             max_uploads: max_uploads.max(1),
@@ -90,7 +90,8 @@ impl Packer {
         while self.uploads.len() >= self.max_uploads {
             self.join_one().await?;
         }
-        let pack = std::mem::take(&mut self.current);
+        let capacity = self.repo.config().pack_size.min as usize;
+        let pack = std::mem::replace(&mut self.current, PackBuilder::with_capacity(capacity));
         let repo = self.repo.clone();
         self.uploads
             .spawn(async move { repo.save_pack(pack).await });
@@ -168,16 +169,20 @@ impl Cutting {
 /// The largest fixed block (the content-defined maximum chunk size is larger still).
 pub const MAX_FIXED_BLOCK: usize = 1 << 20;
 
+/// Chunks handed to a worker at once: a batch of up to `BATCH_CHUNKS` chunks or
+/// `BATCH_BYTES`, so that threads meet once per batch rather than once per 64 KiB block.
 enum Work {
-    Chunk(u64, Bytes),
+    Chunks(u64, Vec<Bytes>),
     Failed(std::io::Error),
 }
 
+const BATCH_CHUNKS: usize = 32;
+const BATCH_BYTES: usize = 2 << 20;
+
+/// A worker's results for one batch, in order.
 struct Done {
     seq: u64,
-    id: ChunkId,
-    raw: u64,
-    blob: Option<Blob>,
+    chunks: Vec<(ChunkId, u64, Option<Blob>)>,
 }
 
 impl<'l> Backup<'l> {
@@ -268,15 +273,30 @@ impl<'l> Backup<'l> {
                 }
             };
             let mut seq = 0u64;
+            let mut batch = Vec::with_capacity(BATCH_CHUNKS);
+            let mut bytes = 0;
             loop {
                 match source() {
                     Ok(Some(c)) => {
-                        if work_tx.send(Work::Chunk(seq, c)).is_err() {
+                        bytes += c.len();
+                        batch.push(c);
+                        if batch.len() < BATCH_CHUNKS && bytes < BATCH_BYTES {
+                            continue;
+                        }
+                        let n = batch.len() as u64;
+                        let full = std::mem::replace(&mut batch, Vec::with_capacity(BATCH_CHUNKS));
+                        if work_tx.send(Work::Chunks(seq, full)).is_err() {
                             return;
                         }
-                        seq += 1;
+                        seq += n;
+                        bytes = 0;
                     }
-                    Ok(None) => return,
+                    Ok(None) => {
+                        if !batch.is_empty() {
+                            let _ = work_tx.send(Work::Chunks(seq, batch));
+                        }
+                        return;
+                    }
                     Err(e) => {
                         let _ = work_tx.send(Work::Failed(e));
                         return;
@@ -292,24 +312,22 @@ impl<'l> Backup<'l> {
             let (keys, index, claimed) = (keys.clone(), self.index.clone(), self.claimed.clone());
             workers.push(std::thread::spawn(move || loop {
                 let item = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
-                let (seq, chunk) = match item {
-                    Ok(Work::Chunk(s, c)) => (s, c),
+                let (seq, batch) = match item {
+                    Ok(Work::Chunks(s, c)) => (s, c),
                     Ok(Work::Failed(e)) => {
                         let _ = io_tx.blocking_send(e);
                         return;
                     }
                     Err(_) => return,
                 };
-                let (id, blob) = process_chunk(&keys, &index, &claimed, &chunk, level);
-                if tx
-                    .blocking_send(Done {
-                        seq,
-                        id,
-                        raw: chunk.len() as u64,
-                        blob,
+                let chunks = batch
+                    .iter()
+                    .map(|chunk| {
+                        let (id, blob) = process_chunk(&keys, &index, &claimed, chunk, level);
+                        (id, chunk.len() as u64, blob)
                     })
-                    .is_err()
-                {
+                    .collect();
+                if tx.blocking_send(Done { seq, chunks }).is_err() {
                     return;
                 }
             }));
@@ -317,19 +335,23 @@ impl<'l> Backup<'l> {
         drop(done_tx);
         drop(io_tx);
 
-        let mut pending: BTreeMap<u64, ChunkId> = BTreeMap::new();
+        let mut pending: BTreeMap<u64, Vec<ChunkId>> = BTreeMap::new();
         let mut chunks = Vec::new();
         let mut size = 0u64;
         let result: Result<()> = async {
             while let Some(d) = done_rx.recv().await {
-                size += d.raw;
-                self.record(d.raw, d.blob.as_ref()).await?;
-                pending.insert(d.seq, d.id);
+                let mut ids = Vec::with_capacity(d.chunks.len());
+                for (id, raw, blob) in d.chunks {
+                    size += raw;
+                    self.record(raw, blob.as_ref()).await?;
+                    ids.push(id);
+                }
+                pending.insert(d.seq, ids);
                 while let Some(e) = pending.first_entry() {
                     if *e.key() != chunks.len() as u64 {
                         break;
                     }
-                    chunks.push(e.remove());
+                    chunks.extend(e.remove());
                 }
             }
             if let Ok(e) = io_rx.try_recv() {
@@ -509,19 +531,11 @@ impl<'l> Backup<'l> {
 
 /// Read up to `block` bytes: a full block unless the reader ends first; `None` at the end.
 fn read_block<R: Read>(reader: &mut R, block: usize) -> std::io::Result<Option<Bytes>> {
-    let mut buf = vec![0u8; block];
-    let mut filled = 0;
-    while filled < block {
-        match reader.read(&mut buf[filled..]) {
-            Ok(0) => break,
-            Ok(n) => filled += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    if filled == 0 {
+    // Not zero-filled first: `read_to_end` reads into the spare capacity.
+    let mut buf = Vec::with_capacity(block);
+    reader.by_ref().take(block as u64).read_to_end(&mut buf)?;
+    if buf.is_empty() {
         return Ok(None);
     }
-    buf.truncate(filled);
     Ok(Some(Bytes::from(buf)))
 }

@@ -221,6 +221,40 @@ pub fn safe_name(name: &str) -> Result<PathBuf> {
     Ok(PathBuf::from(name))
 }
 
+/// A writer that keeps the CRC32C of what passed through it.
+struct CrcWriter<W> {
+    inner: W,
+    crc: Arc<std::sync::atomic::AtomicU32>,
+    value: u32,
+}
+
+impl<W: Write> Write for CrcWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.value = crc32c::crc32c_append(self.value, &buf[..n]);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()?;
+        self.crc
+            .store(self.value, std::sync::atomic::Ordering::Release);
+        Ok(())
+    }
+}
+
+/// A file a restore wrote: its path under the target, size and CRC32C (as PostgreSQL's backup
+/// manifest records them), computed from the bytes as they were written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RestoredFile {
+    /// Relative to the target.
+    pub path: String,
+    /// Bytes written.
+    pub size: u64,
+    /// CRC32C (Castagnoli) of the content.
+    pub crc32c: u32,
+}
+
 /// Restore one stream to `target` through a temporary file: `target` appears only when whole.
 /// With `sync`, the file is fsynced before it is moved into place; a tree restore instead syncs
 /// the whole file system once at the end (one fsync per file made small files slow).
@@ -232,6 +266,20 @@ pub async fn restore_file(
     progress: Arc<Progress>,
     sync: bool,
 ) -> Result<()> {
+    restore_file_crc(repo, index, s, target, progress, sync)
+        .await
+        .map(|_| ())
+}
+
+/// `restore_file`, returning the size and CRC32C of what it wrote.
+async fn restore_file_crc(
+    repo: &Repository,
+    index: &MasterIndex,
+    s: &StreamEntry,
+    target: &Path,
+    progress: Arc<Progress>,
+    sync: bool,
+) -> Result<(u64, u32)> {
     if target.exists() {
         return Err(Error::Invalid(format!(
             "{} exists; remove it or choose another target",
@@ -249,11 +297,16 @@ pub async fn restore_file(
         .tempfile_in(dir)
         .map_err(|e| io("create a temporary file in", dir, e))?;
     let f = tmp.reopen().map_err(|e| io("open", tmp.path(), e))?;
-    restore_stream(
+    let crc = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let size = restore_stream(
         repo,
         index,
         s,
-        std::io::BufWriter::with_capacity(1 << 20, f),
+        CrcWriter {
+            inner: tidemark_storage::direct::DirectWriter::new(f),
+            crc: crc.clone(),
+            value: 0,
+        },
         &RestoreOptions::default(),
         progress,
     )
@@ -272,11 +325,16 @@ pub async fn restore_file(
     tmp_path
         .persist_noclobber(target)
         .map_err(|e| io("move the restored file to", target, e.error))?;
-    Ok(())
+    Ok((size, crc.load(std::sync::atomic::Ordering::Acquire)))
 }
+
+/// Files restored at once by `restore_tree` (each also fetches its chunks in parallel).
+const FILES_AT_ONCE: usize = 4;
 
 /// Restore entries of a tree under `target`, each at its name with `strip` removed from the
 /// front; the file system is synced once at the end, and directory modes are set last.
+/// Directories and links are made first, then up to `FILES_AT_ONCE` files are written at a
+/// time. Returns every file written, with its size and CRC32C.
 ///
 /// # Errors
 /// `Invalid` for unsafe names or existing files, `Io`, and as for `restore_stream`.
@@ -287,24 +345,43 @@ pub async fn restore_tree(
     strip: &str,
     target: &Path,
     progress: Arc<Progress>,
-) -> Result<()> {
+) -> Result<Vec<RestoredFile>> {
     let io = |action, p: &Path, e| Error::io(action, p.display().to_string(), e);
     std::fs::create_dir_all(target).map_err(|e| io("create", target, e))?;
     let rel = |e: &StreamEntry| safe_name(e.name.strip_prefix(strip).unwrap_or(&e.name));
-    for e in entries {
-        let path = target.join(rel(e)?);
+    let mut files = Vec::new();
+    for (i, e) in entries.iter().enumerate() {
+        let r = rel(e)?;
+        let path = target.join(&r);
         match e.kind {
             EntryType::Dir => std::fs::create_dir_all(&path).map_err(|e| io("create", &path, e))?,
             EntryType::Symlink => {
+                if let Some(parent) = path.parent() {
+                    std::fs::create_dir_all(parent).map_err(|e| io("create", parent, e))?;
+                }
                 let t = e.target.as_deref().unwrap_or("");
                 std::os::unix::fs::symlink(t, &path)
                     .map_err(|e| io("create the link", &path, e))?;
             }
-            EntryType::File | EntryType::Stream => {
-                restore_file(repo, index, e, &path, progress.clone(), false).await?
-            }
+            EntryType::File | EntryType::Stream => files.push((i, r, path)),
         }
     }
+    let written: Vec<RestoredFile> = futures::stream::iter(files)
+        .map(|(i, r, path)| {
+            let progress = progress.clone();
+            async move {
+                let (size, crc32c) =
+                    restore_file_crc(repo, index, entries[i], &path, progress, false).await?;
+                Ok::<_, Error>(RestoredFile {
+                    path: r.to_string_lossy().into_owned(),
+                    size,
+                    crc32c,
+                })
+            }
+        })
+        .buffer_unordered(FILES_AT_ONCE)
+        .try_collect()
+        .await?;
     // Everything written so far reaches the disk before the restore reports success.
     let root = std::fs::File::open(target).map_err(|e| io("open", target, e))?;
     rustix::fs::syncfs(&root)
@@ -319,5 +396,5 @@ pub async fn restore_tree(
             }
         }
     }
-    Ok(())
+    Ok(written)
 }
