@@ -767,6 +767,33 @@ fn wal_push_archives_ready_segments_ahead_and_answers_later_calls_from_its_spool
     let o = push(&names[2]);
     assert_ne!(o.status.code(), Some(0));
     assert!(stderr(&o).contains(&names[2]), "{}", stderr(&o));
+
+    // A second repository (two archive_commands chained, or a new repository) is not answered
+    // from the first one's spool records: the segment is stored there too.
+    let other = dir.path().join("other.yaml");
+    std::fs::write(
+        &other,
+        format!(
+            "repository: {}\npassword_file: {}\n",
+            dir.path().join("repo2").display(),
+            password.display()
+        ),
+    )
+    .unwrap();
+    assert!(tidemark(&other, &["init", "-q"]).status.success());
+    let o = Command::new(BIN)
+        .args(["wal-push", &format!("pg_wal/{}", names[1])])
+        .current_dir(dir.path())
+        .env_clear()
+        .env("TIDEMARK_CONFIG", &other)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(dir
+        .path()
+        .join("repo2/logs/pg/7000000000000000001/wal")
+        .join(&names[1])
+        .exists());
 }
 
 /// `tidemark pg receive` against `cluster`, logging to `log`.

@@ -121,6 +121,11 @@ pub struct BackupArgs {
     /// repository (archive_command = 'tidemark wal-push %p').
     #[arg(long, conflicts_with_all = ["databases", "all", "globals"])]
     physical: bool,
+    /// With --physical: KiB per block that files are cut into (a multiple of 8, the page
+    /// size; default 64). Smaller blocks store less after scattered page changes, and cost more
+    /// index entries.
+    #[arg(long, default_value_t = 64, requires = "physical")]
+    block_kib: usize,
     /// Seconds to wait for the WAL a physical backup needs to reach the archive.
     #[arg(long, default_value_t = 60)]
     wal_wait: u64,
@@ -288,7 +293,7 @@ async fn backup(ctx: &Context, a: BackupArgs) -> Result<i32> {
     if a.physical {
         pg.physical = Some(tidemark_engine::postgres::physical::PhysicalOptions {
             wal_wait: std::time::Duration::from_secs(a.wal_wait),
-            ..Default::default()
+            block: a.block_kib * 1024,
         });
     }
     let repo = ctx.open().await?;

@@ -63,6 +63,7 @@ pub async fn push(ctx: &Context, a: PushArgs) -> Result<i32> {
         batch: a.batch.max(1),
         spool_dir: a.spool_dir,
         data_dir: a.pgdata.unwrap_or_else(|| PathBuf::from(".")),
+        repository: ctx.location.display_name(),
     };
     // Archived ahead by an earlier call with exactly this content: no repository access.
     if archive::already_pushed(&a.path, &o) {

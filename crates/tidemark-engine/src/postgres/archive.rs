@@ -40,6 +40,9 @@ pub struct PushOptions {
     /// The data directory, for the system identifier of history files; default the current
     /// directory (where PostgreSQL runs archive_command).
     pub data_dir: PathBuf,
+    /// Names the repository in the spool, so that a record made for one repository never
+    /// stands for another (two chained archive_commands, or a new repository).
+    pub repository: String,
 }
 
 impl Default for PushOptions {
@@ -48,18 +51,24 @@ impl Default for PushOptions {
             batch: 8,
             spool_dir: None,
             data_dir: PathBuf::from("."),
+            repository: String::new(),
         }
     }
 }
 
 impl PushOptions {
     fn spool(&self, wal_path: &Path) -> PathBuf {
-        self.spool_dir.clone().unwrap_or_else(|| {
+        let base = self.spool_dir.clone().unwrap_or_else(|| {
             wal_path
                 .parent()
                 .unwrap_or_else(|| Path::new("."))
                 .join(SPOOL)
-        })
+        });
+        if self.repository.is_empty() {
+            return base;
+        }
+        let id = blake3::hash(self.repository.as_bytes()).to_hex();
+        base.join(format!("repo-{}", &id[..16]))
     }
 }
 
