@@ -165,6 +165,9 @@ pub fn fetch_spooled(a: &FetchArgs) -> Option<i32> {
     if a.prefetch_only {
         return None;
     }
+    if a.prefetch > 0 {
+        archive::note_requested(&a.name, &a.dest);
+    }
     match archive::take_spooled(&a.name, &a.dest) {
         Ok(true) => {
             if let Some(n) = seg_size_of(&a.dest) {

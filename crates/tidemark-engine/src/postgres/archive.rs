@@ -388,9 +388,28 @@ pub fn spooled_ahead(name: &str, dest: &Path, seg_size: u64, n: usize) -> usize 
         .count()
 }
 
-/// Fetch the `n` segments after `name` into the spool of `dest` (verified; write-then-rename),
-/// stopping at the end of the archive. Run by a background `wal-fetch` so that recovery does
-/// not wait for it. Failures only mean a later call fetches for itself.
+/// Record that PostgreSQL asked for `name`, for the background prefetcher to follow.
+pub fn note_requested(name: &str, dest: &Path) {
+    if !matches!(WalFile::parse(name), Some(WalFile::Segment(_))) {
+        return;
+    }
+    let spool = prefetch_dir(dest);
+    if std::fs::create_dir_all(&spool).is_ok() {
+        let _ = write_atomic(&spool.join(".requested"), name.as_bytes());
+    }
+}
+
+/// How long the prefetcher stays without a new request before it exits.
+const PREFETCH_IDLE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The background prefetcher: keeps the `o.prefetch` segments after the latest one PostgreSQL
+/// asked for (`note_requested`) in the spool of `dest`, verified, written then renamed, until
+/// no new request came for 10 s. It opens the repository once for the whole recovery (with a
+/// passphrase, key derivation costs more than fetching a segment). Failures only mean a later
+/// call fetches for itself.
+///
+/// # Errors
+/// When the system identifier cannot be read or the spool cannot be made.
 pub async fn prefetch_after(
     repo: &Repository,
     name: &str,
@@ -398,24 +417,37 @@ pub async fn prefetch_after(
     o: &FetchOptions,
     seg_size: u64,
 ) -> Result<usize> {
-    let Some(WalFile::Segment(seg)) = WalFile::parse(name) else {
-        return Ok(0);
-    };
     let system_id = match o.system_id {
         Some(id) => id,
         None => wal::control_system_id(&o.data_dir).map_err(|e| bad_wal(&o.data_dir, e))?,
     };
+    let stream = wal::stream(system_id);
     let spool = prefetch_dir(dest);
     std::fs::create_dir_all(&spool).map_err(|e| io("create", &spool, e))?;
-    Ok(prefetch(
-        repo,
-        &wal::stream(system_id),
-        seg,
-        seg_size,
-        &spool,
-        o.prefetch,
-    )
-    .await)
+    let mut requested = name.to_owned();
+    let mut since = std::time::Instant::now();
+    let mut fetched = 0;
+    loop {
+        if let Ok(r) = std::fs::read_to_string(spool.join(".requested")) {
+            let r = r.trim();
+            if r != requested && matches!(WalFile::parse(r), Some(WalFile::Segment(_))) {
+                requested = r.to_owned();
+                since = std::time::Instant::now();
+            }
+        }
+        let Some(WalFile::Segment(seg)) = WalFile::parse(&requested) else {
+            break;
+        };
+        if since.elapsed() > PREFETCH_IDLE || !spool.exists() {
+            break;
+        }
+        let ahead = prefetch(repo, &stream, seg, seg_size, &spool, o.prefetch).await;
+        fetched += ahead;
+        // At the end of the archive, look again less often.
+        let pause = if ahead < o.prefetch { 250 } else { 50 };
+        tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
+    }
+    Ok(fetched)
 }
 
 /// A segment the streamer had not finished: its pieces from the start, joined and padded with
