@@ -1029,3 +1029,75 @@ fn a_standby_is_backed_up_and_streamed_across_its_promotion() {
         "1200 off"
     );
 }
+
+/// `pg receive` with bad input: each gets a message that names the problem, and nothing is
+/// archived.
+#[test]
+fn pg_receive_explains_wrong_credentials_a_down_server_and_slot_problems() {
+    let cluster = Postgres::start(&[]);
+    let a = archive(&cluster);
+    let good = cluster.write_private("pg-password", tidemark_testkit::SUPERUSER_PASSWORD);
+    let wrong = cluster.write_private("wrong-password", "not-the-password\n");
+    let receive = |port: u16, pw: &Path, extra: &[&str]| {
+        let url = format!("postgresql://postgres@127.0.0.1:{port}/postgres");
+        let args = [
+            &[
+                "pg",
+                "receive",
+                "--once",
+                "--url",
+                &url,
+                "--pg-password-file",
+            ][..],
+            &[pw.to_str().unwrap()],
+            extra,
+        ]
+        .concat();
+        tidemark(&a.config, &args)
+    };
+    let o = receive(cluster.port, &wrong, &[]);
+    assert_eq!(o.status.code(), Some(8), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("refused the login of user \"postgres\""),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!stderr(&o).contains("not-the-password"), "{}", stderr(&o));
+
+    let down = tidemark_testkit::free_port();
+    let o = receive(down, &good, &[]);
+    assert_eq!(o.status.code(), Some(8), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains(&format!("cannot reach PostgreSQL at 127.0.0.1:{down}")),
+        "{}",
+        stderr(&o)
+    );
+
+    let o = receive(cluster.port, &good, &["--slot", "Bad-Name"]);
+    assert_ne!(o.status.code(), Some(0));
+    assert!(
+        stderr(&o).contains("not a valid replication slot name"),
+        "{}",
+        stderr(&o)
+    );
+
+    let o = receive(
+        cluster.port,
+        &good,
+        &["--slot", "missing", "--no-create-slot"],
+    );
+    assert_eq!(o.status.code(), Some(8), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("replication slot \"missing\" does not exist"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(
+        cluster.psql("postgres", "SELECT count(*) FROM pg_replication_slots"),
+        "0"
+    );
+    assert!(
+        !a.repo.join("logs").exists()
+            || std::fs::read_dir(a.repo.join("logs")).unwrap().count() == 0
+    );
+}
