@@ -81,6 +81,42 @@ fn temp_name(dest: &Path) -> PathBuf {
     dest.with_file_name(format!(".tmp-{}-{:016x}", file, rand::random::<u64>()))
 }
 
+/// Remove `.tmp-*` files (temporary files of uploads that never completed) older than
+/// `older_than` under `dir`; how many.
+fn sweep_dir(dir: &Path, older_than: std::time::Duration) -> std::io::Result<u64> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e),
+    };
+    let mut removed = 0;
+    for entry in entries {
+        let entry = entry?;
+        let meta = match entry.metadata() {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        if meta.is_dir() {
+            removed += sweep_dir(&entry.path(), older_than)?;
+            continue;
+        }
+        let old = meta
+            .modified()
+            .ok()
+            .and_then(|m| m.elapsed().ok())
+            .is_some_and(|age| age >= older_than);
+        if entry.file_name().to_string_lossy().starts_with(".tmp-") && old {
+            match std::fs::remove_file(entry.path()) {
+                Ok(()) => removed += 1,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(removed)
+}
+
 fn sync_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
@@ -277,6 +313,12 @@ impl Storage for LocalStorage {
         })
         .await
     }
+
+    async fn sweep(&self, older_than: std::time::Duration) -> Result<u64> {
+        let root = self.root.clone();
+        self.blocking("sweep", "", move || sweep_dir(&root, older_than))
+            .await
+    }
 }
 
 struct LocalUpload {
@@ -340,5 +382,45 @@ impl Drop for LocalUpload {
         if self.file.is_some() {
             let _ = std::fs::remove_file(&self.tmp);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn sweep_removes_only_old_temporaries_of_killed_uploads() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = LocalStorage::new(dir.path(), "test").unwrap();
+        s.put(
+            "logs/pg/1/wal/seg",
+            Bytes::from_static(b"kept"),
+            PutMode::CreateNew,
+        )
+        .await
+        .unwrap();
+        let wal = dir.path().join("logs/pg/1/wal");
+        let old = wal.join(".tmp-seg2-0000000000000001");
+        let fresh = wal.join(".tmp-seg3-0000000000000002");
+        std::fs::write(&old, b"half").unwrap();
+        std::fs::write(&fresh, b"in flight").unwrap();
+        let hour_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(7200);
+        std::fs::File::options()
+            .write(true)
+            .open(&old)
+            .unwrap()
+            .set_modified(hour_ago)
+            .unwrap();
+        assert_eq!(
+            s.sweep(std::time::Duration::from_secs(3600)).await.unwrap(),
+            1
+        );
+        assert!(!old.exists());
+        assert!(fresh.exists(), "a live upload's file was removed");
+        assert_eq!(
+            s.get("logs/pg/1/wal/seg").await.unwrap(),
+            Bytes::from_static(b"kept")
+        );
     }
 }

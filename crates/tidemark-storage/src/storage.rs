@@ -114,4 +114,12 @@ pub trait Storage: Send + Sync + Debug {
     /// Delete the object at `path`. Deleting an absent object MUST succeed (deletes are
     /// idempotent so that an interrupted prune can simply run again).
     async fn delete(&self, path: &str) -> Result<()>;
+
+    /// Remove what interrupted writes left behind that is older than `older_than` (a local
+    /// location's temporary files of a killed upload; object stores abort multipart uploads
+    /// themselves, by lifecycle rule). Never touches an object. Returns how many were removed.
+    async fn sweep(&self, older_than: std::time::Duration) -> Result<u64> {
+        let _ = older_than;
+        Ok(0)
+    }
 }

@@ -43,6 +43,12 @@ pub async fn run(ctx: &Context, a: Args) -> Result<i32> {
             r.packs_deleted,
             size(r.bytes_deleted)
         );
+        if r.temporaries_removed > 0 {
+            println!(
+                "removed {} temporary files left by interrupted uploads",
+                r.temporaries_removed
+            );
+        }
     }
     Ok(crate::exit::OK)
 }

@@ -57,6 +57,8 @@ pub struct PruneReport {
     pub packs_repacked: usize,
     /// Index objects replaced by the merged index.
     pub indexes_replaced: usize,
+    /// Temporary files of interrupted uploads (older than the grace period) removed.
+    pub temporaries_removed: u64,
 }
 
 /// Run prune. Takes the exclusive lock's guard so it cannot run unlocked.
@@ -227,6 +229,9 @@ pub async fn prune(
             .await
             .map_err(Error::from)?;
     }
+    // 4. Leftovers of uploads that were killed (WAL archivers take no lock, so only files
+    // older than the grace period, which no live upload has).
+    report.temporaries_removed = repo.storage().sweep(opts.grace).await?;
     Ok(report)
 }
 

@@ -131,4 +131,7 @@ impl Storage for FaultLayer {
         self.check("delete", path, true)?;
         self.inner.delete(path).await
     }
+    async fn sweep(&self, older_than: std::time::Duration) -> Result<u64> {
+        self.inner.sweep(older_than).await
+    }
 }

@@ -93,6 +93,9 @@ impl Storage for RetryLayer {
     async fn delete(&self, path: &str) -> Result<()> {
         self.run(|| self.inner.delete(path)).await
     }
+    async fn sweep(&self, older_than: std::time::Duration) -> Result<u64> {
+        self.run(|| self.inner.sweep(older_than)).await
+    }
 }
 
 #[cfg(test)]

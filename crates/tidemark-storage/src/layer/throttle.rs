@@ -102,6 +102,9 @@ impl Storage for ThrottleLayer {
     async fn delete(&self, path: &str) -> Result<()> {
         self.inner.delete(path).await
     }
+    async fn sweep(&self, older_than: std::time::Duration) -> Result<u64> {
+        self.inner.sweep(older_than).await
+    }
 }
 
 struct ThrottledUpload {

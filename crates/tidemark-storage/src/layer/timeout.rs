@@ -90,4 +90,7 @@ impl Storage for TimeoutLayer {
     async fn delete(&self, path: &str) -> Result<()> {
         self.run("delete", path, 0, self.inner.delete(path)).await
     }
+    async fn sweep(&self, older_than: std::time::Duration) -> Result<u64> {
+        self.inner.sweep(older_than).await
+    }
 }
