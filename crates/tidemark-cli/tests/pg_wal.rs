@@ -436,9 +436,18 @@ fn a_physical_backup_recovers_to_a_time_and_to_the_end_of_the_archive() {
     let tl1 = &c["wal"][0];
     assert_eq!(tl1["timeline"], 1);
     assert_eq!(tl1["gaps"].as_array().unwrap().len(), 0, "{w}");
-    for (when, says) in [
-        ("2099-01-01 00:00:00+00", "outside the recoverable window"),
-        ("2000-01-01 00:00:00+00", "before the recoverable window"),
+    for (flag, when, says) in [
+        (
+            "--to-time",
+            "2099-01-01 00:00:00+00",
+            "outside the recoverable window",
+        ),
+        (
+            "--to-time",
+            "2000-01-01 00:00:00+00",
+            "before the recoverable window",
+        ),
+        ("--to-lsn", "FF/0", "beyond the end of the archived WAL"),
     ] {
         let dest = cluster.dir.path().join("never");
         let o = tidemark(
@@ -449,7 +458,7 @@ fn a_physical_backup_recovers_to_a_time_and_to_the_end_of_the_archive() {
                 "latest",
                 "--pgdata",
                 dest.to_str().unwrap(),
-                "--to-time",
+                flag,
                 when,
             ],
         );

@@ -520,6 +520,26 @@ async fn restore_physical(ctx: &Context, a: RestoreArgs) -> Result<i32> {
         if settings.is_empty() {
             refuse_gap(&snap, &archive)?;
         }
+        if let Bound::Lsn(l) = bound {
+            // The end of the archived WAL, on any timeline (a segment counts whole).
+            let end = archive
+                .timelines
+                .iter()
+                .filter_map(|t| tidemark_engine::postgres::wal::SegmentName::parse(&t.last))
+                .map(|s| s.start_lsn(seg) + seg)
+                .max();
+            if end.is_none_or(|e| l > e) {
+                use tidemark_engine::postgres::wal::lsn_string;
+                return Err(usage(
+                    format!(
+                        "--to-lsn {} is beyond the end of the archived WAL ({})",
+                        lsn_string(l),
+                        end.map_or("no WAL is archived".to_owned(), lsn_string)
+                    ),
+                    "see the window with `tidemark pg window`; check that archive_command runs",
+                ));
+            }
+        }
         let mut settings = settings.clone();
         settings.push(("recovery_target_timeline", timeline));
         let progress = Arc::new(Progress::default());
