@@ -389,9 +389,10 @@ fn a_physical_backup_recovers_to_a_time_and_to_the_end_of_the_archive() {
     assert!(v["snapshot"]["positions"]["pg.stop_lsn"].is_string(), "{v}");
 
     // Rows committed after the backup, on both sides of a target time.
-    cluster.psql(
+    // One statement string is one transaction: its xid is the --to-xid target.
+    let xid = cluster.psql(
         "postgres",
-        "INSERT INTO t (id) SELECT g FROM generate_series(1001, 1100) g",
+        "INSERT INTO t (id) SELECT g FROM generate_series(1001, 1100) g; SELECT txid_current()",
     );
     std::thread::sleep(Duration::from_millis(1200));
     let target = cluster.psql("postgres", "SELECT now()");
@@ -409,8 +410,12 @@ fn a_physical_backup_recovers_to_a_time_and_to_the_end_of_the_archive() {
         restore_to(&mut cluster, &a, "pitr", &["--to-time", &target]),
         "1100"
     );
-    // The same point by WAL position and by restore point name.
-    for target in [["--to-lsn", lsn.as_str()], ["--to-name", "after_1100"]] {
+    // The same point by WAL position, by restore point name, and by the transaction.
+    for target in [
+        ["--to-lsn", lsn.as_str()],
+        ["--to-name", "after_1100"],
+        ["--to-xid", xid.as_str()],
+    ] {
         let args = [&target[..], &["--timeline", "current"]].concat();
         let dir = target[0].trim_start_matches("--to-");
         assert_eq!(
