@@ -652,22 +652,7 @@ fn pitr_brings_back_exactly_the_rows_committed_up_to_each_target() {
         ));
     }
     let script_path = cluster.write_private("workload.sql", &script);
-    let mut workload = Command::new(cluster.bin().join("psql"))
-        .args(["-X", "-q", "-o", "/dev/null", "-v", "ON_ERROR_STOP=1", "-h"])
-        .arg(cluster.dir.path())
-        .args([
-            "-p",
-            &cluster.port.to_string(),
-            "-U",
-            "postgres",
-            "-d",
-            "postgres",
-            "-f",
-        ])
-        .arg(&script_path)
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut workload = cluster.spawn_psql_file("postgres", &script_path);
     let mut targets = Vec::new();
     for wait in [15, 20, 20] {
         std::thread::sleep(Duration::from_secs(wait));
@@ -830,6 +815,16 @@ fn start_receiver(cluster: &Postgres, a: &Archive, log: &Path) -> std::process::
         .unwrap()
 }
 
+/// Wait until a receiver streams from `cluster` through its slot.
+fn wait_for_receiver(cluster: &Postgres) {
+    cluster.wait_for(
+        "postgres",
+        "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'tidemark' AND active",
+        "1",
+        Duration::from_secs(30),
+    );
+}
+
 fn unix_now() -> f64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -851,12 +846,7 @@ fn streamed_wal_recovers_everything_committed_more_than_a_second_before_a_crash(
     );
     let log = cluster.dir.path().join("receive.log");
     let mut receiver = start_receiver(&cluster, &a, &log);
-    cluster.wait_for(
-        "postgres",
-        "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'tidemark' AND active",
-        "1",
-        Duration::from_secs(30),
-    );
+    wait_for_receiver(&cluster);
     cluster.psql(
         "postgres",
         "CREATE TABLE t (id int PRIMARY KEY, at timestamptz DEFAULT clock_timestamp(), pad text)",
@@ -875,23 +865,7 @@ fn streamed_wal_recovers_everything_committed_more_than_a_second_before_a_crash(
         }
     }
     let script_path = cluster.write_private("workload.sql", &script);
-    let mut workload = Command::new(cluster.bin().join("psql"))
-        .args(["-X", "-q", "-o", "/dev/null", "-h"])
-        .arg(cluster.dir.path())
-        .args([
-            "-p",
-            &cluster.port.to_string(),
-            "-U",
-            "postgres",
-            "-d",
-            "postgres",
-            "-f",
-        ])
-        .arg(&script_path)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut workload = cluster.spawn_psql_file("postgres", &script_path);
     std::thread::sleep(Duration::from_secs(4));
     receiver.kill().unwrap();
     receiver.wait().unwrap();
@@ -976,12 +950,7 @@ fn a_standby_is_backed_up_and_streamed_across_its_promotion() {
         "SELECT system_identifier FROM pg_control_system()",
     );
     let mut receiver = start_receiver(&standby, &a, &standby.dir.path().join("receive.log"));
-    standby.wait_for(
-        "postgres",
-        "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'tidemark' AND active",
-        "1",
-        Duration::from_secs(30),
-    );
+    wait_for_receiver(&standby);
     let v = physical_backup(&standby, &a);
     assert_eq!(v["snapshot"]["positions"]["pg.timeline"], 1, "{v}");
 
@@ -1113,5 +1082,28 @@ fn pg_receive_explains_wrong_credentials_a_down_server_and_slot_problems() {
     assert!(
         !a.repo.join("logs").exists()
             || std::fs::read_dir(a.repo.join("logs")).unwrap().count() == 0
+    );
+
+    // A block that is not whole pages is refused before anything is read.
+    let url = format!("postgresql://postgres@127.0.0.1:{}/postgres", cluster.port);
+    let o = tidemark(
+        &a.config,
+        &[
+            "pg",
+            "backup",
+            "--physical",
+            "--block-kib",
+            "12",
+            "--url",
+            &url,
+            "--pg-password-file",
+            good.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(o.status.code(), Some(8), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("not a whole number of 8 KiB pages"),
+        "{}",
+        stderr(&o)
     );
 }

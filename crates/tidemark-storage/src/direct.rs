@@ -66,11 +66,6 @@ impl DirectWriter {
         }
     }
 
-    /// Whether writes currently bypass the page cache.
-    pub fn is_direct(&self) -> bool {
-        self.direct
-    }
-
     /// Write the first `n` buffered bytes (a multiple of `ALIGN` in direct mode) and keep the
     /// rest at the front of the buffer.
     fn write_out(&mut self, n: usize) -> io::Result<()> {

@@ -216,22 +216,35 @@ impl Postgres {
         self.running = false;
     }
 
-    /// psql on the Unix socket as the superuser, unaligned, running `sql` in `db`.
-    fn psql_command(&self, db: &str, sql: &str) -> Command {
+    /// psql on the Unix socket as the superuser in `db`, stopping at the first error.
+    fn psql_base(&self, db: &str) -> Command {
         let mut c = Command::new(self.bin.join("psql"));
-        c.args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h"])
+        c.args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-h"])
             .arg(self.dir.path())
-            .args([
-                "-p",
-                &self.port.to_string(),
-                "-U",
-                "postgres",
-                "-d",
-                db,
-                "-c",
-                sql,
-            ]);
+            .args(["-p", &self.port.to_string(), "-U", "postgres", "-d", db]);
         c
+    }
+
+    /// psql running `sql` in `db`, unaligned and without headers.
+    fn psql_command(&self, db: &str, sql: &str) -> Command {
+        let mut c = self.psql_base(db);
+        c.args(["-A", "-t", "-c", sql]);
+        c
+    }
+
+    /// Start psql running the script `path` in `db` in the background (a workload), its output
+    /// discarded.
+    ///
+    /// # Panics
+    /// When psql cannot be started.
+    pub fn spawn_psql_file(&self, db: &str, path: &Path) -> std::process::Child {
+        self.psql_base(db)
+            .args(["-o", "/dev/null", "-f"])
+            .arg(path)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start psql")
     }
 
     /// Run SQL through psql; the output.

@@ -114,7 +114,8 @@ async fn restore(ctx: &Context, repo: &Repository, a: &RestoreArgs) -> Result<i3
             restore_tree(repo, &index, &wanted, "", &a.target, progress.clone()).await?;
             Ok(())
         } else if wanted.len() == 1 {
-            Ok(restore_file(repo, &index, wanted[0], &a.target, progress.clone(), true).await?)
+            restore_file(repo, &index, wanted[0], &a.target, progress.clone(), true).await?;
+            Ok(())
         } else {
             std::fs::create_dir_all(&a.target)
                 .with_context(|| format!("failed to create {}", a.target.display()))?;

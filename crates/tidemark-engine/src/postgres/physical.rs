@@ -595,17 +595,8 @@ pub async fn restore(
     };
     // The manifest first: it is checked before any file is written, and each file is checked
     // against it from the bytes as they are written (no second pass over the data).
-    let shared = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    tidemark_repo::ops::restore::restore_stream(
-        repo,
-        &index,
-        manifest,
-        SharedVec(shared.clone()),
-        &Default::default(),
-        progress.clone(),
-    )
-    .await?;
-    let text = std::mem::take(&mut *shared.lock().unwrap_or_else(|p| p.into_inner()));
+    let text =
+        tidemark_repo::ops::restore::read_stream(repo, &index, manifest, progress.clone()).await?;
     let files = parse_manifest(&text).map_err(bad)?;
     let entries: Vec<&StreamEntry> = snapshot
         .streams
@@ -670,24 +661,6 @@ struct Manifest {
     files: Vec<ManifestFile>,
     #[serde(rename = "Manifest-Checksum")]
     checksum: String,
-}
-
-/// A `Write` into a vector the caller keeps a handle to (restore_stream takes its writer by
-/// value, to a thread).
-struct SharedVec(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl std::io::Write for SharedVec {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
 }
 
 /// Parse the manifest and check its own SHA-256; its files.

@@ -175,6 +175,25 @@ impl Connection {
         r.map_err(|e| self.io(e))
     }
 
+    /// Read more bytes from the server into the buffer; the end of the connection is an error.
+    async fn read_more(&mut self) -> Result<(), WireError> {
+        if self.buf.capacity() - self.buf.len() < 8192 {
+            self.buf.reserve(256 * 1024);
+        }
+        let n = self
+            .stream
+            .read_buf(&mut self.buf)
+            .await
+            .map_err(|e| self.io(e))?;
+        if n == 0 {
+            return Err(self.io(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the server closed the connection",
+            )));
+        }
+        Ok(())
+    }
+
     /// The next backend message (notices are skipped).
     pub async fn recv(&mut self) -> Result<Message, WireError> {
         loop {
@@ -184,20 +203,7 @@ impl Connection {
                 Ok(None) => {}
                 Err(e) => return Err(self.protocol(e.to_string())),
             }
-            if self.buf.capacity() - self.buf.len() < 8192 {
-                self.buf.reserve(256 * 1024);
-            }
-            let n = self
-                .stream
-                .read_buf(&mut self.buf)
-                .await
-                .map_err(|e| self.io(e))?;
-            if n == 0 {
-                return Err(self.io(std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    "the server closed the connection",
-                )));
-            }
+            self.read_more().await?;
         }
     }
 
@@ -374,20 +380,7 @@ impl Connection {
                     self.buf.reserve(total - self.buf.len());
                 }
             }
-            if self.buf.capacity() - self.buf.len() < 8192 {
-                self.buf.reserve(256 * 1024);
-            }
-            let n = self
-                .stream
-                .read_buf(&mut self.buf)
-                .await
-                .map_err(|e| self.io(e))?;
-            if n == 0 {
-                return Err(self.io(std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    "the server closed the connection",
-                )));
-            }
+            self.read_more().await?;
         }
     }
 

@@ -206,6 +206,49 @@ pub async fn restore_stream<W: Write + Send + 'static>(
     Ok(n)
 }
 
+/// A `Write` into a vector the caller keeps a handle to (`restore_stream` hands its writer to a
+/// thread).
+#[derive(Clone, Default)]
+struct SharedVec(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl Write for SharedVec {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The whole content of a (small) stream in memory, verified as `restore_stream` verifies.
+///
+/// # Errors
+/// As for `restore_stream`.
+pub async fn read_stream(
+    repo: &Repository,
+    index: &MasterIndex,
+    entry: &StreamEntry,
+    progress: Arc<Progress>,
+) -> Result<Vec<u8>> {
+    let out = SharedVec::default();
+    restore_stream(
+        repo,
+        index,
+        entry,
+        out.clone(),
+        &RestoreOptions::default(),
+        progress,
+    )
+    .await?;
+    let v = std::mem::take(&mut *out.0.lock().unwrap_or_else(|p| p.into_inner()));
+    Ok(v)
+}
+
 /// A stream name as a relative path, refusing anything that could escape the target.
 pub fn safe_name(name: &str) -> Result<PathBuf> {
     if name.is_empty()
@@ -257,22 +300,9 @@ pub struct RestoredFile {
 
 /// Restore one stream to `target` through a temporary file: `target` appears only when whole.
 /// With `sync`, the file is fsynced before it is moved into place; a tree restore instead syncs
-/// the whole file system once at the end (one fsync per file made small files slow).
+/// the whole file system once at the end (one fsync per file made small files slow). Returns
+/// the size and CRC32C of what was written.
 pub async fn restore_file(
-    repo: &Repository,
-    index: &MasterIndex,
-    s: &StreamEntry,
-    target: &Path,
-    progress: Arc<Progress>,
-    sync: bool,
-) -> Result<()> {
-    restore_file_crc(repo, index, s, target, progress, sync)
-        .await
-        .map(|_| ())
-}
-
-/// `restore_file`, returning the size and CRC32C of what it wrote.
-async fn restore_file_crc(
     repo: &Repository,
     index: &MasterIndex,
     s: &StreamEntry,
@@ -371,7 +401,7 @@ pub async fn restore_tree(
             let progress = progress.clone();
             async move {
                 let (size, crc32c) =
-                    restore_file_crc(repo, index, entries[i], &path, progress, false).await?;
+                    restore_file(repo, index, entries[i], &path, progress, false).await?;
                 Ok::<_, Error>(RestoredFile {
                     path: r.to_string_lossy().into_owned(),
                     size,

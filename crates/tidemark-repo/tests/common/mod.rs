@@ -78,18 +78,13 @@ pub async fn backup_bytes(repo: &Repository, name: &str, data: Vec<u8>) -> (Snap
 
 pub async fn restore_bytes(repo: &Repository, snap: &Snapshot) -> tidemark_repo::Result<Vec<u8>> {
     let index = repo.load_index().await?;
-    let out = SharedBuf::default();
-    tidemark_repo::ops::restore::restore_stream(
+    tidemark_repo::ops::restore::read_stream(
         repo,
         &index,
         &snap.streams[0],
-        out.clone(),
-        &Default::default(),
         Arc::new(Progress::default()),
     )
-    .await?;
-    let v = out.0.lock().unwrap().clone();
-    Ok(v)
+    .await
 }
 
 #[derive(Clone, Default)]
