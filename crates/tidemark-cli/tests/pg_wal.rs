@@ -63,22 +63,49 @@ fn archiving_cluster(extra: &[&str]) -> (Postgres, Archive) {
     (cluster, a)
 }
 
-/// `tidemark pg backup --physical` of `cluster`; its JSON answer.
-fn physical_backup(cluster: &Postgres, a: &Archive) -> serde_json::Value {
-    let pw = cluster.write_private("pg-password", tidemark_testkit::SUPERUSER_PASSWORD);
-    let url = format!("postgresql://postgres@127.0.0.1:{}/postgres", cluster.port);
+/// `tidemark pg backup --physical --read <read>` of `cluster`; its JSON answer.
+fn physical_backup(cluster: &Postgres, a: &Archive, read: &str) -> serde_json::Value {
+    let o = physical_backup_as(
+        cluster,
+        a,
+        read,
+        "postgres",
+        tidemark_testkit::SUPERUSER_PASSWORD,
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    // The tests run on the database's host: `auto` reads the data directory.
+    let want = if read == "replication" {
+        "replication"
+    } else {
+        "local"
+    };
+    assert_eq!(v["snapshot"]["positions"]["pg.read"], want, "{v}");
+    v
+}
+
+/// `tidemark pg backup --physical --read <read>` of `cluster` as `user`.
+fn physical_backup_as(
+    cluster: &Postgres,
+    a: &Archive,
+    read: &str,
+    user: &str,
+    password: &str,
+) -> Output {
+    let pw = cluster.write_private(&format!("{user}-password"), password);
+    let url = format!("postgresql://{user}@127.0.0.1:{}/postgres", cluster.port);
     let args = [
         "pg",
         "backup",
         "--physical",
+        "--read",
+        read,
         "--json",
         "--url",
         &url,
         "--pg-password-file",
     ];
-    let o = tidemark(&a.config, &[&args[..], &[pw.to_str().unwrap()]].concat());
-    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
-    serde_json::from_slice(&o.stdout).unwrap()
+    tidemark(&a.config, &[&args[..], &[pw.to_str().unwrap()]].concat())
 }
 
 fn stderr(o: &Output) -> String {
@@ -384,9 +411,38 @@ fn a_physical_backup_recovers_to_a_time_and_to_the_end_of_the_archive() {
         "CREATE TABLE t (id int, at timestamptz DEFAULT clock_timestamp());
          INSERT INTO t (id) SELECT g FROM generate_series(1, 1000) g",
     );
-    let v = physical_backup(&cluster, &a);
+    let v = physical_backup(&cluster, &a, "local");
     assert_eq!(v["snapshot"]["kind"], "physical");
     assert!(v["snapshot"]["positions"]["pg.stop_lsn"].is_string(), "{v}");
+
+    // A role that may replicate but not read the server's settings nor start a backup:
+    // `--read local` says why it cannot, `auto` backs up over the replication protocol.
+    cluster.psql(
+        "postgres",
+        "CREATE ROLE streamer LOGIN REPLICATION PASSWORD 'streamer-pw'",
+    );
+    let o = physical_backup_as(&cluster, &a, "local", "streamer", "streamer-pw");
+    assert_eq!(o.status.code(), Some(8), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("pg_read_all_settings") && stderr(&o).contains("--read replication"),
+        "{}",
+        stderr(&o)
+    );
+    cluster.psql("postgres", "GRANT pg_read_all_settings TO streamer");
+    let o = physical_backup_as(&cluster, &a, "local", "streamer", "streamer-pw");
+    assert_eq!(o.status.code(), Some(8), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("may not run pg_backup_start(text, boolean)"),
+        "{}",
+        stderr(&o)
+    );
+    let o = physical_backup_as(&cluster, &a, "auto", "streamer", "streamer-pw");
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let second: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        second["snapshot"]["positions"]["pg.read"], "replication",
+        "{second}"
+    );
 
     // Rows committed after the backup, on both sides of a target time.
     // One statement string is one transaction: its xid is the --to-xid target.
@@ -436,7 +492,8 @@ fn a_physical_backup_recovers_to_a_time_and_to_the_end_of_the_archive() {
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let w: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     let c = &w[0];
-    assert_eq!(c["base_backups"].as_array().unwrap().len(), 1, "{w}");
+    // The superuser's local backup and the replication role's.
+    assert_eq!(c["base_backups"].as_array().unwrap().len(), 2, "{w}");
     assert!(c["earliest"].as_str() < c["latest"].as_str(), "{w}");
     let tl1 = &c["wal"][0];
     assert_eq!(tl1["timeline"], 1);
@@ -486,14 +543,15 @@ fn a_physical_backup_recovers_to_a_time_and_to_the_end_of_the_archive() {
         "{}",
         String::from_utf8_lossy(&o.stdout)
     );
-    // Recovery to the end would stop at the gap as if it were the end: refused.
+    // Recovery to the end from the first backup would stop at the gap as if it were the
+    // end: refused.
     let dest = cluster.dir.path().join("never");
     let o = tidemark(
         &a.config,
         &[
             "pg",
             "restore",
-            "latest",
+            v["id"].as_str().unwrap(),
             "--pgdata",
             dest.to_str().unwrap(),
             "--latest",
@@ -526,8 +584,8 @@ fn a_physical_backup_recovers_to_a_time_and_to_the_end_of_the_archive() {
     assert!(stderr(&o).contains("not empty"), "{}", stderr(&o));
     assert_eq!(std::fs::read_dir(&busy).unwrap().count(), 1);
 
-    // With the first segment the base backup needs gone, a started restore fails loudly with
-    // the server's log; it never reports a recovery that did not happen.
+    // With the first segment the first base backup needs gone, a started restore fails
+    // loudly with the server's log; it never reports a recovery that did not happen.
     cluster.clear_data_dir();
     let data = cluster.data_dir();
     let o = tidemark(
@@ -535,7 +593,7 @@ fn a_physical_backup_recovers_to_a_time_and_to_the_end_of_the_archive() {
         &[
             "pg",
             "restore",
-            "latest",
+            v["id"].as_str().unwrap(),
             "--pgdata",
             data.to_str().unwrap(),
             "--to-lsn",
@@ -569,7 +627,7 @@ fn archive_now(cluster: &Postgres, timeout_secs: u64) -> String {
 fn a_restore_to_a_point_on_a_later_timeline_follows_the_history() {
     let (mut cluster, a) = archiving_cluster(&[]);
     cluster.psql("postgres", "CREATE TABLE t (id int)");
-    physical_backup(&cluster, &a);
+    physical_backup(&cluster, &a, "replication");
     cluster.psql("postgres", "INSERT INTO t SELECT generate_series(1, 100)");
     std::thread::sleep(Duration::from_millis(1100));
     let branch = cluster.psql("postgres", "SELECT now()");
@@ -642,7 +700,7 @@ fn pitr_brings_back_exactly_the_rows_committed_up_to_each_target() {
         "postgres",
         "CREATE TABLE t (id int PRIMARY KEY, at timestamptz DEFAULT clock_timestamp())",
     );
-    physical_backup(&cluster, &a);
+    physical_backup(&cluster, &a, "auto");
 
     // ~65 s of single-row transactions, one every 50 ms.
     let mut script = String::new();
@@ -851,7 +909,7 @@ fn streamed_wal_recovers_everything_committed_more_than_a_second_before_a_crash(
         "postgres",
         "CREATE TABLE t (id int PRIMARY KEY, at timestamptz DEFAULT clock_timestamp(), pad text)",
     );
-    physical_backup(&cluster, &a);
+    physical_backup(&cluster, &a, "replication");
 
     // Single-row transactions every 10 ms, and a segment switch now and then so that pieces
     // turn into whole segments while it runs.
@@ -951,7 +1009,7 @@ fn a_standby_is_backed_up_and_streamed_across_its_promotion() {
     );
     let mut receiver = start_receiver(&standby, &a, &standby.dir.path().join("receive.log"));
     wait_for_receiver(&standby);
-    let v = physical_backup(&standby, &a);
+    let v = physical_backup(&standby, &a, "auto");
     assert_eq!(v["snapshot"]["positions"]["pg.timeline"], 1, "{v}");
 
     // Failover: the primary stops, the standby is promoted and takes writes on timeline 2.

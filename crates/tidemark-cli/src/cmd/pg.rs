@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use anyhow::Result;
 use tidemark_engine::postgres::logical::RestoreOptions;
+use tidemark_engine::postgres::physical::{PhysicalOptions, ReadMode};
 use tidemark_engine::postgres::{ConnOptions, PasswordSource, Postgres, SslMode};
 use tidemark_engine::Engine;
 use tidemark_repo::lock::{LockGuard, LockKind, LockOptions};
@@ -112,6 +113,14 @@ impl ConnArgs {
     }
 }
 
+/// `--read` of `pg backup --physical`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum ReadArg {
+    Auto,
+    Local,
+    Replication,
+}
+
 #[derive(Debug, clap::Args)]
 pub struct BackupArgs {
     #[command(flatten)]
@@ -129,6 +138,11 @@ pub struct BackupArgs {
     /// Seconds to wait for the WAL a physical backup needs to reach the archive.
     #[arg(long, default_value_t = 60)]
     wal_wait: u64,
+    /// With --physical: where the files are read. `auto` reads the data directory directly
+    /// when this host has it (faster: no walsender) and otherwise over the replication
+    /// protocol; `local` insists on the data directory, `replication` on the network.
+    #[arg(long, value_enum, default_value_t = ReadArg::Auto, requires = "physical")]
+    read: ReadArg,
     /// Dump this database (repeatable); default the connection's database.
     #[arg(long = "database", conflicts_with = "all")]
     databases: Vec<String>,
@@ -291,9 +305,14 @@ async fn backup(ctx: &Context, a: BackupArgs) -> Result<i32> {
     pg.logical.all = a.all;
     pg.logical.globals = a.globals;
     if a.physical {
-        pg.physical = Some(tidemark_engine::postgres::physical::PhysicalOptions {
+        pg.physical = Some(PhysicalOptions {
             wal_wait: std::time::Duration::from_secs(a.wal_wait),
             block: a.block_kib * 1024,
+            read: match a.read {
+                ReadArg::Auto => ReadMode::Auto,
+                ReadArg::Local => ReadMode::Local,
+                ReadArg::Replication => ReadMode::Replication,
+            },
         });
     }
     let repo = ctx.open().await?;

@@ -3,6 +3,7 @@
 
 pub mod archive;
 pub mod conn;
+mod local;
 pub mod logical;
 pub mod physical;
 pub mod start;

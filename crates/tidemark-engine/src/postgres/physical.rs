@@ -25,7 +25,7 @@ pub const MANIFEST: &str = "backup_manifest";
 pub const DATA: &str = "data/";
 
 /// Files up to this size are gathered in memory and cut in one step.
-const SMALL: u64 = 1 << 20;
+pub(super) const SMALL: u64 = 1 << 20;
 
 /// How physical backups are taken.
 #[derive(Debug, Clone)]
@@ -34,6 +34,21 @@ pub struct PhysicalOptions {
     pub block: usize,
     /// How long to wait for the WAL the backup needs to reach the archive.
     pub wal_wait: Duration,
+    /// Where the files are read.
+    pub read: ReadMode,
+}
+
+/// Where a physical backup reads the data directory's files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ReadMode {
+    /// From the data directory when this host has it (the server's own process works in
+    /// it), else over the replication protocol.
+    #[default]
+    Auto,
+    /// From the data directory, or fail saying why not.
+    Local,
+    /// Over the replication protocol (BASE_BACKUP), from anywhere.
+    Replication,
 }
 
 impl Default for PhysicalOptions {
@@ -41,6 +56,7 @@ impl Default for PhysicalOptions {
         PhysicalOptions {
             block: 64 << 10,
             wal_wait: Duration::from_secs(60),
+            read: ReadMode::Auto,
         }
     }
 }
@@ -52,15 +68,16 @@ enum Member {
     Entry(tar::Header),
 }
 
-/// What the server said around the data.
+/// Where a backup began and ended, and its manifest.
 #[derive(Debug, Default)]
-struct Ended {
-    start_lsn: u64,
-    start_tli: u32,
-    end_lsn: u64,
-    end_tli: u32,
-    manifest: Vec<u8>,
-    tablespaces: usize,
+pub(super) struct Ended {
+    pub(super) start_lsn: u64,
+    pub(super) start_tli: u32,
+    pub(super) end_lsn: u64,
+    pub(super) end_tli: u32,
+    pub(super) manifest: Vec<u8>,
+    /// Archives (BASE_BACKUP's count): the data directory and each tablespace.
+    pub(super) tablespaces: usize,
 }
 
 /// The content of a large file, read on the backup's reader thread. Fewer bytes than the
@@ -339,13 +356,89 @@ pub async fn backup(
         });
     }
     let info = pg.server_info().await?;
+    let cut = Cutting::Fixed(o.block);
+    let dir = match o.read {
+        ReadMode::Replication => None,
+        ReadMode::Local => super::local::locate(pg, &info, true).await?,
+        ReadMode::Auto => super::local::locate(pg, &info, false).await?,
+    };
+    let (ended, seg_size, read) = match dir {
+        Some(dir) => {
+            let mut conn = pg.connect().await?;
+            let seg_size = wal_segment_size(&mut conn).await;
+            conn.close().await;
+            let ended = super::local::backup(pg, backup, &dir, &info, cut).await?;
+            (ended, seg_size, "local")
+        }
+        None => {
+            let (ended, seg_size) = replicate(pg, backup, cut).await?;
+            (ended, seg_size, "replication")
+        }
+    };
+    backup
+        .add_bytes(
+            MANIFEST,
+            EntryType::Stream,
+            ended.manifest.clone(),
+            Some(0o600),
+            None,
+        )
+        .await?;
+
+    let system_id: u64 = info
+        .system_id
+        .parse()
+        .map_err(|_| pg.db_error("back up", "the system identifier is not a number"))?;
+    let first = SegmentName::containing(ended.start_tli, ended.start_lsn, seg_size);
+    let last = SegmentName::containing(ended.end_tli, ended.end_lsn.saturating_sub(1), seg_size);
+    wait_for_wal(
+        pg,
+        backup.repository(),
+        system_id,
+        (first, last, ended.end_lsn),
+        seg_size,
+        o.wal_wait,
+    )
+    .await?;
+
+    let mut positions = BTreeMap::new();
+    positions.insert("pg.system_id".into(), info.system_id.clone().into());
+    positions.insert("pg.timeline".into(), ended.start_tli.into());
+    positions.insert(
+        "pg.start_lsn".into(),
+        wal::lsn_string(ended.start_lsn).into(),
+    );
+    positions.insert("pg.stop_lsn".into(), wal::lsn_string(ended.end_lsn).into());
+    positions.insert("pg.stop_timeline".into(), ended.end_tli.into());
+    positions.insert("pg.start_wal".into(), first.to_string().into());
+    positions.insert("pg.stop_wal".into(), last.to_string().into());
+    positions.insert("pg.seg_size".into(), seg_size.into());
+    positions.insert("pg.block_size".into(), (o.block as u64).into());
+    positions.insert("pg.read".into(), read.into());
+    positions.insert(
+        "pg.tablespaces".into(),
+        (ended.tablespaces.saturating_sub(1) as u64).into(),
+    );
+    Ok(BackupInfo {
+        kind: SnapshotKind::Physical,
+        database: DatabaseIdentity {
+            name: pg.conn.server(),
+            system_id: Some(info.system_id),
+            version: Some(info.version),
+        },
+        positions,
+    })
+}
+
+/// The backup over the replication protocol: BASE_BACKUP's archives, member by member;
+/// (where it ended, the WAL segment size).
+async fn replicate(pg: &Postgres, backup: &mut Backup<'_>, cut: Cutting) -> Result<(Ended, u64)> {
     let mut conn = Connection::connect(&pg.conn, true)
         .await
         .map_err(|e| pg.db_error("open a replication connection to", e))?;
     let seg_size = wal_segment_size(&mut conn).await;
     let (tx, mut rx) = mpsc::channel::<(String, Member)>(8);
     let receiver = tokio::spawn(receive(conn, tx));
-    let cut = Cutting::Fixed(o.block);
     let added: Result<()> = async {
         while let Some((prefix, m)) = rx.recv().await {
             match m {
@@ -401,59 +494,7 @@ pub async fn backup(
         .map_err(|e| pg.db_error("back up", e))?
         .map_err(|e| pg.db_error("back up", e));
     added?;
-    let ended = ended?;
-    backup
-        .add_bytes(
-            MANIFEST,
-            EntryType::Stream,
-            ended.manifest.clone(),
-            Some(0o600),
-            None,
-        )
-        .await?;
-
-    let system_id: u64 = info
-        .system_id
-        .parse()
-        .map_err(|_| pg.db_error("back up", "the system identifier is not a number"))?;
-    let first = SegmentName::containing(ended.start_tli, ended.start_lsn, seg_size);
-    let last = SegmentName::containing(ended.end_tli, ended.end_lsn.saturating_sub(1), seg_size);
-    wait_for_wal(
-        pg,
-        backup.repository(),
-        system_id,
-        (first, last, ended.end_lsn),
-        seg_size,
-        o.wal_wait,
-    )
-    .await?;
-
-    let mut positions = BTreeMap::new();
-    positions.insert("pg.system_id".into(), info.system_id.clone().into());
-    positions.insert("pg.timeline".into(), ended.start_tli.into());
-    positions.insert(
-        "pg.start_lsn".into(),
-        wal::lsn_string(ended.start_lsn).into(),
-    );
-    positions.insert("pg.stop_lsn".into(), wal::lsn_string(ended.end_lsn).into());
-    positions.insert("pg.stop_timeline".into(), ended.end_tli.into());
-    positions.insert("pg.start_wal".into(), first.to_string().into());
-    positions.insert("pg.stop_wal".into(), last.to_string().into());
-    positions.insert("pg.seg_size".into(), seg_size.into());
-    positions.insert("pg.block_size".into(), (o.block as u64).into());
-    positions.insert(
-        "pg.tablespaces".into(),
-        (ended.tablespaces.saturating_sub(1) as u64).into(),
-    );
-    Ok(BackupInfo {
-        kind: SnapshotKind::Physical,
-        database: DatabaseIdentity {
-            name: pg.conn.server(),
-            system_id: Some(info.system_id),
-            version: Some(info.version),
-        },
-        positions,
-    })
+    Ok((ended?, seg_size))
 }
 
 /// How far from its start the streamed pieces of `seg` in `names` reach without a hole.
@@ -644,9 +685,9 @@ pub async fn restore(
 }
 
 #[derive(Debug, serde::Deserialize)]
-struct ManifestFile {
+pub(super) struct ManifestFile {
     #[serde(rename = "Path")]
-    path: String,
+    pub(super) path: String,
     #[serde(rename = "Size")]
     size: u64,
     #[serde(rename = "Checksum-Algorithm", default)]
@@ -664,7 +705,7 @@ struct Manifest {
 }
 
 /// Parse the manifest and check its own SHA-256; its files.
-fn parse_manifest(text: &[u8]) -> std::result::Result<Vec<ManifestFile>, String> {
+pub(super) fn parse_manifest(text: &[u8]) -> std::result::Result<Vec<ManifestFile>, String> {
     use sha2::Digest;
     let m: Manifest = serde_json::from_slice(text)
         .map_err(|e| format!("the backup manifest does not parse: {e}"))?;
