@@ -1105,6 +1105,30 @@ fn pg_receive_explains_wrong_credentials_a_down_server_and_slot_problems() {
     );
     assert!(!stderr(&o).contains("not-the-password"), "{}", stderr(&o));
 
+    // TLS required of a server without it: said plainly, before any password is sent.
+    let url = format!(
+        "postgresql://postgres@127.0.0.1:{}/postgres?sslmode=require",
+        cluster.port
+    );
+    let o = tidemark(
+        &a.config,
+        &[
+            "pg",
+            "receive",
+            "--once",
+            "--url",
+            &url,
+            "--pg-password-file",
+            good.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(o.status.code(), Some(8), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("does not accept TLS connections"),
+        "{}",
+        stderr(&o)
+    );
+
     let down = tidemark_testkit::free_port();
     let o = receive(down, &good, &[]);
     assert_eq!(o.status.code(), Some(8), "{}", stderr(&o));
@@ -1164,4 +1188,71 @@ fn pg_receive_explains_wrong_credentials_a_down_server_and_slot_problems() {
         "{}",
         stderr(&o)
     );
+}
+
+/// tidemark's own connections (queries and replication) and PostgreSQL's tools (pg_dump) over
+/// TLS, with libpq's sslmode meanings. The server refuses every TCP connection without TLS,
+/// so a success proves the connection was encrypted.
+#[test]
+fn tls_connections_check_what_sslmode_asks_for() {
+    let (cluster, a) = archiving_cluster(&[]);
+    let (ca, other_ca) = cluster.enable_tls();
+    let pw = cluster.write_private("pg-password", tidemark_testkit::SUPERUSER_PASSWORD);
+    let port = cluster.port;
+    let backup = |host: &str, query: &str, extra: &[&str]| {
+        let url = format!("postgresql://postgres@{host}:{port}/postgres?{query}");
+        let args = [
+            &[
+                "pg",
+                "backup",
+                "--json",
+                "--url",
+                &url,
+                "--pg-password-file",
+            ][..],
+            &[pw.to_str().unwrap()],
+            extra,
+        ]
+        .concat();
+        tidemark(&a.config, &args)
+    };
+    let full = format!("sslmode=verify-full&sslrootcert={}", ca.display());
+    // A physical backup over the replication protocol, the certificate and name checked.
+    let o = backup("127.0.0.1", &full, &["--physical", "--read", "replication"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    // The default (prefer) encrypts when the server offers TLS; pg_dump gets the same mode.
+    let o = backup("127.0.0.1", "", &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    // verify-ca checks the chain but not the name: `localhost` is not in the certificate.
+    let o = backup(
+        "localhost",
+        &format!("sslmode=verify-ca&sslrootcert={}", ca.display()),
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+
+    for (host, query, says) in [
+        ("localhost", full.clone(), "not valid for name"),
+        (
+            "127.0.0.1",
+            format!("sslmode=verify-full&sslrootcert={}", other_ca.display()),
+            "invalid peer certificate",
+        ),
+        ("127.0.0.1", "sslmode=verify-full".into(), "sslrootcert"),
+        (
+            "127.0.0.1",
+            "sslmode=verify-ca&sslrootcert=/nonexistent/root.crt".into(),
+            "/nonexistent/root.crt",
+        ),
+        ("127.0.0.1", "sslmode=disable".into(), "no encryption"),
+    ] {
+        let o = backup(host, &query, &[]);
+        assert_eq!(o.status.code(), Some(8), "{query}: {}", stderr(&o));
+        assert!(stderr(&o).contains(says), "{query}: {}", stderr(&o));
+        assert!(
+            !stderr(&o).contains(tidemark_testkit::SUPERUSER_PASSWORD),
+            "{}",
+            stderr(&o)
+        );
+    }
 }

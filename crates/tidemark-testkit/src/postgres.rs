@@ -290,6 +290,101 @@ impl Postgres {
         }
     }
 
+    /// Turn TLS on (a reload, no restart) with a server certificate for `127.0.0.1` signed by
+    /// a throwaway certificate authority, and refuse every TCP connection without TLS (socket
+    /// connections, which `psql` here uses, still work). Returns the CA certificate (PEM)
+    /// and the certificate of a second, unrelated CA, both made with Debian's `openssl`.
+    ///
+    /// # Panics
+    /// When `openssl` fails.
+    pub fn enable_tls(&self) -> (PathBuf, PathBuf) {
+        let d = self.dir.path().join("tls");
+        std::fs::create_dir_all(&d).expect("create the TLS directory");
+        let openssl = |args: &[&str]| {
+            let mut c = Command::new("openssl");
+            c.current_dir(&d).args(args);
+            run(c, "openssl");
+        };
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        for ca in ["ca", "other-ca"] {
+            let (key, crt, subj) = (
+                format!("{ca}.key"),
+                format!("{ca}.crt"),
+                format!("/CN=tidemark test {ca}"),
+            );
+            let mut a = vec!["req", "-x509", "-days", "2", "-subj", &subj];
+            a.extend_from_slice(&ec);
+            a.extend_from_slice(&["-keyout", &key, "-out", &crt]);
+            openssl(&a);
+        }
+        let mut a = vec!["req", "-subj", "/CN=127.0.0.1"];
+        a.extend_from_slice(&ec);
+        a.extend_from_slice(&["-keyout", "server.key", "-out", "server.csr"]);
+        openssl(&a);
+        std::fs::write(
+            d.join("ext.cnf"),
+            "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+        )
+        .expect("write ext.cnf");
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
+            "-out",
+            "server.crt",
+        ]);
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(d.join("server.key"), std::fs::Permissions::from_mode(0o600))
+                .expect("chmod server.key");
+        }
+        self.give(&d);
+        let hba = self.data_dir().join("pg_hba.conf");
+        let h = std::fs::read_to_string(&hba).expect("read pg_hba.conf");
+        std::fs::write(
+            &hba,
+            format!(
+                "hostnossl all all 0.0.0.0/0 reject\nhostnossl replication all 0.0.0.0/0 reject\n{h}"
+            ),
+        )
+        .expect("write pg_hba.conf");
+        // One statement per call: ALTER SYSTEM refuses to run inside a transaction.
+        for (name, value) in [
+            ("ssl_cert_file", d.join("server.crt")),
+            ("ssl_key_file", d.join("server.key")),
+        ] {
+            self.psql(
+                "postgres",
+                &format!("ALTER SYSTEM SET {name} = '{}'", value.display()),
+            );
+        }
+        self.psql("postgres", "ALTER SYSTEM SET ssl = on");
+        self.psql("postgres", "SELECT pg_reload_conf()");
+        self.wait_for(
+            "postgres",
+            "SHOW ssl",
+            "on",
+            std::time::Duration::from_secs(10),
+        );
+        (d.join("ca.crt"), d.join("other-ca.crt"))
+    }
+
     /// A streaming-replication standby of this (running) server, in its own directory and on
     /// its own port, started; `extra_conf` lines go into its `postgresql.auto.conf`.
     ///

@@ -51,7 +51,7 @@ pub struct ReceiveArgs {
 }
 
 /// How to reach the server. Unset fields come from the libpq environment (PGHOST, PGPORT,
-/// PGUSER, PGDATABASE, PGSSLMODE). The password comes from a file, PGPASSWORD or a passfile;
+/// PGUSER, PGDATABASE, PGSSLMODE, PGSSLROOTCERT). The password comes from a file, PGPASSWORD or a passfile;
 /// never from a flag or a URL.
 #[derive(Debug, clap::Args)]
 pub struct ConnArgs {
@@ -70,9 +70,13 @@ pub struct ConnArgs {
     /// Database to connect to (and to dump, unless --database or --all).
     #[arg(long)]
     dbname: Option<String>,
-    /// disable, allow, prefer, require, verify-ca or verify-full.
+    /// disable, allow, prefer, require, verify-ca or verify-full (libpq's meanings).
     #[arg(long)]
     sslmode: Option<String>,
+    /// PEM file of the certificate authorities trusted for verify-ca and verify-full, or
+    /// `system`; default ~/.postgresql/root.crt (PGSSLROOTCERT).
+    #[arg(long)]
+    sslrootcert: Option<PathBuf>,
     /// File whose first line is the PostgreSQL password.
     #[arg(long, env = "TIDEMARK_PG_PASSWORD_FILE")]
     pg_password_file: Option<PathBuf>,
@@ -103,6 +107,9 @@ impl ConnArgs {
         }
         if let Some(s) = &self.sslmode {
             c.sslmode = SslMode::parse(s).map_err(bad)?;
+        }
+        if let Some(r) = &self.sslrootcert {
+            c.sslrootcert = Some(r.clone());
         }
         if let Some(f) = &self.pg_password_file {
             c.password = PasswordSource::File(f.clone());

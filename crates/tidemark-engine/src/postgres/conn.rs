@@ -81,6 +81,9 @@ pub struct ConnOptions {
     pub dbname: String,
     /// TLS mode.
     pub sslmode: SslMode,
+    /// The certificate authorities trusted for `verify-ca`/`verify-full` (PEM), or `system`;
+    /// `None` is libpq's default, `~/.postgresql/root.crt`.
+    pub sslrootcert: Option<PathBuf>,
     /// The password's source.
     pub password: PasswordSource,
     /// How long to wait for the TCP connection.
@@ -95,6 +98,7 @@ impl Default for ConnOptions {
             user: "postgres".into(),
             dbname: "postgres".into(),
             sslmode: SslMode::Prefer,
+            sslrootcert: None,
             password: PasswordSource::Environment,
             connect_timeout: Duration::from_secs(10),
         }
@@ -128,7 +132,7 @@ fn decode(s: &str) -> Result<String, String> {
 
 impl ConnOptions {
     /// Defaults overridden by the libpq environment (`PGHOST`, `PGPORT`, `PGUSER`,
-    /// `PGDATABASE`, `PGSSLMODE`, `PGCONNECT_TIMEOUT`).
+    /// `PGDATABASE`, `PGSSLMODE`, `PGSSLROOTCERT`, `PGCONNECT_TIMEOUT`).
     ///
     /// # Errors
     /// A message naming the variable that does not parse.
@@ -150,6 +154,9 @@ impl ConnOptions {
         }
         if let Some(s) = env("PGSSLMODE") {
             o.sslmode = SslMode::parse(&s)?;
+        }
+        if let Some(r) = env("PGSSLROOTCERT") {
+            o.sslrootcert = Some(PathBuf::from(r));
         }
         if let Some(t) = env("PGCONNECT_TIMEOUT") {
             let secs: u64 = t
@@ -220,6 +227,7 @@ impl ConnOptions {
             let v = decode(v)?;
             match k {
                 "sslmode" => self.sslmode = SslMode::parse(&v)?,
+                "sslrootcert" => self.sslrootcert = Some(PathBuf::from(v)),
                 "user" => self.user = v,
                 "dbname" => self.dbname = v,
                 "host" => self.host = v,
@@ -240,7 +248,7 @@ impl ConnOptions {
                 "application_name" => {}
                 other => {
                     return Err(format!(
-                        "URL parameter {other:?} is not supported (use host, port, user, dbname, sslmode, connect_timeout)"
+                        "URL parameter {other:?} is not supported (use host, port, user, dbname, sslmode, sslrootcert, connect_timeout)"
                     ))
                 }
             }
@@ -312,6 +320,12 @@ impl ConnOptions {
             ("PGUSER".to_owned(), self.user.clone()),
             ("PGDATABASE".to_owned(), self.dbname.clone()),
             ("PGSSLMODE".to_owned(), self.sslmode.as_str().to_owned()),
+            (
+                "PGSSLROOTCERT".to_owned(),
+                self.sslrootcert
+                    .as_ref()
+                    .map_or_else(String::new, |p| p.display().to_string()),
+            ),
             (
                 "PGCONNECT_TIMEOUT".to_owned(),
                 self.connect_timeout.as_secs().max(2).to_string(),
@@ -423,8 +437,14 @@ mod tests {
     #[test]
     fn a_url_sets_the_fields_and_refuses_a_password() {
         let mut o = ConnOptions::default();
-        o.apply_url("postgresql://app%40x@db.example:6543/shop?sslmode=require")
-            .unwrap();
+        o.apply_url(
+            "postgresql://app%40x@db.example:6543/shop?sslmode=require&sslrootcert=/etc/ca%20bundle.pem",
+        )
+        .unwrap();
+        assert_eq!(
+            o.sslrootcert.as_deref(),
+            Some(std::path::Path::new("/etc/ca bundle.pem"))
+        );
         assert_eq!(
             (o.user.as_str(), o.host.as_str(), o.port, o.dbname.as_str()),
             ("app@x", "db.example", 6543, "shop")

@@ -9,6 +9,7 @@ pub mod physical;
 pub mod start;
 pub mod stream;
 pub mod tar;
+mod tls;
 pub mod wal;
 pub mod wire;
 

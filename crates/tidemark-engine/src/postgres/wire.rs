@@ -10,7 +10,8 @@ use postgres_protocol::message::{backend::Message, frontend};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::conn::{ConnOptions, SslMode};
+use super::conn::ConnOptions;
+use super::tls::{Stream, TlsFailure};
 
 /// Errors of the connection, with the server named.
 #[derive(Debug, thiserror::Error)]
@@ -52,9 +53,14 @@ pub enum WireError {
         /// What was wrong.
         what: String,
     },
-    /// The connection options ask for something this client cannot do.
-    #[error("{0}")]
-    Unsupported(String),
+    /// TLS was required and could not be set up, or the certificate was not trusted.
+    #[error("cannot set up TLS with PostgreSQL at {server}: {reason}")]
+    Tls {
+        /// host:port.
+        server: String,
+        /// What failed.
+        reason: String,
+    },
 }
 
 /// One result row: text values, NULL as None.
@@ -62,7 +68,7 @@ pub type Row = Vec<Option<String>>;
 
 /// A connection to one server.
 pub struct Connection {
-    stream: TcpStream,
+    stream: Stream,
     buf: BytesMut,
     server: String,
     /// Server parameters reported at startup (`server_version`, …).
@@ -103,16 +109,6 @@ impl Connection {
     /// `Io` when the server cannot be reached, `Auth` when it refuses the login.
     pub async fn connect(opts: &ConnOptions, replication: bool) -> Result<Connection, WireError> {
         let server = opts.server();
-        match opts.sslmode {
-            SslMode::Disable | SslMode::Allow | SslMode::Prefer => {}
-            m => {
-                return Err(WireError::Unsupported(format!(
-                    "sslmode={} is not supported by tidemark's own connections yet; \
-                     use sslmode=prefer or disable on a trusted network",
-                    m.as_str()
-                )))
-            }
-        }
         let connect = TcpStream::connect((opts.host.as_str(), opts.port));
         let stream = tokio::time::timeout(opts.connect_timeout, connect)
             .await
@@ -128,6 +124,28 @@ impl Connection {
                 source,
             })?;
         let _ = stream.set_nodelay(true);
+        let stream =
+            tokio::time::timeout(opts.connect_timeout, super::tls::negotiate(stream, opts))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(TlsFailure::Io(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!(
+                            "no answer to the TLS request within {:?}",
+                            opts.connect_timeout
+                        ),
+                    )))
+                })
+                .map_err(|f| match f {
+                    TlsFailure::Io(source) => WireError::Io {
+                        server: server.clone(),
+                        source,
+                    },
+                    TlsFailure::Refused(reason) => WireError::Tls {
+                        server: server.clone(),
+                        reason,
+                    },
+                })?;
         let mut c = Connection {
             stream,
             buf: BytesMut::with_capacity(64 * 1024),
