@@ -28,6 +28,8 @@ pub mod aad {
     pub const LOCK: &[u8] = b"tidemark/lock/v1";
     /// Wrapped master keys.
     pub const KEY: &[u8] = b"tidemark/key/v1";
+    /// zstd dictionaries.
+    pub const DICT: &[u8] = b"tidemark/dict/v1";
 }
 
 /// The 32-byte master key. Zeroed on drop; never printed.

@@ -7,6 +7,7 @@
 pub mod chunker;
 pub mod config;
 pub mod crypto;
+pub mod dict;
 mod error;
 pub mod id;
 pub mod index;

@@ -2,7 +2,10 @@
 
 use bytes::Bytes;
 
+use std::collections::HashMap;
+
 use crate::crypto::{aad, Keys};
+use crate::dict::{Dictionaries, Dictionary};
 use crate::error::{Error, Result};
 use crate::id::{ChunkId, PackId};
 
@@ -44,21 +47,72 @@ pub struct Blob {
 
 thread_local! {
     // One zstd context per thread, reused: making a context per chunk allocated (and faulted
-    // in) about a megabyte each time.
+    // in) about a megabyte each time. With a dictionary, one per dictionary (by fingerprint:
+    // ids are unique only within a repository) and level.
     static COMPRESSOR: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
         const { std::cell::RefCell::new(None) };
     static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
         const { std::cell::RefCell::new(None) };
+    static DICT_COMPRESSORS: std::cell::RefCell<HashMap<(u64, i32), zstd::bulk::Compressor<'static>>> =
+        std::cell::RefCell::new(HashMap::new());
+    static DICT_DECOMPRESSORS: std::cell::RefCell<HashMap<u64, zstd::bulk::Decompressor<'static>>> =
+        std::cell::RefCell::new(HashMap::new());
 }
 
-/// zstd-compress `data` at `level` with this thread's reusable context.
-fn compress(data: &[u8], level: i32) -> Option<Vec<u8>> {
+/// zstd-compress `data` at `level` (with `dict`, if any) with this thread's reusable context.
+fn compress(data: &[u8], level: i32, dict: Option<&Dictionary>) -> Option<Vec<u8>> {
+    if let Some(d) = dict {
+        return DICT_COMPRESSORS.with_borrow_mut(|m| {
+            let c = match m.entry((d.fingerprint, level)) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    e.insert(zstd::bulk::Compressor::with_dictionary(level, &d.bytes).ok()?)
+                }
+            };
+            c.compress(data).ok()
+        });
+    }
     COMPRESSOR.with_borrow_mut(|c| {
         if c.as_ref().is_none_or(|(l, _)| *l != level) {
             *c = Some((level, zstd::bulk::Compressor::new(level).ok()?));
         }
         c.as_mut()?.1.compress(data).ok()
     })
+}
+
+/// Decompress the zstd frame `frame` into `out`, with the dictionary its header names.
+fn decompress(
+    frame: &[u8],
+    out: &mut Vec<u8>,
+    dicts: &Dictionaries,
+) -> std::result::Result<(), String> {
+    let Some(id) = zstd::zstd_safe::get_dict_id_from_frame(frame) else {
+        return DECOMPRESSOR
+            .with_borrow_mut(|d| match d {
+                Some(d) => d.decompress_to_buffer(frame, out),
+                None => zstd::bulk::Decompressor::new()
+                    .and_then(|new| d.insert(new).decompress_to_buffer(frame, out)),
+            })
+            .map(|_| ())
+            .map_err(|_| "zstd frame is invalid".to_owned());
+    };
+    let d = dicts.get(id.get()).ok_or_else(|| {
+        format!(
+            "it was compressed with zstd dictionary {id}, which is not in the repository (dicts/)"
+        )
+    })?;
+    DICT_DECOMPRESSORS
+        .with_borrow_mut(|m| {
+            let dec = match m.entry(d.fingerprint) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    e.insert(zstd::bulk::Decompressor::with_dictionary(&d.bytes)?)
+                }
+            };
+            dec.decompress_to_buffer(frame, out)
+        })
+        .map(|_| ())
+        .map_err(|_| "zstd frame is invalid".to_owned())
 }
 
 /// Whether a sample of `data` looks like random bytes (encrypted, already compressed): byte
@@ -90,11 +144,17 @@ fn looks_incompressible(data: &[u8]) -> bool {
 }
 
 impl Blob {
-    /// Compress `chunk` with zstd at `level` when that makes it smaller, then seal it. Chunks
-    /// that look random are stored uncompressed without trying.
-    pub fn seal(keys: &Keys, id: ChunkId, chunk: &[u8], level: i32) -> Blob {
+    /// Compress `chunk` with zstd at `level` (with `dict`, if any) when that makes it smaller,
+    /// then seal it. Chunks that look random are stored uncompressed without trying.
+    pub fn seal(
+        keys: &Keys,
+        id: ChunkId,
+        chunk: &[u8],
+        level: i32,
+        dict: Option<&Dictionary>,
+    ) -> Blob {
         let compressed = (!looks_incompressible(chunk))
-            .then(|| compress(chunk, level))
+            .then(|| compress(chunk, level, dict))
             .flatten()
             .filter(|c| c.len() < chunk.len());
         let (payload, compression) = match &compressed {
@@ -114,9 +174,15 @@ impl Blob {
 ///
 /// # Errors
 /// `Corrupt` naming `object` if any check fails; no plaintext is returned then.
-pub fn open_blob(keys: &Keys, entry: &PackEntry, data: &[u8], object: &str) -> Result<Bytes> {
+pub fn open_blob(
+    keys: &Keys,
+    dicts: &Dictionaries,
+    entry: &PackEntry,
+    data: &[u8],
+    object: &str,
+) -> Result<Bytes> {
     let mut out = Vec::new();
-    open_blob_into(keys, entry, data, object, &mut Vec::new(), &mut out)?;
+    open_blob_into(keys, dicts, entry, data, object, &mut Vec::new(), &mut out)?;
     Ok(Bytes::from(out))
 }
 
@@ -127,6 +193,7 @@ pub fn open_blob(keys: &Keys, entry: &PackEntry, data: &[u8], object: &str) -> R
 /// As for `open_blob`; `out` is then cleared.
 pub fn open_blob_into(
     keys: &Keys,
+    dicts: &Dictionaries,
     entry: &PackEntry,
     data: &[u8],
     object: &str,
@@ -142,14 +209,9 @@ pub fn open_blob_into(
         COMPRESSION_NONE => out.extend_from_slice(scratch),
         COMPRESSION_ZSTD => {
             out.reserve(entry.raw_length as usize);
-            let r = DECOMPRESSOR.with_borrow_mut(|d| match d {
-                Some(d) => d.decompress_to_buffer(&scratch[..], out),
-                None => zstd::bulk::Decompressor::new()
-                    .and_then(|new| d.insert(new).decompress_to_buffer(&scratch[..], out)),
-            });
-            if r.is_err() {
+            if let Err(reason) = decompress(scratch, out, dicts) {
                 out.clear();
-                return Err(bad("zstd frame is invalid"));
+                return Err(bad(&reason));
             }
         }
         c => return Err(bad(&format!("unknown compression {c}"))),
@@ -319,7 +381,7 @@ mod tests {
         ];
         let mut b = PackBuilder::new();
         for c in &chunks {
-            b.add(&Blob::seal(&keys, keys.chunk_id(c), c, 1));
+            b.add(&Blob::seal(&keys, keys.chunk_id(c), c, 1, None));
         }
         let (id, bytes, entries) = b.finish(&keys);
         assert_eq!(id, PackId::of_bytes(&bytes));
@@ -327,7 +389,10 @@ mod tests {
         assert_eq!(header, entries);
         for (e, c) in header.iter().zip(&chunks) {
             let blob = &bytes[e.offset as usize..(e.offset + e.length) as usize];
-            assert_eq!(&open_blob(&keys, e, blob, "p").unwrap()[..], &c[..]);
+            assert_eq!(
+                &open_blob(&keys, &Default::default(), e, blob, "p").unwrap()[..],
+                &c[..]
+            );
         }
         assert_eq!(header[0].compression, COMPRESSION_ZSTD);
     }
@@ -336,7 +401,7 @@ mod tests {
     fn a_flipped_byte_in_a_blob_is_reported_as_damage() {
         let keys = Keys::derive(&MasterKey::generate());
         let c = vec![9u8; 1000];
-        let blob = Blob::seal(&keys, keys.chunk_id(&c), &c, 1);
+        let blob = Blob::seal(&keys, keys.chunk_id(&c), &c, 1, None);
         let e = PackEntry {
             id: blob.id,
             offset: 0,
@@ -346,7 +411,7 @@ mod tests {
         };
         let mut bad = blob.data.clone();
         bad[30] ^= 0x40;
-        let err = open_blob(&keys, &e, &bad, "data/ab/x").unwrap_err();
+        let err = open_blob(&keys, &Default::default(), &e, &bad, "data/ab/x").unwrap_err();
         assert!(err.to_string().contains("damaged"), "{err}");
     }
 }

@@ -12,6 +12,7 @@ use tidemark_storage::{ErrorKind, ObjectMeta, PutMode, Storage};
 
 use crate::config::{InitOptions, RepoConfig};
 use crate::crypto::{aad, AuthFailed, Keys, MasterKey};
+use crate::dict::Dictionaries;
 use crate::error::{Error, Result};
 use crate::id::{IndexId, KeyId, SnapshotId};
 use crate::index::{IndexFile, IndexPack, MasterIndex};
@@ -33,6 +34,8 @@ pub struct Repository {
     master: Arc<MasterKey>,
     config: Arc<RepoConfig>,
     key_id: KeyId,
+    /// The zstd dictionaries, loaded on first use and shared by clones.
+    dicts: Arc<std::sync::RwLock<Option<Arc<Dictionaries>>>>,
 }
 
 impl Repository {
@@ -146,6 +149,7 @@ impl Repository {
             master: Arc::new(master),
             config: Arc::new(config),
             key_id,
+            dicts: Arc::default(),
         }
     }
 
@@ -172,6 +176,24 @@ impl Repository {
     /// The key this repository was opened with.
     pub fn key_id(&self) -> KeyId {
         self.key_id
+    }
+
+    /// The repository's zstd dictionaries (format §5.1), listed once per repository handle.
+    ///
+    /// # Errors
+    /// Storage errors and damaged dictionary objects.
+    pub async fn dictionaries(&self) -> Result<Arc<Dictionaries>> {
+        if let Some(d) = self.dicts.read().unwrap_or_else(|p| p.into_inner()).clone() {
+            return Ok(d);
+        }
+        let d = Arc::new(crate::dict::load(self).await?);
+        *self.dicts.write().unwrap_or_else(|p| p.into_inner()) = Some(d.clone());
+        Ok(d)
+    }
+
+    /// Forget the cached dictionaries (after one was stored).
+    pub(crate) fn reload_dictionaries(&self) {
+        *self.dicts.write().unwrap_or_else(|p| p.into_inner()) = None;
     }
 
     /// Seal `value` as zstd-compressed JSON and store it under `dir/<id>`; return the id bytes.

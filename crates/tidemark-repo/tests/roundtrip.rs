@@ -277,3 +277,130 @@ async fn fixed_blocks_store_one_block_per_changed_page_streamed_or_in_memory() {
     assert!(err.to_string().contains("fixed block"), "{err}");
     lock.release().await.unwrap();
 }
+
+/// Back up `data` as one file cut into 64 KiB blocks.
+async fn backup_blocks(repo: &Repository, data: Vec<u8>) -> tidemark_repo::snapshot::Snapshot {
+    use tidemark_repo::lock::{LockGuard, LockKind, LockOptions};
+    use tidemark_repo::ops::backup::{Backup, BackupOptions, Cutting};
+    use tidemark_repo::progress::Progress;
+    use tidemark_repo::snapshot::EntryType;
+    let lock = LockGuard::acquire(repo, LockKind::Shared, "backup", &LockOptions::default())
+        .await
+        .unwrap();
+    let mut b = Backup::start(
+        repo,
+        &lock,
+        BackupOptions::default(),
+        Arc::new(Progress::default()),
+    )
+    .await
+    .unwrap();
+    b.add_stream_cut(
+        "base/1/16384",
+        EntryType::File,
+        std::io::Cursor::new(data),
+        None,
+        None,
+        Cutting::Fixed(64 << 10),
+    )
+    .await
+    .unwrap();
+    let r = b.finish(Default::default()).await.unwrap();
+    lock.release().await.unwrap();
+    r.1
+}
+
+/// The first backup of blocks trains a zstd dictionary from its own blocks (format §5.1); the
+/// next one compresses its new blocks with it and stores less; a fresh reader finds it; and a
+/// lost dictionary is named by restore and check, while blocks written without one still
+/// restore.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_first_backup_of_blocks_trains_a_dictionary_that_later_ones_use() {
+    use tidemark_repo::ops::check::{check, CheckOptions};
+    let (storage, repo) = memory_repo().await;
+    // 16 MiB of 8 KiB pages of records drawn from a vocabulary of 4,096 words: each 64 KiB
+    // block holds most words once, so a block alone compresses little that a dictionary
+    // trained on other blocks does not know (like a table's recurring values).
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let vocab: Vec<Vec<u8>> = (0..4096)
+        .map(|_| {
+            (0..24)
+                .map(|_| b"abcdefghijklmnopqrstuvwxyz0123456789"[(next() % 36) as usize])
+                .collect()
+        })
+        .collect();
+    let pages = |seed: u64| -> Vec<u8> {
+        let mut y = seed.wrapping_mul(0x2545_F491_4F6C_DD1D) | 1;
+        let mut out = Vec::with_capacity(16 << 20);
+        for i in 0..2048u64 {
+            let start = out.len();
+            out.extend_from_slice(&i.to_le_bytes());
+            while out.len() - start < 8192 - 25 {
+                y ^= y << 13;
+                y ^= y >> 7;
+                y ^= y << 17;
+                out.extend_from_slice(&vocab[(y % 4096) as usize]);
+                out.push(b'|');
+            }
+            out.resize(start + 8192, 0);
+        }
+        out
+    };
+    let first_data = pages(1);
+    let first = backup_blocks(&repo, first_data.clone()).await;
+    let dicts = storage.list("dicts/").await.unwrap();
+    assert_eq!(dicts.len(), 1, "the first backup trains one dictionary");
+    let second_data = pages(2);
+    let second = backup_blocks(&repo, second_data.clone()).await;
+    assert_eq!(
+        storage.list("dicts/").await.unwrap().len(),
+        1,
+        "a repository with a dictionary trains no other"
+    );
+    // Equal amounts of new, similar data: the dictionary makes the second smaller.
+    assert_eq!(first.summary.new_chunks, second.summary.new_chunks);
+    assert!(
+        (second.summary.new_stored_bytes as f64) < first.summary.new_stored_bytes as f64 * 0.95,
+        "with a dictionary {} bytes, without {}",
+        second.summary.new_stored_bytes,
+        first.summary.new_stored_bytes
+    );
+
+    // A reader that opens the repository afresh loads the dictionary from storage.
+    let fresh = Repository::open(storage.clone(), &Secret::password("pw"))
+        .await
+        .unwrap();
+    assert_eq!(restore_bytes(&fresh, &second).await.unwrap(), second_data);
+    assert_eq!(restore_bytes(&fresh, &first).await.unwrap(), first_data);
+    let report = check(&fresh, &CheckOptions { read_data: true })
+        .await
+        .unwrap();
+    assert!(report.is_ok(), "{:?}", report.errors);
+
+    // The dictionary lost: what needs it fails loudly, naming it; the rest still restores.
+    storage.delete(&dicts[0].path).await.unwrap();
+    let fresh = Repository::open(storage.clone(), &Secret::password("pw"))
+        .await
+        .unwrap();
+    let err = restore_bytes(&fresh, &second).await.unwrap_err();
+    assert!(
+        err.to_string().contains("zstd dictionary") && err.to_string().contains("dicts/"),
+        "{err}"
+    );
+    assert_eq!(restore_bytes(&fresh, &first).await.unwrap(), first_data);
+    let report = check(&fresh, &CheckOptions { read_data: true })
+        .await
+        .unwrap();
+    assert!(!report.is_ok());
+    assert!(
+        report.errors.iter().any(|e| e.contains("zstd dictionary")),
+        "{:?}",
+        report.errors
+    );
+}

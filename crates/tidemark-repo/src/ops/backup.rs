@@ -11,6 +11,7 @@ use tokio::task::JoinSet;
 
 use crate::chunker::{Chunker, Cutter};
 use crate::crypto::Keys;
+use crate::dict::{Dictionaries, Dictionary, Sampler};
 use crate::error::{Error, Result};
 use crate::id::{ChunkId, SnapshotId};
 use crate::index::{IndexFile, IndexPack, MasterIndex};
@@ -115,6 +116,14 @@ impl Packer {
     }
 }
 
+/// How new blocks of a fixed-cut stream are compressed: with the repository's dictionary, or
+/// sampled to train one (format §5.1). Neither for content-defined streams.
+#[derive(Clone, Default)]
+struct Blocks {
+    dict: Option<Dictionary>,
+    sampler: Option<Arc<Sampler>>,
+}
+
 /// Hash a chunk, and seal it unless the repository or this backup already has it.
 fn process_chunk(
     keys: &Keys,
@@ -122,11 +131,21 @@ fn process_chunk(
     claimed: &Mutex<HashSet<ChunkId>>,
     chunk: &[u8],
     level: i32,
+    blocks: &Blocks,
 ) -> (ChunkId, Option<Blob>) {
     let id = keys.chunk_id(chunk);
     let new =
         !index.has_for_dedup(&id) && claimed.lock().unwrap_or_else(|p| p.into_inner()).insert(id);
-    (id, new.then(|| Blob::seal(keys, id, chunk, level)))
+    if !new {
+        return (id, None);
+    }
+    if let Some(s) = &blocks.sampler {
+        s.offer(chunk);
+    }
+    (
+        id,
+        Some(Blob::seal(keys, id, chunk, level, blocks.dict.as_ref())),
+    )
 }
 
 /// A backup in progress: add streams, then `finish` to write the index and the snapshot.
@@ -141,6 +160,9 @@ pub struct Backup<'l> {
     opts: BackupOptions,
     started: DateTime<Utc>,
     progress: Arc<Progress>,
+    dicts: Arc<Dictionaries>,
+    /// Samples of new blocks, when the repository has no dictionary for them yet.
+    sampler: Option<Arc<Sampler>>,
 }
 
 /// How a stream is cut into chunks.
@@ -198,7 +220,14 @@ impl<'l> Backup<'l> {
     ) -> Result<Backup<'l>> {
         lock.check()?;
         let index = Arc::new(repo.load_index().await?);
+        let dicts = repo.dictionaries().await?;
+        let sampler = dicts
+            .for_blocks()
+            .is_none()
+            .then(|| Arc::new(Sampler::default()));
         Ok(Backup {
+            dicts,
+            sampler,
             repo: repo.clone(),
             lock,
             index,
@@ -210,6 +239,16 @@ impl<'l> Backup<'l> {
             opts,
             progress,
         })
+    }
+
+    fn blocks(&self, cutting: Cutting) -> Blocks {
+        match cutting {
+            Cutting::Fixed(_) => Blocks {
+                dict: self.dicts.for_blocks().cloned(),
+                sampler: self.sampler.clone(),
+            },
+            Cutting::ContentDefined => Blocks::default(),
+        }
     }
 
     /// The repository being written.
@@ -307,9 +346,11 @@ impl<'l> Backup<'l> {
 
         let (io_tx, mut io_rx) = tokio::sync::mpsc::channel::<std::io::Error>(1);
         let mut workers = Vec::new();
+        let blocks = self.blocks(cutting);
         for _ in 0..self.opts.threads.max(1) {
             let (rx, tx, io_tx) = (work_rx.clone(), done_tx.clone(), io_tx.clone());
             let (keys, index, claimed) = (keys.clone(), self.index.clone(), self.claimed.clone());
+            let blocks = blocks.clone();
             workers.push(std::thread::spawn(move || loop {
                 let item = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
                 let (seq, batch) = match item {
@@ -323,7 +364,8 @@ impl<'l> Backup<'l> {
                 let chunks = batch
                     .iter()
                     .map(|chunk| {
-                        let (id, blob) = process_chunk(&keys, &index, &claimed, chunk, level);
+                        let (id, blob) =
+                            process_chunk(&keys, &index, &claimed, chunk, level, &blocks);
                         (id, chunk.len() as u64, blob)
                     })
                     .collect();
@@ -447,6 +489,7 @@ impl<'l> Backup<'l> {
             self.repo.config().compression.level,
         );
         let size = data.len() as u64;
+        let blocks = self.blocks(cutting);
         let processed =
             tokio::task::spawn_blocking(move || -> Vec<(ChunkId, u64, Option<Blob>)> {
                 // Cut the buffer in place: a streaming chunker would allocate and zero 4 MiB per file.
@@ -457,7 +500,8 @@ impl<'l> Backup<'l> {
                 };
                 chunks
                     .map(|chunk| {
-                        let (id, blob) = process_chunk(&keys, &index, &claimed, chunk, level);
+                        let (id, blob) =
+                            process_chunk(&keys, &index, &claimed, chunk, level, &blocks);
                         (id, chunk.len() as u64, blob)
                     })
                     .collect()
@@ -497,6 +541,18 @@ impl<'l> Backup<'l> {
     ) -> Result<(SnapshotId, Snapshot)> {
         let packs = self.packer.finish().await?;
         self.lock.check()?;
+        // The first backup of fixed blocks trains the dictionary later ones use. It is an
+        // optimisation: failing to store it does not fail the backup.
+        if let Some(sampler) = &self.sampler {
+            match crate::dict::train_and_store(&self.repo, &self.dicts, sampler).await {
+                Ok(Some(id)) => {
+                    tracing::debug!("stored zstd dictionary {id} for blocks");
+                    self.repo.reload_dictionaries();
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!("no zstd dictionary stored for later backups: {e}"),
+            }
+        }
         if !packs.is_empty() {
             self.repo
                 .save_index(&IndexFile {

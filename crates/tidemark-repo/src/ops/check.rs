@@ -5,7 +5,9 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 
 use futures::StreamExt;
 
-use crate::error::Result;
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
 use crate::id::{ChunkId, PackId, SnapshotId};
 use crate::pack::{open_blob, read_header, PackEntry};
 use crate::repository::Repository;
@@ -91,6 +93,14 @@ pub async fn check(repo: &Repository, opts: &CheckOptions) -> Result<CheckReport
     }
     report.unindexed_packs = stored.keys().filter(|id| !index.has_pack(id)).count();
 
+    // Every dictionary object is read and checked (name, envelope, header) in any case.
+    let dicts = match repo.dictionaries().await {
+        Ok(d) => d,
+        Err(e) => {
+            report.errors.push(e.to_string());
+            Arc::default()
+        }
+    };
     if opts.read_data {
         let keys = repo.keys().clone();
         let packs: Vec<_> = index
@@ -101,7 +111,7 @@ pub async fn check(repo: &Repository, opts: &CheckOptions) -> Result<CheckReport
             .collect();
         let results: Vec<(PackId, Vec<String>, Vec<ChunkId>)> = futures::stream::iter(packs)
             .map(|p| {
-                let (repo, keys) = (repo.clone(), keys.clone());
+                let (repo, keys, dicts) = (repo.clone(), keys.clone(), dicts.clone());
                 async move {
                     let path = p.id.path();
                     let data = match repo.storage().get(&path).await {
@@ -115,7 +125,7 @@ pub async fn check(repo: &Repository, opts: &CheckOptions) -> Result<CheckReport
                         }
                     };
                     tokio::task::spawn_blocking(move || {
-                        verify_pack(&keys, &p.id, &path, &data, &p.chunks)
+                        verify_pack(&keys, &dicts, &p.id, &path, &data, &p.chunks)
                     })
                     .await
                     .unwrap_or_else(|e| {
@@ -180,6 +190,7 @@ pub async fn check(repo: &Repository, opts: &CheckOptions) -> Result<CheckReport
 /// Verify one pack's bytes: name, header, and every blob. Returns the errors and bad chunks.
 fn verify_pack(
     keys: &crate::crypto::Keys,
+    dicts: &crate::dict::Dictionaries,
     id: &PackId,
     path: &str,
     data: &[u8],
@@ -208,10 +219,16 @@ fn verify_pack(
     for c in indexed {
         let e = PackEntry::from(c);
         let end = c.offset as usize + c.length as usize;
-        let ok =
-            end <= data.len() && open_blob(keys, &e, &data[c.offset as usize..end], path).is_ok();
-        if !ok {
-            errors.push(format!("pack {id}: chunk {} is damaged", c.id.short()));
+        let opened = if end <= data.len() {
+            open_blob(keys, dicts, &e, &data[c.offset as usize..end], path).map(|_| ())
+        } else {
+            Err(Error::corrupt(
+                path,
+                "the blob lies beyond the end of the pack",
+            ))
+        };
+        if let Err(e) = opened {
+            errors.push(format!("pack {id}: chunk {} is damaged: {e}", c.id.short()));
             bad.push(c.id);
         }
     }

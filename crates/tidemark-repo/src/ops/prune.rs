@@ -254,6 +254,7 @@ async fn repack_packs(
         let path = p.id.path();
         let data = repo.storage().get(&path).await?;
         let keys = repo.keys().clone();
+        let dicts = repo.dictionaries().await?;
         let wanted: Vec<_> = p
             .chunks
             .iter()
@@ -270,7 +271,7 @@ async fn repack_packs(
                     let blob = data.get(range).ok_or_else(|| {
                         Error::corrupt(&path2, "a blob lies beyond the end of the pack")
                     })?;
-                    open_blob(&keys, &e, blob, &path2)?;
+                    open_blob(&keys, &dicts, &e, blob, &path2)?;
                     Ok(Blob {
                         id: c.id,
                         data: blob.to_vec(),

@@ -123,6 +123,7 @@ pub async fn restore_stream<W: Write + Send + 'static>(
     progress: Arc<Progress>,
 ) -> Result<u64> {
     let groups = plan(index, entry, opts)?;
+    let dicts = repo.dictionaries().await?;
     let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Vec<u8>>>(2);
     let name = entry.name.clone();
     // Chunk buffers go round: decoders fill them, the writer empties them and hands them back.
@@ -144,7 +145,7 @@ pub async fn restore_stream<W: Write + Send + 'static>(
 
     let fetch = futures::stream::iter(groups)
         .map(|g| {
-            let (repo, pool) = (repo.clone(), pool.clone());
+            let (repo, pool, dicts) = (repo.clone(), pool.clone(), dicts.clone());
             async move {
                 let path = g.pack.path();
                 let data = repo.storage().get_range(&path, g.start..g.end).await?;
@@ -158,6 +159,7 @@ pub async fn restore_stream<W: Write + Send + 'static>(
                                 let mut out = pool.take();
                                 open_blob_into(
                                     &keys,
+                                    &dicts,
                                     e,
                                     &data[off..off + e.length as usize],
                                     &path,
