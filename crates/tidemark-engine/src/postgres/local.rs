@@ -11,10 +11,10 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use tidemark_repo::ops::backup::{Backup, Cutting};
+use tidemark_repo::ops::backup::Backup;
 use tidemark_repo::snapshot::{EntryType, StreamEntry};
 
-use super::physical::{Ended, DATA, SMALL};
+use super::physical::{cutting_for, Ended, DATA, SMALL};
 use super::wal;
 use super::{Postgres, ServerInfo};
 use crate::{Error, Result};
@@ -61,18 +61,6 @@ pub(super) async fn locate(
     info: &ServerInfo,
     required: bool,
 ) -> Result<Option<PathBuf>> {
-    let not_local = |why: String| -> Result<Option<PathBuf>> {
-        if required {
-            Err(Error::Database {
-                action: "read the data directory of",
-                database: pg.conn.server(),
-                reason: format!("{why}; use --read replication to back up over the network"),
-            })
-        } else {
-            tracing::debug!("reading over the replication protocol: {why}");
-            Ok(None)
-        }
-    };
     let mut conn = pg.connect().await?;
     let start = if info.version_num >= 150_000 {
         "pg_backup_start(text, boolean)"
@@ -85,19 +73,45 @@ pub(super) async fn locate(
              has_function_privilege('{start}', 'execute')::text"
         ))
         .await;
-    conn.close().await;
-    let row = match rows {
-        Ok(rows) => rows.into_iter().next().unwrap_or_default(),
-        Err(e) => {
-            return not_local(format!(
-                "the server does not say where its data directory is ({e}); \
-                 it needs a superuser or pg_read_all_settings"
-            ))
-        }
+    // Judged while the connection is open: once it closes, its backend is gone from /proc.
+    let judged = match rows {
+        Ok(rows) => judge(
+            &rows.into_iter().next().unwrap_or_default(),
+            info,
+            start,
+            required,
+        ),
+        Err(e) => Err(format!(
+            "the server does not say where its data directory is ({e}); \
+             it needs a superuser or pg_read_all_settings"
+        )),
     };
+    conn.close().await;
+    match judged {
+        Ok(dir) => Ok(Some(dir)),
+        Err(why) if required => Err(Error::Database {
+            action: "read the data directory of",
+            database: pg.conn.server(),
+            reason: format!("{why}; use --read replication to back up over the network"),
+        }),
+        Err(why) => {
+            tracing::debug!("reading over the replication protocol: {why}");
+            Ok(None)
+        }
+    }
+}
+
+/// Whether the data directory the server names (row: directory, backend pid, whether the role
+/// may start a backup) is the one here, or why not.
+fn judge(
+    row: &[Option<String>],
+    info: &ServerInfo,
+    start: &str,
+    required: bool,
+) -> std::result::Result<PathBuf, String> {
     let get = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
     if get(2) != "true" {
-        return not_local(format!(
+        return Err(format!(
             "the role may not run {start}; a superuser may GRANT EXECUTE on it"
         ));
     }
@@ -107,11 +121,11 @@ pub(super) async fn locate(
         Ok(bytes) if bytes.len() >= 8 => {
             u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")).to_string()
         }
-        Ok(_) => return not_local(format!("{} is too short", control.display())),
-        Err(e) => return not_local(format!("{} cannot be read here ({e})", control.display())),
+        Ok(_) => return Err(format!("{} is too short", control.display())),
+        Err(e) => return Err(format!("{} cannot be read here ({e})", control.display())),
     };
     if ours != info.system_id {
-        return not_local(format!(
+        return Err(format!(
             "{} belongs to system {ours}, not to the server's {}",
             dir.display(),
             info.system_id
@@ -119,15 +133,15 @@ pub(super) async fn locate(
     }
     let cwd = PathBuf::from(format!("/proc/{}/cwd", get(1)));
     match (std::fs::canonicalize(&cwd), std::fs::canonicalize(&dir)) {
-        (Ok(a), Ok(b)) if a == b => Ok(Some(dir)),
-        (Err(e), _) if required && e.kind() == std::io::ErrorKind::NotFound => Ok(Some(dir)),
-        (Ok(a), Ok(_)) => not_local(format!(
+        (Ok(a), Ok(b)) if a == b => Ok(dir),
+        (Err(e), _) if required && e.kind() == std::io::ErrorKind::NotFound => Ok(dir),
+        (Ok(a), Ok(_)) => Err(format!(
             "the server's process {} works in {}, not {}",
             get(1),
             a.display(),
             dir.display()
         )),
-        (Err(e), _) | (_, Err(e)) => not_local(format!(
+        (Err(e), _) | (_, Err(e)) => Err(format!(
             "the server's process {} cannot be matched with {} ({e})",
             get(1),
             dir.display()
@@ -401,7 +415,7 @@ pub(super) async fn backup(
     backup: &mut Backup<'_>,
     dir: &Path,
     info: &ServerInfo,
-    cut: Cutting,
+    block: usize,
 ) -> Result<Ended> {
     let modern = info.version_num >= 150_000;
     // The session holds the backup: if it ends early, the server abandons the backup.
@@ -488,6 +502,7 @@ pub(super) async fn backup(
             .map_err(|e| pg.db_error("back up", e))?
             .map_err(|e| io_err("read", &p, e))?;
             let crc = crc32c::crc32c(&data);
+            let cut = cutting_for(&data, block);
             let e = backup
                 .add_bytes_cut(
                     &item.name,
@@ -500,6 +515,10 @@ pub(super) async fn backup(
                 .await?;
             (e.size, crc)
         } else {
+            let mut first = [0u8; 24];
+            let n = std::os::unix::fs::FileExt::read_at(&file, &mut first, 0)
+                .map_err(|e| io_err("read", &path, e))?;
+            let cut = cutting_for(&first[..n], block);
             let out = Arc::new(AtomicU32::new(0));
             let reader = CrcReader {
                 file,

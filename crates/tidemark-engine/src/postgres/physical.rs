@@ -310,6 +310,22 @@ fn mtime(h: &tar::Header) -> Option<DateTime<Utc>> {
     DateTime::from_timestamp(h.mtime, 0)
 }
 
+/// How a file is cut: an index's pages (they end in a special space, which every index access
+/// method has and heap pages do not) one page per block, because updates scatter over an index
+/// and a 64 KiB block holding one changed page is stored whole again (pitr.md §9); everything
+/// else into `block`. `first` is the start of the file.
+pub(super) fn cutting_for(first: &[u8], block: usize) -> Cutting {
+    const PAGE: usize = 8192;
+    if first.len() >= 24 {
+        let special = usize::from(u16::from_le_bytes([first[16], first[17]]));
+        let size_version = u16::from_le_bytes([first[18], first[19]]);
+        if usize::from(size_version & 0xFF00) == PAGE && (24..PAGE).contains(&special) {
+            return Cutting::Fixed(PAGE);
+        }
+    }
+    Cutting::Fixed(block)
+}
+
 /// Parse a size setting as SHOW prints it (`16MB`).
 /// The server's `wal_segment_size` in bytes (16 MiB when it cannot be read).
 pub(crate) async fn wal_segment_size(conn: &mut Connection) -> u64 {
@@ -356,7 +372,6 @@ pub async fn backup(
         });
     }
     let info = pg.server_info().await?;
-    let cut = Cutting::Fixed(o.block);
     let dir = match o.read {
         ReadMode::Replication => None,
         ReadMode::Local => super::local::locate(pg, &info, true).await?,
@@ -367,11 +382,11 @@ pub async fn backup(
             let mut conn = pg.connect().await?;
             let seg_size = wal_segment_size(&mut conn).await;
             conn.close().await;
-            let ended = super::local::backup(pg, backup, &dir, &info, cut).await?;
+            let ended = super::local::backup(pg, backup, &dir, &info, o.block).await?;
             (ended, seg_size, "local")
         }
         None => {
-            let (ended, seg_size) = replicate(pg, backup, cut).await?;
+            let (ended, seg_size) = replicate(pg, backup, o.block).await?;
             (ended, seg_size, "replication")
         }
     };
@@ -432,7 +447,7 @@ pub async fn backup(
 
 /// The backup over the replication protocol: BASE_BACKUP's archives, member by member;
 /// (where it ended, the WAL segment size).
-async fn replicate(pg: &Postgres, backup: &mut Backup<'_>, cut: Cutting) -> Result<(Ended, u64)> {
+async fn replicate(pg: &Postgres, backup: &mut Backup<'_>, block: usize) -> Result<(Ended, u64)> {
     let mut conn = Connection::connect(&pg.conn, true)
         .await
         .map_err(|e| pg.db_error("open a replication connection to", e))?;
@@ -444,15 +459,27 @@ async fn replicate(pg: &Postgres, backup: &mut Backup<'_>, cut: Cutting) -> Resu
             match m {
                 Member::Small(h, data) => {
                     let name = format!("{prefix}{}", h.name);
+                    let cut = cutting_for(&data, block);
                     backup
                         .add_bytes_cut(&name, EntryType::File, data, Some(h.mode), mtime(&h), cut)
                         .await?;
                 }
-                Member::Large(h, frx) => {
+                Member::Large(h, mut frx) => {
                     let name = format!("{prefix}{}", h.name);
+                    // The first batch, to see what kind of file this is.
+                    let queue: std::collections::VecDeque<Bytes> =
+                        frx.recv().await.unwrap_or_default().into();
+                    let mut first = Vec::with_capacity(24);
+                    for b in &queue {
+                        first.extend_from_slice(&b[..b.len().min(24 - first.len())]);
+                        if first.len() == 24 {
+                            break;
+                        }
+                    }
+                    let cut = cutting_for(&first, block);
                     let reader = ChannelReader {
                         rx: frx,
-                        queue: Default::default(),
+                        queue,
                         cur: Bytes::new(),
                         left: h.size,
                         name: name.clone(),
@@ -827,6 +854,20 @@ mod tests {
         assert!(check_files(&parsed, &ok[..1])
             .unwrap_err()
             .contains("global/1262 is in the backup manifest but not in the backup"));
+    }
+
+    #[test]
+    fn index_pages_are_cut_one_page_per_block() {
+        let page = |special: u16| {
+            let mut p = vec![0u8; 8192];
+            p[16..18].copy_from_slice(&special.to_le_bytes());
+            p[18..20].copy_from_slice(&0x2004u16.to_le_bytes());
+            p
+        };
+        assert_eq!(cutting_for(&page(8176), 65536), Cutting::Fixed(8192));
+        assert_eq!(cutting_for(&page(8192), 65536), Cutting::Fixed(65536));
+        assert_eq!(cutting_for(&[0u8; 8192], 65536), Cutting::Fixed(65536));
+        assert_eq!(cutting_for(b"15\n", 65536), Cutting::Fixed(65536));
     }
 
     #[test]
