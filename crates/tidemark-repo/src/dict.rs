@@ -18,7 +18,7 @@ pub const BLOCKS: &str = "blocks";
 const DICT_SIZE: usize = 110 << 10;
 /// Bytes sampled from each chosen block, and the most samples kept.
 const SAMPLE: usize = 8192;
-const MAX_SAMPLES: usize = 1024;
+const MAX_SAMPLES: usize = 512;
 /// Fewer samples than this train no dictionary (a small first backup).
 const MIN_SAMPLES: usize = 64;
 /// The zstd dictionary header: magic, then the dictionary id (both u32 LE).
