@@ -28,6 +28,12 @@ fn tidemark(config: &Path, args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// `tidemark <command…> --url <url> --pg-password-file <pw> <extra…>`.
+fn tidemark_pg(a: &Archive, command: &[&str], url: &str, pw: &Path, extra: &[&str]) -> Output {
+    let conn = ["--url", url, "--pg-password-file", pw.to_str().unwrap()];
+    tidemark(&a.config, &[command, &conn[..], extra].concat())
+}
+
 fn archive(cluster: &Postgres) -> Archive {
     let repo = cluster.dir.path().join("repo");
     let password = cluster.write_private("repo-password", "archive secret\n");
@@ -94,18 +100,13 @@ fn physical_backup_as(
 ) -> Output {
     let pw = cluster.write_private(&format!("{user}-password"), password);
     let url = format!("postgresql://{user}@127.0.0.1:{}/postgres", cluster.port);
-    let args = [
-        "pg",
-        "backup",
-        "--physical",
-        "--read",
-        read,
-        "--json",
-        "--url",
+    tidemark_pg(
+        a,
+        &["pg", "backup", "--physical", "--read", read, "--json"],
         &url,
-        "--pg-password-file",
-    ];
-    tidemark(&a.config, &[&args[..], &[pw.to_str().unwrap()]].concat())
+        &pw,
+        &[],
+    )
 }
 
 fn stderr(o: &Output) -> String {
@@ -1081,20 +1082,7 @@ fn pg_receive_explains_wrong_credentials_a_down_server_and_slot_problems() {
     let wrong = cluster.write_private("wrong-password", "not-the-password\n");
     let receive = |port: u16, pw: &Path, extra: &[&str]| {
         let url = format!("postgresql://postgres@127.0.0.1:{port}/postgres");
-        let args = [
-            &[
-                "pg",
-                "receive",
-                "--once",
-                "--url",
-                &url,
-                "--pg-password-file",
-            ][..],
-            &[pw.to_str().unwrap()],
-            extra,
-        ]
-        .concat();
-        tidemark(&a.config, &args)
+        tidemark_pg(&a, &["pg", "receive", "--once"], &url, pw, extra)
     };
     let o = receive(cluster.port, &wrong, &[]);
     assert_eq!(o.status.code(), Some(8), "{}", stderr(&o));
@@ -1106,22 +1094,7 @@ fn pg_receive_explains_wrong_credentials_a_down_server_and_slot_problems() {
     assert!(!stderr(&o).contains("not-the-password"), "{}", stderr(&o));
 
     // TLS required of a server without it: said plainly, before any password is sent.
-    let url = format!(
-        "postgresql://postgres@127.0.0.1:{}/postgres?sslmode=require",
-        cluster.port
-    );
-    let o = tidemark(
-        &a.config,
-        &[
-            "pg",
-            "receive",
-            "--once",
-            "--url",
-            &url,
-            "--pg-password-file",
-            good.to_str().unwrap(),
-        ],
-    );
+    let o = receive(cluster.port, &good, &["--sslmode", "require"]);
     assert_eq!(o.status.code(), Some(8), "{}", stderr(&o));
     assert!(
         stderr(&o).contains("does not accept TLS connections"),
@@ -1201,20 +1174,7 @@ fn tls_connections_check_what_sslmode_asks_for() {
     let port = cluster.port;
     let backup = |host: &str, query: &str, extra: &[&str]| {
         let url = format!("postgresql://postgres@{host}:{port}/postgres?{query}");
-        let args = [
-            &[
-                "pg",
-                "backup",
-                "--json",
-                "--url",
-                &url,
-                "--pg-password-file",
-            ][..],
-            &[pw.to_str().unwrap()],
-            extra,
-        ]
-        .concat();
-        tidemark(&a.config, &args)
+        tidemark_pg(&a, &["pg", "backup", "--json"], &url, &pw, extra)
     };
     let full = format!("sslmode=verify-full&sslrootcert={}", ca.display());
     // A physical backup over the replication protocol, the certificate and name checked.

@@ -204,38 +204,15 @@ async fn fixed_blocks_store_one_block_per_changed_page_streamed_or_in_memory() {
     let backup = |data: Vec<u8>, streamed: bool| {
         let repo = repo.clone();
         async move {
-            let lock =
-                LockGuard::acquire(&repo, LockKind::Shared, "backup", &LockOptions::default())
-                    .await
-                    .unwrap();
-            let mut b = Backup::start(
+            backup_cut(
                 &repo,
-                &lock,
-                BackupOptions::default(),
-                Arc::new(Progress::default()),
+                "base/1/16384",
+                data,
+                Cutting::Fixed(64 << 10),
+                streamed,
             )
             .await
-            .unwrap();
-            let cut = Cutting::Fixed(64 << 10);
-            if streamed {
-                b.add_stream_cut(
-                    "base/1/16384",
-                    EntryType::File,
-                    std::io::Cursor::new(data),
-                    None,
-                    None,
-                    cut,
-                )
-                .await
-                .unwrap();
-            } else {
-                b.add_bytes_cut("base/1/16384", EntryType::File, data, None, None, cut)
-                    .await
-                    .unwrap();
-            }
-            let r = b.finish(Default::default()).await.unwrap();
-            lock.release().await.unwrap();
-            r.1
+            .1
         }
     };
     let first = backup(file.clone(), true).await;
@@ -278,44 +255,13 @@ async fn fixed_blocks_store_one_block_per_changed_page_streamed_or_in_memory() {
     lock.release().await.unwrap();
 }
 
-/// Back up `data` as one file cut into 64 KiB blocks.
-async fn backup_blocks(repo: &Repository, data: Vec<u8>) -> tidemark_repo::snapshot::Snapshot {
-    use tidemark_repo::lock::{LockGuard, LockKind, LockOptions};
-    use tidemark_repo::ops::backup::{Backup, BackupOptions, Cutting};
-    use tidemark_repo::progress::Progress;
-    use tidemark_repo::snapshot::EntryType;
-    let lock = LockGuard::acquire(repo, LockKind::Shared, "backup", &LockOptions::default())
-        .await
-        .unwrap();
-    let mut b = Backup::start(
-        repo,
-        &lock,
-        BackupOptions::default(),
-        Arc::new(Progress::default()),
-    )
-    .await
-    .unwrap();
-    b.add_stream_cut(
-        "base/1/16384",
-        EntryType::File,
-        std::io::Cursor::new(data),
-        None,
-        None,
-        Cutting::Fixed(64 << 10),
-    )
-    .await
-    .unwrap();
-    let r = b.finish(Default::default()).await.unwrap();
-    lock.release().await.unwrap();
-    r.1
-}
-
 /// The first backup of blocks trains a zstd dictionary from its own blocks (format §5.1); the
 /// next one compresses its new blocks with it and stores less; a fresh reader finds it; and a
 /// lost dictionary is named by restore and check, while blocks written without one still
 /// restore.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_first_backup_of_blocks_trains_a_dictionary_that_later_ones_use() {
+    use tidemark_repo::ops::backup::Cutting;
     use tidemark_repo::ops::check::{check, CheckOptions};
     let (storage, repo) = memory_repo().await;
     // 16 MiB of 8 KiB pages of records drawn from a vocabulary of 4,096 words: each 64 KiB
@@ -353,11 +299,27 @@ async fn the_first_backup_of_blocks_trains_a_dictionary_that_later_ones_use() {
         out
     };
     let first_data = pages(1);
-    let first = backup_blocks(&repo, first_data.clone()).await;
+    let first = backup_cut(
+        &repo,
+        "base/1/16384",
+        first_data.clone(),
+        Cutting::Fixed(64 << 10),
+        true,
+    )
+    .await
+    .1;
     let dicts = storage.list("dicts/").await.unwrap();
     assert_eq!(dicts.len(), 1, "the first backup trains one dictionary");
     let second_data = pages(2);
-    let second = backup_blocks(&repo, second_data.clone()).await;
+    let second = backup_cut(
+        &repo,
+        "base/1/16384",
+        second_data.clone(),
+        Cutting::Fixed(64 << 10),
+        true,
+    )
+    .await
+    .1;
     assert_eq!(
         storage.list("dicts/").await.unwrap().len(),
         1,

@@ -7,7 +7,7 @@ use tidemark_repo::config::InitOptions;
 use tidemark_repo::id::SnapshotId;
 use tidemark_repo::key::{KdfParams, Secret};
 use tidemark_repo::lock::{LockGuard, LockKind, LockOptions};
-use tidemark_repo::ops::backup::{Backup, BackupOptions};
+use tidemark_repo::ops::backup::{Backup, BackupOptions, Cutting};
 use tidemark_repo::progress::Progress;
 use tidemark_repo::snapshot::{EntryType, Snapshot};
 use tidemark_repo::Repository;
@@ -51,6 +51,18 @@ pub async fn memory_repo() -> (Arc<dyn Storage>, Repository) {
 }
 
 pub async fn backup_bytes(repo: &Repository, name: &str, data: Vec<u8>) -> (SnapshotId, Snapshot) {
+    backup_cut(repo, name, data, Cutting::ContentDefined, true).await
+}
+
+/// One backup of `data` as the stream `name`, cut as `cut`, read as a stream or (`streamed`
+/// false) handed over in memory.
+pub async fn backup_cut(
+    repo: &Repository,
+    name: &str,
+    data: Vec<u8>,
+    cut: Cutting,
+    streamed: bool,
+) -> (SnapshotId, Snapshot) {
     let lock = LockGuard::acquire(repo, LockKind::Shared, "backup", &LockOptions::default())
         .await
         .unwrap();
@@ -62,15 +74,19 @@ pub async fn backup_bytes(repo: &Repository, name: &str, data: Vec<u8>) -> (Snap
     )
     .await
     .unwrap();
-    b.add_stream(
-        name,
-        EntryType::Stream,
-        std::io::Cursor::new(data),
-        None,
-        None,
-    )
-    .await
-    .unwrap();
+    let kind = match cut {
+        Cutting::ContentDefined => EntryType::Stream,
+        Cutting::Fixed(_) => EntryType::File,
+    };
+    if streamed {
+        b.add_stream_cut(name, kind, std::io::Cursor::new(data), None, None, cut)
+            .await
+            .unwrap();
+    } else {
+        b.add_bytes_cut(name, kind, data, None, None, cut)
+            .await
+            .unwrap();
+    }
     let r = b.finish(Default::default()).await.unwrap();
     lock.release().await.unwrap();
     r
