@@ -856,8 +856,31 @@ fn wal_push_archives_ready_segments_ahead_and_answers_later_calls_from_its_spool
         .exists());
 }
 
+/// A child process that is killed when the test ends, a failed assertion included.
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl std::ops::Deref for Reaped {
+    type Target = std::process::Child;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Reaped {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
 /// `tidemark pg receive` against `cluster`, logging to `log`.
-fn start_receiver(cluster: &Postgres, a: &Archive, log: &Path) -> std::process::Child {
+fn start_receiver(cluster: &Postgres, a: &Archive, log: &Path) -> Reaped {
     let pw = cluster.write_private("pg-password", tidemark_testkit::SUPERUSER_PASSWORD);
     let url = format!("postgresql://postgres@127.0.0.1:{}/postgres", cluster.port);
     Command::new(BIN)
@@ -871,6 +894,7 @@ fn start_receiver(cluster: &Postgres, a: &Archive, log: &Path) -> std::process::
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(log).unwrap())
         .spawn()
+        .map(Reaped)
         .unwrap()
 }
 
