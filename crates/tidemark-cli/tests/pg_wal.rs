@@ -445,6 +445,46 @@ fn a_physical_backup_recovers_to_a_time_and_to_the_end_of_the_archive() {
         "{second}"
     );
 
+    // A restore started beside the running server on a port of its own (--start-port): the
+    // original keeps its port, and the copy answers on the other.
+    let beside = cluster.dir.path().join("beside");
+    let port = tidemark_testkit::free_port().to_string();
+    let o = tidemark(
+        &a.config,
+        &[
+            "pg",
+            "restore",
+            "latest",
+            "--pgdata",
+            beside.to_str().unwrap(),
+            "--immediate",
+            "--start",
+            "--start-port",
+            &port,
+            "--conf",
+            "archive_mode=off",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let out = Command::new(cluster.bin().join("psql"))
+        .args(["-X", "-A", "-t", "-h"])
+        .arg(cluster.dir.path())
+        .args(["-p", &port, "-U", "postgres", "-d", "postgres", "-c"])
+        .arg("SELECT count(*) || ' ' || current_setting('port') FROM t")
+        .output()
+        .unwrap();
+    let mut stop = tidemark_testkit::as_owner(&cluster.bin().join("pg_ctl"));
+    stop.arg("-D").arg(&beside).args(["-m", "fast", "stop"]);
+    let stopped = stop.output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("1000 {port}"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stopped.status.success(), "{stopped:?}");
+    assert_eq!(cluster.psql("postgres", "SELECT count(*) FROM t"), "1000");
+
     // Rows committed after the backup, on both sides of a target time.
     // One statement string is one transaction: its xid is the --to-xid target.
     let xid = cluster.psql(
