@@ -445,6 +445,37 @@ fn a_physical_backup_recovers_to_a_time_and_to_the_end_of_the_archive() {
         "{second}"
     );
 
+    // PostgreSQL's own pg_verifybackup accepts what tidemark restored, for the manifest
+    // tidemark wrote (local read) as for the one the server sent (replication). -n: the WAL is
+    // in the archive, not in pg_wal.
+    for (id, read) in [(&v["id"], "local"), (&second["id"], "replication")] {
+        let dir = cluster.dir.path().join(format!("verify-{read}"));
+        let o = tidemark(
+            &a.config,
+            &[
+                "pg",
+                "restore",
+                id.as_str().unwrap(),
+                "--pgdata",
+                dir.to_str().unwrap(),
+                "--immediate",
+            ],
+        );
+        assert_eq!(o.status.code(), Some(0), "{read}: {}", stderr(&o));
+        let out = Command::new(cluster.bin().join("pg_verifybackup"))
+            .arg("-n")
+            .arg(&dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{read}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     // A restore started beside the running server on a port of its own (--start-port): the
     // original keeps its port, and the copy answers on the other.
     let beside = cluster.dir.path().join("beside");
