@@ -34,6 +34,18 @@ fn tidemark_pg(a: &Archive, command: &[&str], url: &str, pw: &Path, extra: &[&st
     tidemark(&a.config, &[command, &conn[..], extra].concat())
 }
 
+/// `tidemark pg restore <snapshot> --pgdata <dest> <extra…>`.
+fn restore_into(a: &Archive, snapshot: &str, dest: &Path, extra: &[&str]) -> Output {
+    let head = [
+        "pg",
+        "restore",
+        snapshot,
+        "--pgdata",
+        dest.to_str().unwrap(),
+    ];
+    tidemark(&a.config, &[&head[..], extra].concat())
+}
+
 fn archive(cluster: &Postgres) -> Archive {
     let repo = cluster.dir.path().join("repo");
     let password = cluster.write_private("repo-password", "archive secret\n");
@@ -450,17 +462,7 @@ fn a_physical_backup_recovers_to_a_time_and_to_the_end_of_the_archive() {
     // in the archive, not in pg_wal.
     for (id, read) in [(&v["id"], "local"), (&second["id"], "replication")] {
         let dir = cluster.dir.path().join(format!("verify-{read}"));
-        let o = tidemark(
-            &a.config,
-            &[
-                "pg",
-                "restore",
-                id.as_str().unwrap(),
-                "--pgdata",
-                dir.to_str().unwrap(),
-                "--immediate",
-            ],
-        );
+        let o = restore_into(&a, id.as_str().unwrap(), &dir, &["--immediate"]);
         assert_eq!(o.status.code(), Some(0), "{read}: {}", stderr(&o));
         let out = Command::new(cluster.bin().join("pg_verifybackup"))
             .arg("-n")
@@ -480,14 +482,11 @@ fn a_physical_backup_recovers_to_a_time_and_to_the_end_of_the_archive() {
     // original keeps its port, and the copy answers on the other.
     let beside = cluster.dir.path().join("beside");
     let port = tidemark_testkit::free_port().to_string();
-    let o = tidemark(
-        &a.config,
+    let o = restore_into(
+        &a,
+        "latest",
+        &beside,
         &[
-            "pg",
-            "restore",
-            "latest",
-            "--pgdata",
-            beside.to_str().unwrap(),
             "--immediate",
             "--start",
             "--start-port",
@@ -584,18 +583,7 @@ fn a_physical_backup_recovers_to_a_time_and_to_the_end_of_the_archive() {
         ("--to-lsn", "FF/0", "beyond the end of the archived WAL"),
     ] {
         let dest = cluster.dir.path().join("never");
-        let o = tidemark(
-            &a.config,
-            &[
-                "pg",
-                "restore",
-                "latest",
-                "--pgdata",
-                dest.to_str().unwrap(),
-                flag,
-                when,
-            ],
-        );
+        let o = restore_into(&a, "latest", &dest, &[flag, when]);
         assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
         assert!(stderr(&o).contains(says), "{}", stderr(&o));
         assert!(!dest.exists(), "a refused restore wrote {}", dest.display());
