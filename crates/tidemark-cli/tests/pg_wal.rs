@@ -99,6 +99,28 @@ fn physical_backup(cluster: &Postgres, a: &Archive, read: &str) -> serde_json::V
         "local"
     };
     assert_eq!(v["snapshot"]["positions"]["pg.read"], want, "{v}");
+    // Index files are cut one page per block, heap files into 64 KiB blocks: pg_authid's
+    // index (global/2677, two pages) and pg_proc (base/1/1255, 768 KiB).
+    let chunks = |name: &str| {
+        let s = v["snapshot"]["streams"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == name)
+            .unwrap_or_else(|| panic!("{name} is not in the snapshot"));
+        let size = s["size"].as_u64().unwrap();
+        (size, s["chunks"].as_array().unwrap().len() as u64)
+    };
+    let (size, n) = chunks("data/global/2677");
+    assert!(
+        size >= 16384 && n == size / 8192,
+        "{read}: an index's pages"
+    );
+    let (size, n) = chunks("data/base/1/1255");
+    assert!(
+        size > 65536 && n == size.div_ceil(65536),
+        "{read}: a table's blocks"
+    );
     v
 }
 

@@ -67,16 +67,6 @@ impl Dictionaries {
         self.blocks.and_then(|id| self.by_id.get(&id))
     }
 
-    /// How many there are.
-    pub fn len(&self) -> usize {
-        self.by_id.len()
-    }
-
-    /// Whether there are none.
-    pub fn is_empty(&self) -> bool {
-        self.by_id.is_empty()
-    }
-
     fn insert(&mut self, purpose: &str, d: Dictionary) {
         if purpose == BLOCKS && self.blocks.is_none_or(|b| d.id < b) {
             self.blocks = Some(d.id);
@@ -204,15 +194,4 @@ pub async fn train_and_store(
     };
     repo.save_json("dicts", aad::DICT, &o).await?;
     Ok(Some(id))
-}
-
-/// A dictionary built from bytes (tests and tools).
-pub fn from_bytes(id: u32, bytes: Vec<u8>) -> Dictionary {
-    Dictionary::new(id, bytes)
-}
-
-/// `dicts` with `d` added, as `blocks`.
-pub fn with(mut dicts: Dictionaries, d: Dictionary) -> Dictionaries {
-    dicts.insert(BLOCKS, d);
-    dicts
 }

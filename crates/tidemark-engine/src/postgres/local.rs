@@ -14,7 +14,7 @@ use chrono::{DateTime, Utc};
 use tidemark_repo::ops::backup::Backup;
 use tidemark_repo::snapshot::{EntryType, StreamEntry};
 
-use super::physical::{cutting_for, Ended, DATA, SMALL};
+use super::physical::{cutting_for, wal_segment_size, Ended, DATA, SMALL};
 use super::wal;
 use super::{Postgres, ServerInfo};
 use crate::{Error, Result};
@@ -409,17 +409,18 @@ fn label_timeline(label: &str) -> Option<u32> {
 }
 
 /// Take the backup: start it on the server, read the data directory `dir`, stop it, and
-/// write the backup label and the manifest.
+/// write the backup label and the manifest; (where it ended, the WAL segment size).
 pub(super) async fn backup(
     pg: &Postgres,
     backup: &mut Backup<'_>,
     dir: &Path,
     info: &ServerInfo,
     block: usize,
-) -> Result<Ended> {
+) -> Result<(Ended, u64)> {
     let modern = info.version_num >= 150_000;
     // The session holds the backup: if it ends early, the server abandons the backup.
     let mut conn = pg.connect().await?;
+    let seg_size = wal_segment_size(&mut conn).await;
     let start_sql = if modern {
         "SELECT pg_backup_start('tidemark', true)::text"
     } else {
@@ -576,7 +577,7 @@ pub(super) async fn backup(
             now,
         )
         .await?;
-    Ok(Ended {
+    let ended = Ended {
         start_lsn,
         start_tli: timeline,
         end_lsn,
@@ -584,7 +585,8 @@ pub(super) async fn backup(
         end_tli: timeline,
         manifest: manifest_text(&lines, timeline, start_lsn, end_lsn),
         tablespaces: walk.tablespaces + 1,
-    })
+    };
+    Ok((ended, seg_size))
 }
 
 #[cfg(test)]

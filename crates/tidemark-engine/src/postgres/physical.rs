@@ -379,10 +379,7 @@ pub async fn backup(
     };
     let (ended, seg_size, read) = match dir {
         Some(dir) => {
-            let mut conn = pg.connect().await?;
-            let seg_size = wal_segment_size(&mut conn).await;
-            conn.close().await;
-            let ended = super::local::backup(pg, backup, &dir, &info, o.block).await?;
+            let (ended, seg_size) = super::local::backup(pg, backup, &dir, &info, o.block).await?;
             (ended, seg_size, "local")
         }
         None => {
