@@ -518,23 +518,15 @@ fn a_physical_backup_recovers_to_a_time_and_to_the_end_of_the_archive() {
         ],
     );
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
-    let out = Command::new(cluster.bin().join("psql"))
-        .args(["-X", "-A", "-t", "-h"])
-        .arg(cluster.dir.path())
-        .args(["-p", &port, "-U", "postgres", "-d", "postgres", "-c"])
-        .arg("SELECT count(*) || ' ' || current_setting('port') FROM t")
-        .output()
-        .unwrap();
-    let mut stop = tidemark_testkit::as_owner(&cluster.bin().join("pg_ctl"));
-    stop.arg("-D").arg(&beside).args(["-m", "fast", "stop"]);
-    let stopped = stop.output().unwrap();
     assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
-        format!("1000 {port}"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        query_and_stop(
+            &cluster,
+            &beside,
+            &port,
+            "SELECT count(*) || ' ' || current_setting('port') FROM t"
+        ),
+        format!("1000 {port}")
     );
-    assert!(stopped.status.success(), "{stopped:?}");
     assert_eq!(cluster.psql("postgres", "SELECT count(*) FROM t"), "1000");
 
     // Rows committed after the backup, on both sides of a target time.
@@ -690,6 +682,135 @@ fn a_physical_backup_recovers_to_a_time_and_to_the_end_of_the_archive() {
         "{}",
         stderr(&o)
     );
+}
+
+/// Run `sql` on a restored server that `pg restore --start --start-port <port>` started in
+/// `data` beside the cluster, then stop that server; the answer.
+fn query_and_stop(cluster: &Postgres, data: &Path, port: &str, sql: &str) -> String {
+    let out = Command::new(cluster.bin().join("psql"))
+        .args(["-X", "-A", "-t", "-h"])
+        .arg(cluster.dir.path())
+        .args(["-p", port, "-U", "postgres", "-d", "postgres", "-c", sql])
+        .output()
+        .unwrap();
+    let mut stop = tidemark_testkit::as_owner(&cluster.bin().join("pg_ctl"));
+    stop.arg("-D").arg(data).args(["-m", "fast", "stop"]);
+    let stopped = stop.output().unwrap();
+    assert!(stopped.status.success(), "{stopped:?}");
+    assert!(
+        out.status.success(),
+        "{sql}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+#[test]
+fn tablespaces_outside_the_data_directory_come_back_where_they_are_told() {
+    let (cluster, a) = archiving_cluster(&[]);
+    let ts = cluster.dir.path().join("ts1");
+    std::fs::create_dir(&ts).unwrap();
+    cluster.give(&ts);
+    cluster.psql(
+        "postgres",
+        &format!("CREATE TABLESPACE ts1 LOCATION '{}'", ts.display()),
+    );
+    cluster.psql(
+        "postgres",
+        "CREATE TABLE t (id int PRIMARY KEY, pad text) TABLESPACE ts1;
+         ALTER INDEX t_pkey SET TABLESPACE ts1;
+         INSERT INTO t SELECT g, repeat('x', 200) FROM generate_series(1, 5000) g",
+    );
+    let oid = cluster.psql(
+        "postgres",
+        "SELECT oid FROM pg_tablespace WHERE spcname = 'ts1'",
+    );
+    let ids: Vec<String> = ["local", "replication"]
+        .iter()
+        .map(|read| {
+            let v = physical_backup(&cluster, &a, read);
+            assert_eq!(
+                v["snapshot"]["positions"]["pg.tablespaces"], 1,
+                "{read}: {v}"
+            );
+            v["id"].as_str().unwrap().to_owned()
+        })
+        .collect();
+
+    // By default a tablespace goes back where it was: refused while the original is there,
+    // before anything is written.
+    let dest = cluster.dir.path().join("restored");
+    let o = restore_into(&a, &ids[0], &dest, &["--immediate"]);
+    assert_ne!(o.status.code(), Some(0));
+    assert!(
+        stderr(&o).contains(&ts.display().to_string())
+            && stderr(&o).contains(&format!("--tablespace-map {oid}=DIR")),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!dest.exists(), "a refused restore wrote {}", dest.display());
+    let o = restore_into(&a, &ids[0], &dest, &["--tablespace-map", "99999=/nowhere"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains(&format!("its tablespaces are: {oid} ({})", ts.display())),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!dest.exists(), "a refused restore wrote {}", dest.display());
+
+    // Moved by OID (local read) and by the old directory (replication): PostgreSQL's
+    // pg_verifybackup accepts the restored tree, tablespace included, and the started server
+    // finds every row in the new place.
+    for (id, from) in [(&ids[0], oid.clone()), (&ids[1], ts.display().to_string())] {
+        let moved = cluster.dir.path().join(format!("moved-{}", from.len()));
+        let map = format!("{from}={}", moved.display());
+        let o = restore_into(&a, id, &dest, &["--immediate", "--tablespace-map", &map]);
+        assert_eq!(o.status.code(), Some(0), "{from}: {}", stderr(&o));
+        assert!(
+            String::from_utf8_lossy(&o.stdout)
+                .contains(&format!("tablespace {oid}: {}", moved.display())),
+            "{}",
+            String::from_utf8_lossy(&o.stdout)
+        );
+        let out = Command::new(cluster.bin().join("pg_verifybackup"))
+            .arg("-n")
+            .arg(&dest)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{from}: {out:?}");
+        std::fs::remove_dir_all(&dest).unwrap();
+        std::fs::remove_dir_all(&moved).unwrap();
+
+        let port = tidemark_testkit::free_port().to_string();
+        let o = restore_into(
+            &a,
+            id,
+            &dest,
+            &[
+                "--immediate",
+                "--tablespace-map",
+                &map,
+                "--start",
+                "--start-port",
+                &port,
+                "--conf",
+                "archive_mode=off",
+            ],
+        );
+        assert_eq!(o.status.code(), Some(0), "{from}: {}", stderr(&o));
+        assert_eq!(
+            query_and_stop(
+                &cluster,
+                &dest,
+                &port,
+                "SELECT (SELECT count(*) FROM t) || ' ' || pg_tablespace_location(oid) \
+                 FROM pg_tablespace WHERE spcname = 'ts1'"
+            ),
+            format!("5000 {}", moved.display()),
+            "{from}"
+        );
+        std::fs::remove_dir_all(&dest).unwrap();
+    }
 }
 
 /// Archive everything up to now and wait until the archiver has it; the last segment written.

@@ -102,6 +102,9 @@ pub struct RestoreReport {
     pub bytes: u64,
     /// What the engine's verification said, if it ran.
     pub verified: Option<String>,
+    /// What was written outside the target (PostgreSQL's tablespaces), as `what: path`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub elsewhere: Vec<String>,
 }
 
 /// A database engine.

@@ -208,6 +208,7 @@ impl Engine for Sqlite {
             target: target.display().to_string(),
             bytes,
             verified: Some("PRAGMA integrity_check: ok".into()),
+            elsewhere: Vec::new(),
         })
     }
 }

@@ -218,6 +218,11 @@ pub struct RestoreArgs {
     /// archive into the production archive.
     #[arg(long = "conf", requires = "pgdata", value_name = "NAME=VALUE")]
     conf: Vec<String>,
+    /// Put a tablespace that lived outside the data directory somewhere else: `OID=DIR` or
+    /// `OLDDIR=NEWDIR` (repeatable). Without it each tablespace goes back where it was, which
+    /// must then be empty or missing.
+    #[arg(long = "tablespace-map", requires = "pgdata", value_name = "FROM=DIR")]
+    tablespace_map: Vec<String>,
     /// With --start: give up waiting for recovery after this many seconds.
     #[arg(long, requires = "start", default_value_t = 86_400)]
     start_timeout: u64,
@@ -508,6 +513,19 @@ async fn restore_physical(ctx: &Context, a: RestoreArgs) -> Result<i32> {
             })?;
         extra.push((name.to_owned(), value.to_owned()));
     }
+    let mut tablespace_map = Vec::new();
+    for m in &a.tablespace_map {
+        let (from, to) = m
+            .split_once('=')
+            .filter(|(f, t)| !f.is_empty() && !t.is_empty())
+            .ok_or_else(|| {
+                usage(
+                    format!("--tablespace-map {m:?} is not FROM=DIR"),
+                    "write it like --tablespace-map 16384=/srv/pg/ts1 (the tablespace's OID or old directory)",
+                )
+            })?;
+        tablespace_map.push((from.to_owned(), std::path::absolute(to)?));
+    }
     let env = ctx.child_env()?;
     let repo = ctx.open().await?;
     let lock =
@@ -575,6 +593,9 @@ async fn restore_physical(ctx: &Context, a: RestoreArgs) -> Result<i32> {
             &id.short(),
             &snap,
             &target,
+            &tidemark_engine::postgres::physical::RestoreOptions {
+                tablespace_map: tablespace_map.clone(),
+            },
             progress,
         )
         .await;
@@ -672,6 +693,9 @@ async fn restore_physical(ctx: &Context, a: RestoreArgs) -> Result<i32> {
             size(report.bytes),
             report.verified.as_deref().unwrap_or("not verified"),
         );
+        for e in &report.elsewhere {
+            println!("  {e}");
+        }
         match s.consistent_seconds {
             Some(c) => println!("server accepted read-only connections after {c:.1}s"),
             None => println!("server did not open for read-only connections during recovery"),
@@ -694,6 +718,9 @@ async fn restore_physical(ctx: &Context, a: RestoreArgs) -> Result<i32> {
             report.verified.as_deref().unwrap_or("not verified"),
             started.elapsed().as_secs_f64()
         );
+        for e in &report.elsewhere {
+            println!("  {e}");
+        }
     }
     Ok(crate::exit::OK)
 }

@@ -316,6 +316,7 @@ pub async fn restore(
         target: format!("{target} on {}", pg.conn.server()),
         bytes,
         verified: Some("pg_restore completed with --exit-on-error".into()),
+        elsewhere: Vec::new(),
     })
 }
 

@@ -208,6 +208,14 @@ impl Engine for Postgres {
                 reason: "a logical PostgreSQL snapshot is restored into a database, not a path: use `tidemark pg restore --into`".into(),
             });
         }
-        physical::restore(repo, id, snapshot, target, Default::default()).await
+        physical::restore(
+            repo,
+            id,
+            snapshot,
+            target,
+            &physical::RestoreOptions::default(),
+            Default::default(),
+        )
+        .await
     }
 }

@@ -609,20 +609,114 @@ fn empty_or_missing(dir: &std::path::Path) -> bool {
     std::fs::read_dir(dir).map_or(true, |mut d| d.next().is_none())
 }
 
-/// Restore a physical snapshot into `target`, a new or empty directory, and verify every file
-/// against PostgreSQL's backup manifest (as `pg_verifybackup` does). Recovery settings are the
-/// caller's business.
+/// How a physical backup is restored.
+#[derive(Debug, Clone, Default)]
+pub struct RestoreOptions {
+    /// Where tablespaces that lived outside the data directory go: (the tablespace's OID or
+    /// its original location, the new location). Unnamed ones go back where they were.
+    pub tablespace_map: Vec<(String, std::path::PathBuf)>,
+}
+
+/// A tablespace of a backup and where a restore puts it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TablespacePlace {
+    /// Its OID: the name of its link in `pg_tblspc`.
+    pub oid: String,
+    /// Where it was when the backup was taken.
+    pub original: String,
+    /// Where the restore writes it.
+    pub place: std::path::PathBuf,
+}
+
+/// The tablespaces of `snapshot` (its links in `pg_tblspc`) and where each goes under `map`;
+/// every entry of `map` must name one of them.
 ///
 /// # Errors
-/// `WrongSnapshot` for another engine or kind; `Database` for a non-empty target;
-/// `Verification` when a file differs from the manifest; repository and I/O errors.
+/// A message for a mapping that names no tablespace, a relative or shared place.
+pub fn tablespace_places(
+    snapshot: &tidemark_repo::snapshot::Snapshot,
+    map: &[(String, std::path::PathBuf)],
+) -> std::result::Result<Vec<TablespacePlace>, String> {
+    let link_prefix = format!("{DATA}pg_tblspc/");
+    let mut places: Vec<TablespacePlace> = snapshot
+        .streams
+        .iter()
+        .filter(|s| s.kind == EntryType::Symlink)
+        .filter_map(|s| {
+            let oid = s.name.strip_prefix(&link_prefix)?;
+            let original = s.target.clone().unwrap_or_default();
+            Some(TablespacePlace {
+                oid: oid.to_owned(),
+                place: original.clone().into(),
+                original,
+            })
+        })
+        .collect();
+    let same = |a: &str, b: &str| a.trim_end_matches('/') == b.trim_end_matches('/');
+    let mut used = vec![false; map.len()];
+    for p in &mut places {
+        if let Some(i) = map
+            .iter()
+            .position(|(from, _)| from == &p.oid || same(from, &p.original))
+        {
+            used[i] = true;
+            p.place = map[i].1.clone();
+        }
+        if !p.place.is_absolute() {
+            return Err(format!(
+                "tablespace {} would go to {}, which is not an absolute path; give an absolute one with --tablespace-map {}=DIR",
+                p.oid,
+                p.place.display(),
+                p.oid
+            ));
+        }
+    }
+    if let Some(i) = used.iter().position(|u| !u) {
+        let known: Vec<String> = places
+            .iter()
+            .map(|p| format!("{} ({})", p.oid, p.original))
+            .collect();
+        return Err(format!(
+            "--tablespace-map {}=… names no tablespace of this backup; its tablespaces are: {}",
+            map[i].0,
+            if known.is_empty() {
+                "none".to_owned()
+            } else {
+                known.join(", ")
+            }
+        ));
+    }
+    for (i, a) in places.iter().enumerate() {
+        if let Some(b) = places[i + 1..].iter().find(|b| b.place == a.place) {
+            return Err(format!(
+                "tablespaces {} and {} would both go to {}; give one another place with --tablespace-map",
+                a.oid,
+                b.oid,
+                a.place.display()
+            ));
+        }
+    }
+    Ok(places)
+}
+
+/// Restore a physical snapshot into `target`, a new or empty directory, and its tablespaces
+/// into theirs (per `o`; also new or empty), and verify every file against PostgreSQL's backup
+/// manifest (as `pg_verifybackup` does). Nothing is written unless every directory is free.
+/// Recovery settings are the caller's business.
+///
+/// # Errors
+/// `WrongSnapshot` for another engine or kind or a mapping that does not fit it; `Database`
+/// for a non-empty directory; `Verification` when a file differs from the manifest;
+/// repository and I/O errors.
 pub async fn restore(
     repo: &tidemark_repo::Repository,
     id: &str,
     snapshot: &tidemark_repo::snapshot::Snapshot,
     target: &std::path::Path,
+    o: &RestoreOptions,
     progress: std::sync::Arc<tidemark_repo::progress::Progress>,
 ) -> Result<crate::RestoreReport> {
+    use std::os::unix::fs::PermissionsExt;
     let wrong = |reason: &str| Error::WrongSnapshot {
         snapshot: id.to_owned(),
         engine: "postgres",
@@ -631,26 +725,31 @@ pub async fn restore(
     if snapshot.engine != "postgres" || snapshot.kind != SnapshotKind::Physical {
         return Err(wrong("it is not a physical PostgreSQL backup"));
     }
-    if snapshot
-        .streams
-        .iter()
-        .any(|s| s.name.starts_with("tablespace/"))
-    {
-        return Err(wrong(
-            "it has tablespaces outside the data directory, which tidemark cannot restore yet",
-        ));
-    }
     let manifest = snapshot
         .streams
         .iter()
         .find(|s| s.name == MANIFEST)
         .ok_or_else(|| wrong("it has no backup manifest"))?;
+    let places = tablespace_places(snapshot, &o.tablespace_map).map_err(|r| wrong(&r))?;
+    let busy = |dir: &std::path::Path, reason: String| Error::Database {
+        action: "restore into",
+        database: dir.display().to_string(),
+        reason,
+    };
     if !empty_or_missing(target) {
-        return Err(Error::Database {
-            action: "restore into",
-            database: target.display().to_string(),
-            reason: "the directory is not empty; a data directory is restored only into a new or empty directory".into(),
-        });
+        return Err(busy(target, "the directory is not empty; a data directory is restored only into a new or empty directory".into()));
+    }
+    for p in &places {
+        if !empty_or_missing(&p.place) {
+            return Err(busy(
+                &p.place,
+                format!(
+                    "tablespace {} goes here (where it was when backed up) but the directory is not empty; \
+                     give it a new or empty directory with --tablespace-map {}=DIR",
+                    p.oid, p.oid
+                ),
+            ));
+        }
     }
     let index = repo.load_index().await?;
     let target_name = target.display().to_string();
@@ -663,12 +762,16 @@ pub async fn restore(
     let text =
         tidemark_repo::ops::restore::read_stream(repo, &index, manifest, progress.clone()).await?;
     let files = parse_manifest(&text).map_err(bad)?;
+    let links: Vec<String> = places
+        .iter()
+        .map(|p| format!("{DATA}pg_tblspc/{}", p.oid))
+        .collect();
     let entries: Vec<&StreamEntry> = snapshot
         .streams
         .iter()
-        .filter(|s| s.name.starts_with(DATA))
+        .filter(|s| s.name.starts_with(DATA) && !links.contains(&s.name))
         .collect();
-    let written = tidemark_repo::ops::restore::restore_tree(
+    let mut written = tidemark_repo::ops::restore::restore_tree(
         repo,
         &index,
         &entries,
@@ -677,6 +780,38 @@ pub async fn restore(
         progress.clone(),
     )
     .await?;
+    let io = |action, path: &std::path::Path, e| Error::Io {
+        action,
+        path: path.display().to_string(),
+        source: e,
+    };
+    for p in &places {
+        let prefix = format!("tablespace/{}/", p.oid);
+        let entries: Vec<&StreamEntry> = snapshot
+            .streams
+            .iter()
+            .filter(|s| s.name.starts_with(&prefix))
+            .collect();
+        let files = tidemark_repo::ops::restore::restore_tree(
+            repo,
+            &index,
+            &entries,
+            &prefix,
+            &p.place,
+            progress.clone(),
+        )
+        .await?;
+        std::fs::set_permissions(&p.place, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| io("set the mode of", &p.place, e))?;
+        written.extend(files.into_iter().map(|mut f| {
+            f.path = format!("pg_tblspc/{}/{}", p.oid, f.path);
+            f
+        }));
+        let link = target.join("pg_tblspc").join(&p.oid);
+        std::fs::create_dir_all(target.join("pg_tblspc"))
+            .map_err(|e| io("create", &target.join("pg_tblspc"), e))?;
+        std::os::unix::fs::symlink(&p.place, &link).map_err(|e| io("create the link", &link, e))?;
+    }
     let verified = check_files(&files, &written).map_err(bad)?;
     let manifest_path = target.join(MANIFEST);
     tidemark_repo::ops::restore::restore_file(
@@ -688,16 +823,8 @@ pub async fn restore(
         true,
     )
     .await?;
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(target, std::fs::Permissions::from_mode(0o700)).map_err(|e| {
-            Error::Io {
-                action: "set the mode of",
-                path: target.display().to_string(),
-                source: e,
-            }
-        })?;
-    }
+    std::fs::set_permissions(target, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| io("set the mode of", target, e))?;
     Ok(crate::RestoreReport {
         target: target_name.clone(),
         bytes: verified.1,
@@ -705,6 +832,10 @@ pub async fn restore(
             "{} files match the backup manifest (sizes and CRC32C)",
             verified.0
         )),
+        elsewhere: places
+            .iter()
+            .map(|p| format!("tablespace {}: {}", p.oid, p.place.display()))
+            .collect(),
     })
 }
 
@@ -851,6 +982,56 @@ mod tests {
         assert!(check_files(&parsed, &ok[..1])
             .unwrap_err()
             .contains("global/1262 is in the backup manifest but not in the backup"));
+    }
+
+    #[test]
+    fn tablespaces_go_where_they_were_unless_mapped_by_oid_or_old_directory() {
+        let link = |oid: &str, to: &str| StreamEntry {
+            name: format!("{DATA}pg_tblspc/{oid}"),
+            kind: EntryType::Symlink,
+            size: 0,
+            mode: None,
+            mtime: None,
+            target: Some(to.into()),
+            chunks: vec![],
+        };
+        let snapshot = tidemark_repo::snapshot::Snapshot {
+            version: 1,
+            time: Utc::now(),
+            time_end: Utc::now(),
+            hostname: String::new(),
+            username: String::new(),
+            engine: "postgres".into(),
+            kind: SnapshotKind::Physical,
+            database: DatabaseIdentity::default(),
+            tags: vec![],
+            parent: None,
+            streams: vec![link("16384", "/srv/a"), link("16385", "/srv/b/")],
+            positions: BTreeMap::new(),
+            summary: Default::default(),
+        };
+        let places = |map: &[(&str, &str)]| {
+            let map: Vec<(String, std::path::PathBuf)> = map
+                .iter()
+                .map(|(f, t)| ((*f).to_owned(), t.into()))
+                .collect();
+            tablespace_places(&snapshot, &map).map(|v| {
+                v.into_iter()
+                    .map(|p| p.place.display().to_string())
+                    .collect::<Vec<_>>()
+            })
+        };
+        assert_eq!(places(&[]).unwrap(), ["/srv/a", "/srv/b/"]);
+        assert_eq!(
+            places(&[("16384", "/new/a"), ("/srv/b", "/new/b")]).unwrap(),
+            ["/new/a", "/new/b"]
+        );
+        let e = places(&[("1", "/x")]).unwrap_err();
+        assert!(e.contains("16384 (/srv/a), 16385 (/srv/b/)"), "{e}");
+        let e = places(&[("16384", "/srv/b/")]).unwrap_err();
+        assert!(e.contains("both go to /srv/b/"), "{e}");
+        let e = places(&[("16384", "rel")]).unwrap_err();
+        assert!(e.contains("not an absolute path"), "{e}");
     }
 
     #[test]

@@ -100,10 +100,20 @@ pub fn start_and_wait(data: &Path, o: &StartOptions) -> Result<StartReport> {
         source: e,
     })?;
     if let Some(u) = &o.os_user {
+        // The data directory and the tablespaces its pg_tblspc links lead to (chown -R does
+        // not follow links).
+        let tablespaces: Vec<PathBuf> = std::fs::read_dir(data.join("pg_tblspc"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_symlink()))
+            .filter_map(|e| std::fs::read_link(e.path()).ok())
+            .collect();
         let out = Command::new("chown")
             .arg("-R")
             .arg(format!("{u}:"))
             .arg(data)
+            .args(&tablespaces)
             .output()
             .map_err(|e| fail(data, format!("cannot run chown: {e}")))?;
         if !out.status.success() {
