@@ -813,6 +813,62 @@ fn tablespaces_outside_the_data_directory_come_back_where_they_are_told() {
     }
 }
 
+#[test]
+fn pages_that_fail_their_checksums_are_named_and_the_backup_is_not_a_success() {
+    let (mut cluster, a) = archiving_cluster(&[]);
+    assert_eq!(cluster.psql("postgres", "SHOW data_checksums"), "on");
+    cluster.psql(
+        "postgres",
+        "CREATE TABLE t (id int, pad text);
+         INSERT INTO t SELECT g, repeat('x', 100) FROM generate_series(1, 2000) g;
+         CHECKPOINT",
+    );
+    // Clean pages pass in both read modes (the checksums PostgreSQL wrote are the ones
+    // tidemark computes).
+    physical_backup(&cluster, &a, "local");
+    physical_backup(&cluster, &a, "replication");
+
+    // One bit flipped in the middle of the table's second page, behind the server's back.
+    let file = cluster.psql("postgres", "SELECT pg_relation_filepath('t')");
+    cluster.stop("fast");
+    let path = cluster.data_dir().join(&file);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[8192 + 4000] ^= 0x10;
+    std::fs::write(&path, &bytes).unwrap();
+    cluster.start_server();
+
+    for read in ["local", "replication"] {
+        let o = physical_backup_as(
+            &cluster,
+            &a,
+            read,
+            "postgres",
+            tidemark_testkit::SUPERUSER_PASSWORD,
+        );
+        // Exit 6 (damaged), with the snapshot kept and saying so.
+        assert_eq!(o.status.code(), Some(6), "{read}: {}", stderr(&o));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let positions = &v["snapshot"]["positions"];
+        assert_eq!(positions["pg.checksum_failures"], 1, "{read}: {v}");
+        let named = if read == "local" {
+            format!("{file}: block 1")
+        } else {
+            // The server's own words.
+            format!("checksum verification failed in file \"./{file}\", block 1")
+        };
+        assert!(stderr(&o).contains(&named), "{read}: {}", stderr(&o));
+        assert!(
+            stderr(&o).contains("the source is damaged"),
+            "{}",
+            stderr(&o)
+        );
+        assert!(
+            positions["pg.checksum_report"].to_string().contains(&file),
+            "{read}: {v}"
+        );
+    }
+}
+
 /// Archive everything up to now and wait until the archiver has it; the last segment written.
 fn archive_now(cluster: &Postgres, timeout_secs: u64) -> String {
     let last = cluster.psql("postgres", "SELECT pg_walfile_name(pg_current_wal_lsn())");
@@ -1441,4 +1497,50 @@ fn tls_connections_check_what_sslmode_asks_for() {
             stderr(&o)
         );
     }
+
+    // A role that logs in by client certificate only (pg_hba `cert`): a physical backup over
+    // replication and a logical one with pg_dump (given PGSSLCERT/PGSSLKEY), no password.
+    cluster.psql(
+        "postgres",
+        "CREATE ROLE certuser LOGIN REPLICATION; GRANT pg_read_all_data TO certuser",
+    );
+    let tls = cluster.dir.path().join("tls");
+    let (cert, key) = (tls.join("client.crt"), tls.join("client.key"));
+    let as_cert = |extra: &[&str]| {
+        let url = format!(
+            "postgresql://certuser@127.0.0.1:{port}/postgres?sslmode=verify-full&sslrootcert={}",
+            ca.display()
+        );
+        let mut args = vec!["pg", "backup", "--json", "--url", &url];
+        args.extend_from_slice(extra);
+        tidemark(&a.config, &args)
+    };
+    let (cert_s, key_s) = (cert.to_str().unwrap(), key.to_str().unwrap());
+    for extra in [&["--physical", "--read", "replication"][..], &[]] {
+        let o = as_cert(&[&["--sslcert", cert_s, "--sslkey", key_s], extra].concat());
+        assert_eq!(o.status.code(), Some(0), "{extra:?}: {}", stderr(&o));
+    }
+    // Without the certificate the server refuses; a key others may read is refused before
+    // it is sent; a certificate without its key is named.
+    let o = as_cert(&[]);
+    assert_eq!(o.status.code(), Some(8), "{}", stderr(&o));
+    assert!(stderr(&o).contains("certuser"), "{}", stderr(&o));
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    let o = as_cert(&["--sslcert", cert_s, "--sslkey", key_s]);
+    assert_eq!(o.status.code(), Some(8), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("may be read by others (mode 644)"),
+        "{}",
+        stderr(&o)
+    );
+    let o = as_cert(&["--sslcert", cert_s, "--sslkey", "/nonexistent/client.key"]);
+    assert_eq!(o.status.code(), Some(8), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("/nonexistent/client.key"),
+        "{}",
+        stderr(&o)
+    );
 }

@@ -112,6 +112,8 @@ impl Postgres {
                 "--auth-local=trust",
                 "--auth-host=scram-sha-256",
                 "--no-sync",
+                // As CloudNativePG and PostgreSQL 18 do by default; backups check them.
+                "--data-checksums",
                 "-E",
                 "UTF8",
                 "--locale=C",
@@ -292,7 +294,9 @@ impl Postgres {
 
     /// Turn TLS on (a reload, no restart) with a server certificate for `127.0.0.1` signed by
     /// a throwaway certificate authority, and refuse every TCP connection without TLS (socket
-    /// connections, which `psql` here uses, still work). Returns the CA certificate (PEM)
+    /// connections, which `psql` here uses, still work). The role `certuser`, when a test
+    /// creates it, logs in with the client certificate `tls/client.crt` (key
+    /// `tls/client.key`, mode 0600) and nothing else. Returns the CA certificate (PEM)
     /// and the certificate of a second, unrelated CA, both made with Debian's `openssl`.
     ///
     /// # Panics
@@ -349,10 +353,37 @@ impl Postgres {
             "-out",
             "server.crt",
         ]);
+        // A client certificate for the role `certuser`, which logs in by certificate only
+        // (an X.509 v3 one: without extensions openssl makes v1, which rustls refuses).
+        std::fs::write(d.join("client.cnf"), "extendedKeyUsage=clientAuth\n")
+            .expect("write client.cnf");
+        let mut a = vec!["req", "-subj", "/CN=certuser"];
+        a.extend_from_slice(&ec);
+        a.extend_from_slice(&["-keyout", "client.key", "-out", "client.csr"]);
+        openssl(&a);
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "client.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "client.cnf",
+            "-out",
+            "client.crt",
+        ]);
         {
             use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(d.join("server.key"), std::fs::Permissions::from_mode(0o600))
-                .expect("chmod server.key");
+            for key in ["server.key", "client.key"] {
+                std::fs::set_permissions(d.join(key), std::fs::Permissions::from_mode(0o600))
+                    .expect("chmod a key");
+            }
         }
         self.give(&d);
         let hba = self.data_dir().join("pg_hba.conf");
@@ -360,7 +391,8 @@ impl Postgres {
         std::fs::write(
             &hba,
             format!(
-                "hostnossl all all 0.0.0.0/0 reject\nhostnossl replication all 0.0.0.0/0 reject\n{h}"
+                "hostnossl all all 0.0.0.0/0 reject\nhostnossl replication all 0.0.0.0/0 reject\n\
+                 hostssl all certuser 0.0.0.0/0 cert\nhostssl replication certuser 0.0.0.0/0 cert\n{h}"
             ),
         )
         .expect("write pg_hba.conf");
@@ -368,6 +400,7 @@ impl Postgres {
         for (name, value) in [
             ("ssl_cert_file", d.join("server.crt")),
             ("ssl_key_file", d.join("server.key")),
+            ("ssl_ca_file", d.join("ca.crt")),
         ] {
             self.psql(
                 "postgres",

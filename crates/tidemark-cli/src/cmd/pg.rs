@@ -77,6 +77,14 @@ pub struct ConnArgs {
     /// `system`; default ~/.postgresql/root.crt (PGSSLROOTCERT).
     #[arg(long)]
     sslrootcert: Option<PathBuf>,
+    /// Client certificate (PEM) for servers that authenticate by certificate; default
+    /// ~/.postgresql/postgresql.crt when it exists (PGSSLCERT).
+    #[arg(long)]
+    sslcert: Option<PathBuf>,
+    /// The client certificate's private key (PEM, mode 0600); default
+    /// ~/.postgresql/postgresql.key (PGSSLKEY).
+    #[arg(long)]
+    sslkey: Option<PathBuf>,
     /// File whose first line is the PostgreSQL password.
     #[arg(long, env = "TIDEMARK_PG_PASSWORD_FILE")]
     pg_password_file: Option<PathBuf>,
@@ -110,6 +118,12 @@ impl ConnArgs {
         }
         if let Some(r) = &self.sslrootcert {
             c.sslrootcert = Some(r.clone());
+        }
+        if let Some(r) = &self.sslcert {
+            c.sslcert = Some(r.clone());
+        }
+        if let Some(r) = &self.sslkey {
+            c.sslkey = Some(r.clone());
         }
         if let Some(f) = &self.pg_password_file {
             c.password = PasswordSource::File(f.clone());
@@ -347,6 +361,10 @@ async fn backup(ctx: &Context, a: BackupArgs) -> Result<i32> {
     bar.finish();
     lock.release().await?;
     let (id, snap) = result?;
+    let damaged = snap
+        .positions
+        .get(tidemark_engine::postgres::physical::CHECKSUM_FAILURES)
+        .and_then(serde_json::Value::as_u64);
     if ctx.json {
         super::print_json(&serde_json::json!({"id": id.to_hex(), "snapshot": snap}))?;
     } else if !ctx.quiet {
@@ -360,6 +378,25 @@ async fn backup(ctx: &Context, a: BackupArgs) -> Result<i32> {
             size(s.new_stored_bytes),
             s.duration_seconds
         );
+    }
+    if let Some(pages) = damaged {
+        // The snapshot is kept (everything else in it is sound), but this is no success.
+        eprintln!(
+            "tidemark: {pages} page(s) of the database failed their checksums while read: the source is damaged, and snapshot {} holds those pages as they were read:",
+            id.short()
+        );
+        for line in snap
+            .positions
+            .get("pg.checksum_report")
+            .and_then(serde_json::Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(serde_json::Value::as_str)
+        {
+            eprintln!("  {line}");
+        }
+        eprintln!("hint: find the damaged relations (their files are named above), check the storage, and restore them from an earlier backup or repair them");
+        return Ok(crate::exit::DAMAGED);
     }
     Ok(crate::exit::OK)
 }

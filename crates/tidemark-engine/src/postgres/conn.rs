@@ -84,6 +84,12 @@ pub struct ConnOptions {
     /// The certificate authorities trusted for `verify-ca`/`verify-full` (PEM), or `system`;
     /// `None` is libpq's default, `~/.postgresql/root.crt`.
     pub sslrootcert: Option<PathBuf>,
+    /// The client certificate (PEM, chain allowed) for servers that authenticate by
+    /// certificate (`cert` in pg_hba.conf); `None` is libpq's default,
+    /// `~/.postgresql/postgresql.crt` when it exists.
+    pub sslcert: Option<PathBuf>,
+    /// Its private key (PEM); `None` is `~/.postgresql/postgresql.key`.
+    pub sslkey: Option<PathBuf>,
     /// The password's source.
     pub password: PasswordSource,
     /// How long to wait for the TCP connection.
@@ -99,6 +105,8 @@ impl Default for ConnOptions {
             dbname: "postgres".into(),
             sslmode: SslMode::Prefer,
             sslrootcert: None,
+            sslcert: None,
+            sslkey: None,
             password: PasswordSource::Environment,
             connect_timeout: Duration::from_secs(10),
         }
@@ -157,6 +165,12 @@ impl ConnOptions {
         }
         if let Some(r) = env("PGSSLROOTCERT") {
             o.sslrootcert = Some(PathBuf::from(r));
+        }
+        if let Some(c) = env("PGSSLCERT") {
+            o.sslcert = Some(PathBuf::from(c));
+        }
+        if let Some(k) = env("PGSSLKEY") {
+            o.sslkey = Some(PathBuf::from(k));
         }
         if let Some(t) = env("PGCONNECT_TIMEOUT") {
             let secs: u64 = t
@@ -228,6 +242,8 @@ impl ConnOptions {
             match k {
                 "sslmode" => self.sslmode = SslMode::parse(&v)?,
                 "sslrootcert" => self.sslrootcert = Some(PathBuf::from(v)),
+                "sslcert" => self.sslcert = Some(PathBuf::from(v)),
+                "sslkey" => self.sslkey = Some(PathBuf::from(v)),
                 "user" => self.user = v,
                 "dbname" => self.dbname = v,
                 "host" => self.host = v,
@@ -248,7 +264,7 @@ impl ConnOptions {
                 "application_name" => {}
                 other => {
                     return Err(format!(
-                        "URL parameter {other:?} is not supported (use host, port, user, dbname, sslmode, sslrootcert, connect_timeout)"
+                        "URL parameter {other:?} is not supported (use host, port, user, dbname, sslmode, sslrootcert, sslcert, sslkey, connect_timeout)"
                     ))
                 }
             }
@@ -323,6 +339,18 @@ impl ConnOptions {
             (
                 "PGSSLROOTCERT".to_owned(),
                 self.sslrootcert
+                    .as_ref()
+                    .map_or_else(String::new, |p| p.display().to_string()),
+            ),
+            (
+                "PGSSLCERT".to_owned(),
+                self.sslcert
+                    .as_ref()
+                    .map_or_else(String::new, |p| p.display().to_string()),
+            ),
+            (
+                "PGSSLKEY".to_owned(),
+                self.sslkey
                     .as_ref()
                     .map_or_else(String::new, |p| p.display().to_string()),
             ),
@@ -438,9 +466,16 @@ mod tests {
     fn a_url_sets_the_fields_and_refuses_a_password() {
         let mut o = ConnOptions::default();
         o.apply_url(
-            "postgresql://app%40x@db.example:6543/shop?sslmode=require&sslrootcert=/etc/ca%20bundle.pem",
+            "postgresql://app%40x@db.example:6543/shop?sslmode=require&sslrootcert=/etc/ca%20bundle.pem&sslcert=/c.crt&sslkey=/c.key",
         )
         .unwrap();
+        assert_eq!(
+            (o.sslcert.as_deref(), o.sslkey.as_deref()),
+            (
+                Some(std::path::Path::new("/c.crt")),
+                Some(std::path::Path::new("/c.key"))
+            )
+        );
         assert_eq!(
             o.sslrootcert.as_deref(),
             Some(std::path::Path::new("/etc/ca bundle.pem"))

@@ -14,6 +14,7 @@ use chrono::{DateTime, Utc};
 use tidemark_repo::ops::backup::Backup;
 use tidemark_repo::snapshot::{EntryType, StreamEntry};
 
+use super::page::{Checks, FileCheck};
 use super::physical::{cutting_for, wal_segment_size, Ended, DATA, SMALL};
 use super::wal;
 use super::{Postgres, ServerInfo};
@@ -351,11 +352,13 @@ impl Walk {
     }
 }
 
-/// A file's bytes as the backup reads them, with their CRC32C for the manifest.
+/// A file's bytes as the backup reads them, with their CRC32C for the manifest and their pages
+/// checked.
 struct CrcReader {
     file: std::fs::File,
     crc: u32,
     out: Arc<AtomicU32>,
+    pages: Option<FileCheck>,
 }
 
 impl Read for CrcReader {
@@ -363,6 +366,13 @@ impl Read for CrcReader {
         let n = self.file.read(buf)?;
         self.crc = crc32c::crc32c_append(self.crc, &buf[..n]);
         self.out.store(self.crc, Ordering::Relaxed);
+        if n == 0 {
+            if let Some(p) = self.pages.take() {
+                p.finish();
+            }
+        } else if let Some(p) = &mut self.pages {
+            p.feed(&buf[..n], &self.file);
+        }
         Ok(n)
     }
 }
@@ -435,6 +445,15 @@ pub(super) async fn backup(
         .and_then(|r| r.first().cloned().flatten())
         .and_then(|l| wal::parse_lsn(&l))
         .ok_or_else(|| pg.db_error("start a backup on", "no start position was returned"))?;
+    // Page checksums are checked when the cluster has them, as BASE_BACKUP does.
+    let checksums = conn
+        .query("SHOW data_checksums")
+        .await
+        .map_err(|e| pg.db_error("start a backup on", e))?
+        .first()
+        .and_then(|r| r.first().cloned().flatten())
+        .is_some_and(|v| v == "on");
+    let checks = checksums.then(|| Checks::new(start_lsn));
 
     let root = dir.to_owned();
     let major = if info.version_num >= 100_000 {
@@ -493,11 +512,17 @@ pub(super) async fn backup(
             .metadata()
             .map_err(|e| io_err("read the metadata of", &path, e))?
             .len();
+        let pages = checks.as_ref().and_then(|c| c.file(&item.manifest));
         let (size, crc) = if len <= SMALL {
             let p = path.clone();
             let data = tokio::task::spawn_blocking(move || {
                 let mut data = Vec::with_capacity(len as usize);
-                (&file).read_to_end(&mut data).map(|_| data)
+                (&file).read_to_end(&mut data)?;
+                if let Some(mut pages) = pages {
+                    pages.feed(&data, &file);
+                    pages.finish();
+                }
+                Ok::<_, std::io::Error>(data)
             })
             .await
             .map_err(|e| pg.db_error("back up", e))?
@@ -525,6 +550,7 @@ pub(super) async fn backup(
                 file,
                 crc: 0,
                 out: out.clone(),
+                pages,
             };
             let e = backup
                 .add_stream_cut(
@@ -585,6 +611,12 @@ pub(super) async fn backup(
         end_tli: timeline,
         manifest: manifest_text(&lines, timeline, start_lsn, end_lsn),
         tablespaces: walk.tablespaces + 1,
+        checksum_failures: checks.map_or_else(Vec::new, |c| {
+            c.failures()
+                .iter()
+                .map(|f| (f.blocks.len() as u64, f.describe()))
+                .collect()
+        }),
     };
     Ok((ended, seg_size))
 }

@@ -5,6 +5,7 @@ pub mod archive;
 pub mod conn;
 mod local;
 pub mod logical;
+mod page;
 pub mod physical;
 pub mod start;
 pub mod stream;

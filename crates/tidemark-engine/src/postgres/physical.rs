@@ -24,6 +24,10 @@ pub const MANIFEST: &str = "backup_manifest";
 /// Prefix of the main data directory's files in a snapshot.
 pub const DATA: &str = "data/";
 
+/// The snapshot position that counts the pages that failed their checksums while read (absent
+/// when none did); `pg.checksum_report` names them.
+pub const CHECKSUM_FAILURES: &str = "pg.checksum_failures";
+
 /// Files up to this size are gathered in memory and cut in one step.
 pub(super) const SMALL: u64 = 1 << 20;
 
@@ -78,6 +82,9 @@ pub(super) struct Ended {
     pub(super) manifest: Vec<u8>,
     /// Archives (BASE_BACKUP's count): the data directory and each tablespace.
     pub(super) tablespaces: usize,
+    /// Pages that failed their checksums: (how many, what the reader said), per file or
+    /// message.
+    pub(super) checksum_failures: Vec<(u64, String)>,
 }
 
 /// The content of a large file, read on the backup's reader thread. Fewer bytes than the
@@ -288,6 +295,29 @@ async fn receive(
             Message::CopyDone if small.is_some() || large.is_some() || !parser.at_boundary() => {
                 return Err(protocol(&server, "the base backup ended inside a file"));
             }
+            // Pages that failed their checksums: the server says so after the whole backup
+            // (manifest and stop position included) was sent, warning about each first.
+            Message::ErrorResponse(body)
+                if super::wire::error_code(&body) == "XX001"
+                    && ended.end_lsn != 0
+                    && !ended.manifest.is_empty() =>
+            {
+                let total = conn
+                    .warnings
+                    .iter()
+                    .find_map(|w| {
+                        w.split(": ")
+                            .nth(1)?
+                            .strip_suffix(" total checksum verification failures")?
+                            .parse()
+                            .ok()
+                    })
+                    .unwrap_or(1);
+                let mut report: Vec<(u64, String)> =
+                    conn.warnings.iter().map(|w| (0, w.clone())).collect();
+                report.push((total, super::wire::error_text(&body)));
+                ended.checksum_failures = report;
+            }
             Message::ErrorResponse(body) => error = Some(conn.query_error(COMMAND, &body)),
             Message::ReadyForQuery(_) => break,
             _ => {}
@@ -431,6 +461,25 @@ pub async fn backup(
         "pg.tablespaces".into(),
         (ended.tablespaces.saturating_sub(1) as u64).into(),
     );
+    if !ended.checksum_failures.is_empty() {
+        let pages: u64 = ended.checksum_failures.iter().map(|f| f.0).sum();
+        tracing::warn!(
+            pages,
+            "pages of {} failed their checksums: the source is damaged; the backup holds them as read",
+            pg.conn.server()
+        );
+        positions.insert(CHECKSUM_FAILURES.into(), pages.into());
+        positions.insert(
+            "pg.checksum_report".into(),
+            ended
+                .checksum_failures
+                .iter()
+                .take(50)
+                .map(|f| f.1.clone())
+                .collect::<Vec<_>>()
+                .into(),
+        );
+    }
     Ok(BackupInfo {
         kind: SnapshotKind::Physical,
         database: DatabaseIdentity {

@@ -199,10 +199,107 @@ fn client_config(opts: &ConnOptions) -> Result<rustls::ClientConfig, TlsFailure>
             }
         }
     };
-    Ok(builder
+    let builder = builder
         .dangerous()
-        .with_custom_certificate_verifier(verifier)
-        .with_no_client_auth())
+        .with_custom_certificate_verifier(verifier);
+    match client_identity(opts)? {
+        None => Ok(builder.with_no_client_auth()),
+        Some((chain, key, path)) => builder.with_client_auth_cert(chain, key).map_err(|e| {
+            TlsFailure::Refused(format!(
+                "the client certificate {} and its key cannot be used: {e}",
+                path.display()
+            ))
+        }),
+    }
+}
+
+/// The file named by `set`, or libpq's default under `~/.postgresql/` when it exists; and
+/// whether it was named.
+fn named_or_default(set: Option<&PathBuf>, default: &str) -> Option<(PathBuf, bool)> {
+    if let Some(p) = set {
+        return Some((p.clone(), true));
+    }
+    let p = PathBuf::from(std::env::var_os("HOME")?)
+        .join(".postgresql")
+        .join(default);
+    p.exists().then_some((p, false))
+}
+
+type Identity = (
+    Vec<CertificateDer<'static>>,
+    rustls::pki_types::PrivateKeyDer<'static>,
+    PathBuf,
+);
+
+/// The client certificate chain and key, when there is a certificate (`sslcert`, else
+/// `~/.postgresql/postgresql.crt`). A named file that cannot be read is an error; so is a key
+/// others may read (libpq's rule: no group or other access, or group read when root owns it).
+fn client_identity(opts: &ConnOptions) -> Result<Option<Identity>, TlsFailure> {
+    let Some((cert_path, _)) = named_or_default(opts.sslcert.as_ref(), "postgresql.crt") else {
+        return Ok(None);
+    };
+    let refused = |what: String| TlsFailure::Refused(what);
+    let text = std::fs::read(&cert_path).map_err(|e| {
+        refused(format!(
+            "cannot read the client certificate {} (sslcert): {e}",
+            cert_path.display()
+        ))
+    })?;
+    let chain = rustls_pemfile::certs(&mut text.as_slice())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| {
+            refused(format!(
+                "the client certificate {} does not parse as PEM: {e}",
+                cert_path.display()
+            ))
+        })?;
+    if chain.is_empty() {
+        return Err(refused(format!(
+            "no certificate was found in {} (sslcert)",
+            cert_path.display()
+        )));
+    }
+    let key_path = match named_or_default(opts.sslkey.as_ref(), "postgresql.key") {
+        Some((p, _)) => p,
+        None => {
+            return Err(refused(format!(
+                "the client certificate {} has no key: set sslkey in the URL, --sslkey or PGSSLKEY",
+                cert_path.display()
+            )))
+        }
+    };
+    let cannot = |e: std::io::Error| {
+        refused(format!(
+            "cannot read the client key {} (sslkey): {e}",
+            key_path.display()
+        ))
+    };
+    let file = std::fs::File::open(&key_path).map_err(cannot)?;
+    {
+        use std::os::unix::fs::MetadataExt;
+        let meta = file.metadata().map_err(cannot)?;
+        // /proc/self belongs to this process's effective user.
+        let me = std::fs::metadata("/proc/self").map_or(u32::MAX, |m| m.uid());
+        let mine = meta.uid() == me;
+        let loose = if mine { 0o077 } else { 0o037 };
+        if meta.mode() & loose != 0 {
+            return Err(refused(format!(
+                "the client key {} may be read by others (mode {:o}); allow only its owner: chmod 600 {}",
+                key_path.display(),
+                meta.mode() & 0o777,
+                key_path.display()
+            )));
+        }
+    }
+    let key = rustls_pemfile::private_key(&mut std::io::BufReader::new(file))
+        .map_err(cannot)?
+        .ok_or_else(|| {
+            refused(format!(
+                "no private key was found in {} (sslkey)",
+                key_path.display()
+            ))
+        })?;
+    Ok(Some((chain, key, cert_path)))
 }
 
 /// `prefer` and `require` without a root certificate: encrypted, the peer not authenticated

@@ -73,6 +73,9 @@ pub struct Connection {
     server: String,
     /// Server parameters reported at startup (`server_version`, …).
     pub parameters: Vec<(String, String)>,
+    /// The server's warnings (NoticeResponse at WARNING), as `WARNING <code>: <message>`; the
+    /// first hundred.
+    pub warnings: Vec<String>,
 }
 
 impl std::fmt::Debug for Connection {
@@ -83,22 +86,38 @@ impl std::fmt::Debug for Connection {
     }
 }
 
-/// The text of an ErrorResponse: severity, SQLSTATE and message.
-fn error_text(body: &postgres_protocol::message::backend::ErrorResponseBody) -> String {
-    let mut severity = String::new();
+/// The severity (not localized), SQLSTATE and message of an ErrorResponse or NoticeResponse.
+fn fields(
+    mut fields: postgres_protocol::message::backend::ErrorFields<'_>,
+) -> (String, String, String) {
+    let (mut severity, mut localized) = (String::new(), String::new());
     let mut code = String::new();
     let mut message = String::new();
-    let mut fields = body.fields();
     while let Ok(Some(f)) = fields.next() {
         let v = String::from_utf8_lossy(f.value_bytes()).into_owned();
         match f.type_() {
-            b'S' => severity = v,
+            b'V' => severity = v,
+            b'S' => localized = v,
             b'C' => code = v,
             b'M' => message = v,
             _ => {}
         }
     }
+    if severity.is_empty() {
+        severity = localized;
+    }
+    (severity, code, message)
+}
+
+/// The text of an ErrorResponse: severity, SQLSTATE and message.
+pub(crate) fn error_text(body: &postgres_protocol::message::backend::ErrorResponseBody) -> String {
+    let (severity, code, message) = fields(body.fields());
     format!("{severity} {code}: {message}")
+}
+
+/// The SQLSTATE of an ErrorResponse (`XX001`: data corrupted).
+pub fn error_code(body: &postgres_protocol::message::backend::ErrorResponseBody) -> String {
+    fields(body.fields()).1
 }
 
 impl Connection {
@@ -151,6 +170,7 @@ impl Connection {
             buf: BytesMut::with_capacity(64 * 1024),
             server,
             parameters: Vec::new(),
+            warnings: Vec::new(),
         };
         let mut params: Vec<(&str, &str)> = vec![
             ("user", opts.user.as_str()),
@@ -216,7 +236,12 @@ impl Connection {
     pub async fn recv(&mut self) -> Result<Message, WireError> {
         loop {
             match Message::parse(&mut self.buf) {
-                Ok(Some(Message::NoticeResponse(_))) => continue,
+                Ok(Some(Message::NoticeResponse(body))) => {
+                    let (severity, code, message) = fields(body.fields());
+                    if severity == "WARNING" && self.warnings.len() < 100 {
+                        self.warnings.push(format!("{severity} {code}: {message}"));
+                    }
+                }
                 Ok(Some(m)) => return Ok(m),
                 Ok(None) => {}
                 Err(e) => return Err(self.protocol(e.to_string())),
