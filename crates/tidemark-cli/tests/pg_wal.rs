@@ -540,9 +540,10 @@ fn a_physical_backup_recovers_to_a_time_and_to_the_end_of_the_archive() {
     let lsn = cluster.psql("postgres", "SELECT pg_current_wal_lsn()");
     cluster.psql("postgres", "SELECT pg_create_restore_point('after_1100')");
     std::thread::sleep(Duration::from_millis(1200));
-    cluster.psql(
+    let last_insert = cluster.psql(
         "postgres",
-        "INSERT INTO t (id) SELECT g FROM generate_series(1101, 1300) g",
+        "INSERT INTO t (id) SELECT g FROM generate_series(1101, 1300) g; \
+         SELECT to_char(max(at) AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') FROM t",
     );
     archive_now(&cluster, 60);
     cluster.stop("fast");
@@ -577,6 +578,18 @@ fn a_physical_backup_recovers_to_a_time_and_to_the_end_of_the_archive() {
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let w: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     let c = &w[0];
+    // The window ends with the last transaction in the archived WAL, read from its records:
+    // the insert of rows 1101..1300 (or a later autovacuum), not the upload.
+    assert_eq!(
+        c["latest_is"], "the last transaction in the archived WAL ended",
+        "{w}"
+    );
+    let last_insert: chrono::DateTime<chrono::Utc> = cluster_time(&last_insert);
+    let latest: chrono::DateTime<chrono::Utc> = c["latest"].as_str().unwrap().parse().unwrap();
+    assert!(
+        latest >= last_insert && latest < chrono::Utc::now(),
+        "{latest} vs {last_insert}"
+    );
     // The superuser's local backup and the replication role's.
     assert_eq!(c["base_backups"].as_array().unwrap().len(), 2, "{w}");
     assert!(c["earliest"].as_str() < c["latest"].as_str(), "{w}");
@@ -867,6 +880,12 @@ fn pages_that_fail_their_checksums_are_named_and_the_backup_is_not_a_success() {
             "{read}: {v}"
         );
     }
+}
+
+/// A UTC time as the tests print it from SQL (`YYYY-MM-DDTHH:MM:SS.ffffffZ`).
+fn cluster_time(s: &str) -> chrono::DateTime<chrono::Utc> {
+    s.parse()
+        .unwrap_or_else(|e| panic!("{s:?} is not a time: {e}"))
 }
 
 /// Archive everything up to now and wait until the archiver has it; the last segment written.

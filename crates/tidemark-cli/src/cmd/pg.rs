@@ -583,13 +583,16 @@ async fn restore_physical(ctx: &Context, a: RestoreArgs) -> Result<i32> {
             (Some(t), _) => t.clone(),
             (None, Bound::Time(t)) => {
                 let t = t.with_timezone(&chrono::Utc);
-                if archive.latest_upload.is_none_or(|u| u < t) {
+                // Recovery to a time stops at the first transaction that ended after it; without
+                // one, PostgreSQL replays everything and then refuses to promote.
+                let end = archive.time_end();
+                if end.is_none_or(|(e, _)| e <= t) {
                     return Err(usage(
                         format!(
-                            "--to-time {t} is outside the recoverable window, which ends when the newest WAL reached the archive ({})",
-                            archive.latest_upload.map_or("no WAL is archived".to_owned(), |u| u.to_string())
+                            "--to-time {t} is outside the recoverable window: {}",
+                            end.map_or("no WAL is archived".to_owned(), |(e, what)| format!("it ends when {what} ({e}), and a time target needs a transaction that ended after it"))
                         ),
-                        "see the window with `tidemark pg window`; check that archive_command runs",
+                        "see the window with `tidemark pg window`; use --latest to recover everything archived; check that archive_command runs",
                     ));
                 }
                 archive
@@ -885,7 +888,8 @@ async fn window(ctx: &Context) -> Result<i32> {
             "system_id": sys,
             "base_backups": list,
             "earliest": earliest.get(sys),
-            "latest": summary.latest_upload,
+            "latest": summary.time_end().map(|(e, _)| e),
+            "latest_is": summary.time_end().map(|(_, what)| what),
             "wal": summary.timelines,
         }));
     }

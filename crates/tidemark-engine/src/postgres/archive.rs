@@ -72,6 +72,10 @@ impl PushOptions {
     }
 }
 
+/// The key of a segment's metadata that holds what its records say for targets
+/// (`walscan::Scan`).
+pub const SCAN: &str = "scan";
+
 /// A WAL file read from disk and checked.
 struct WalData {
     name: String,
@@ -121,6 +125,7 @@ fn read_wal(path: &Path, o: &PushOptions) -> Result<WalData> {
                 "start_lsn": wal::lsn_string(start),
                 "end_lsn": wal::lsn_string(start + data.len() as u64),
                 "seg_size": h.seg_size,
+                SCAN: super::walscan::scan(&data, start, u64::from(h.block_size)),
             }),
         )
     } else {
@@ -558,6 +563,15 @@ pub struct TimelineWal {
     pub segments: usize,
     /// Missing runs of segments between `first` and `last`: (first missing, last missing).
     pub gaps: Vec<(String, String)>,
+    /// When the last transaction in the timeline's archived WAL ended, read from the records
+    /// of its newest segments; None when the newest WAL is a streamed piece or was archived
+    /// without a scan (then only the upload time bounds it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_xact: Option<chrono::DateTime<chrono::Utc>>,
+    /// Whether `last_xact` was read from the records (None then means: no transaction in the
+    /// newest segments).
+    #[serde(skip)]
+    pub scanned: bool,
 }
 
 /// What the archive holds for one cluster.
@@ -572,6 +586,20 @@ pub struct ArchiveSummary {
 }
 
 impl ArchiveSummary {
+    /// The latest time a time target can name: recovery to a time stops at the first
+    /// transaction that ended after it, so one must exist in the archive. The last
+    /// transaction's end where every timeline's newest WAL was read for it, else the newest
+    /// upload (an upper bound); and which of the two it is.
+    pub fn time_end(&self) -> Option<(chrono::DateTime<chrono::Utc>, &'static str)> {
+        if self.timelines.iter().all(|t| t.scanned) {
+            if let Some(end) = self.timelines.iter().filter_map(|t| t.last_xact).max() {
+                return Some((end, "the last transaction in the archived WAL ended"));
+            }
+        }
+        self.latest_upload
+            .map(|u| (u, "the newest WAL reached the archive"))
+    }
+
     /// The timeline that was current at wall time `t`: the newest one whose history file reached
     /// the archive at or before `t`. `None` when no timeline began by then (the base backup's
     /// own timeline is meant). A restore that branched off earlier and promoted makes a newer
@@ -586,6 +614,29 @@ impl ArchiveSummary {
     }
 }
 
+/// When the last transaction in `files` (one timeline's segments, in order) ended: the newest
+/// segments' scans, read back from the newest until one holds a transaction. `Some(None)`:
+/// the timeline's segments hold none. `None`: unknown, because a segment on the way has no
+/// scan (archived by an older tidemark) or 16 were read without finding one (a long idle
+/// stretch of switched segments is not read whole).
+async fn last_transaction(
+    repo: &Repository,
+    stream: &str,
+    files: &[(wal::SegmentName, &str)],
+) -> Result<Option<Option<chrono::DateTime<chrono::Utc>>>> {
+    for (_, name) in files.iter().rev().take(16) {
+        let info = tidemark_repo::log::segment_info(repo, stream, name).await?;
+        let Some(scan) = info.meta.get(SCAN) else {
+            return Ok(None);
+        };
+        let scan: super::walscan::Scan = serde_json::from_value(scan.clone()).unwrap_or_default();
+        if scan.last_xact.is_some() {
+            return Ok(Some(scan.last_xact));
+        }
+    }
+    Ok((files.len() <= 16).then_some(None))
+}
+
 /// Summarize the archived WAL of a cluster: segments per timeline, gaps, the newest upload.
 ///
 /// # Errors
@@ -598,6 +649,11 @@ pub async fn summarize(repo: &Repository, system_id: u64, seg_size: u64) -> Resu
         .await
         .map_err(tidemark_repo::Error::from)?;
     let mut by_tli: std::collections::BTreeMap<u32, Vec<wal::SegmentName>> = Default::default();
+    // Per timeline, the whole segments and .partial files by name, and the newest streamed
+    // piece's segment.
+    let mut files: std::collections::BTreeMap<u32, Vec<(wal::SegmentName, &str)>> =
+        Default::default();
+    let mut newest_piece: std::collections::BTreeMap<u32, wal::SegmentName> = Default::default();
     let mut latest_upload = None;
     let mut histories = Vec::new();
     for m in &metas {
@@ -605,8 +661,16 @@ pub async fn summarize(repo: &Repository, system_id: u64, seg_size: u64) -> Resu
             continue;
         };
         // Streamed pieces count as their segment (partly) archived.
+        if let Some((s, _)) = wal::parse_piece(name) {
+            let n = newest_piece.entry(s.timeline).or_insert(s);
+            *n = (*n).max(s);
+        }
         let piece = wal::parse_piece(name).map(|(s, _)| WalFile::Partial(s));
-        match piece.or_else(|| WalFile::parse(name)) {
+        let whole = WalFile::parse(name);
+        if let Some(WalFile::Segment(s) | WalFile::Partial(s)) = &whole {
+            files.entry(s.timeline).or_default().push((*s, name));
+        }
+        match piece.or(whole) {
             Some(WalFile::Segment(s) | WalFile::Partial(s)) => {
                 by_tli.entry(s.timeline).or_default().push(s);
                 latest_upload = latest_upload.max(Some(m.modified));
@@ -631,12 +695,22 @@ pub async fn summarize(repo: &Repository, system_id: u64, seg_size: u64) -> Resu
                 gaps.push((expected.to_string(), last_missing.to_string()));
             }
         }
+        let last = segs[segs.len() - 1];
+        let found = match files.get_mut(&tli) {
+            Some(f) if newest_piece.get(&tli).is_none_or(|p| *p < last) => {
+                f.sort();
+                last_transaction(repo, &wal::stream(system_id), f).await?
+            }
+            _ => None,
+        };
         timelines.push(TimelineWal {
             timeline: tli,
             first: segs[0].to_string(),
-            last: segs[segs.len() - 1].to_string(),
+            last: last.to_string(),
             segments: segs.len(),
             gaps,
+            last_xact: found.flatten(),
+            scanned: found.is_some(),
         });
     }
     Ok(ArchiveSummary {

@@ -12,6 +12,7 @@ pub mod stream;
 pub mod tar;
 mod tls;
 pub mod wal;
+pub mod walscan;
 pub mod wire;
 
 use std::path::{Path, PathBuf};

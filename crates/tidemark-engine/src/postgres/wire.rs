@@ -241,6 +241,8 @@ impl Connection {
                     if severity == "WARNING" && self.warnings.len() < 100 {
                         self.warnings.push(format!("{severity} {code}: {message}"));
                     }
+                    // The next message may already be buffered.
+                    continue;
                 }
                 Ok(Some(m)) => return Ok(m),
                 Ok(None) => {}

@@ -1,0 +1,404 @@
+//! What a WAL segment holds for recovery targets (pitr.md §6a): its records are walked as
+//! PostgreSQL's `xlogreader.c` walks them (page headers skipped, records MAXALIGNed, each
+//! checked by its CRC32C and its link to the one before), and the ones a target can stop at
+//! are kept: transaction commits and aborts (their xid and time) and named restore points.
+//! The walk ends at the first record that is not whole, not valid or not linked, or after a
+//! segment switch, so a recycled or partly written segment yields only what recovery would
+//! replay.
+//!
+//! Only records without block references are read (commits, aborts and restore points have
+//! none), so the block header formats, which differ between versions, do not matter. A record
+//! that begins in one segment and ends in the next is counted in neither.
+
+use chrono::{DateTime, Utc};
+
+const SHORT_HEADER: u64 = 24;
+const LONG_HEADER: u64 = 40;
+const RECORD_HEADER: usize = 24;
+const XLP_FIRST_IS_CONTRECORD: u16 = 0x0001;
+const RM_XLOG: u8 = 0;
+const RM_XACT: u8 = 1;
+const XLOG_SWITCH: u8 = 0x40;
+const XLOG_RESTORE_POINT: u8 = 0x70;
+const XACT_OPMASK: u8 = 0x70;
+const XACT_COMMIT: u8 = 0x00;
+const XACT_ABORT: u8 = 0x20;
+const XACT_COMMIT_PREPARED: u8 = 0x30;
+const XACT_ABORT_PREPARED: u8 = 0x40;
+/// PostgreSQL's epoch, 2000-01-01 00:00 UTC, in Unix microseconds.
+const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
+
+/// A named restore point (`pg_create_restore_point`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RestorePoint {
+    /// Its name.
+    pub name: String,
+    /// When it was made.
+    pub time: DateTime<Utc>,
+    /// Where its record begins.
+    pub lsn: String,
+}
+
+/// What one segment holds for recovery targets.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Scan {
+    /// Where the last whole, valid record ends: recovery from this segment reaches here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end_lsn: Option<String>,
+    /// Transactions that ended (committed or aborted) in the segment.
+    #[serde(default)]
+    pub xacts: u64,
+    /// The first and last of their end times: a time target stops at the first transaction
+    /// that ended after it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_xact: Option<DateTime<Utc>>,
+    /// See `first_xact`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_xact: Option<DateTime<Utc>>,
+    /// The smallest and largest transaction id that ended here (not those of prepared
+    /// transactions, whose id is in the record's body).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub xids: Option<(u32, u32)>,
+    /// Named restore points.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub restore_points: Vec<RestorePoint>,
+}
+
+/// A segment's bytes and where it starts.
+struct Pages<'a> {
+    data: &'a [u8],
+    start: u64,
+    page: u64,
+}
+
+impl Pages<'_> {
+    /// Append `n` bytes of record data from `at` (never inside a page header) to `out`,
+    /// skipping page headers, each checked to belong at its place; where the data continues,
+    /// or None when it runs off the segment or into a page that is not this one's.
+    fn read(&self, mut at: u64, n: usize, out: &mut Vec<u8>) -> Option<u64> {
+        let mut left = n as u64;
+        while left > 0 {
+            let off = at.checked_sub(self.start)?;
+            let in_page = off % self.page;
+            if in_page == 0 {
+                let h = self.data.get(off as usize..off as usize + 16)?;
+                let addr = u64::from_le_bytes(h[8..16].try_into().ok()?);
+                if addr != at {
+                    return None;
+                }
+                at += if off == 0 { LONG_HEADER } else { SHORT_HEADER };
+                continue;
+            }
+            let take = left.min(self.page - in_page);
+            out.extend_from_slice(self.data.get(off as usize..(off + take) as usize)?);
+            left -= take;
+            at += take;
+        }
+        Some(at)
+    }
+}
+
+fn maxalign(lsn: u64) -> u64 {
+    (lsn + 7) & !7
+}
+
+fn u32_at(b: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_le_bytes(b.get(at..at + 4)?.try_into().ok()?))
+}
+
+fn time_at(b: &[u8]) -> Option<DateTime<Utc>> {
+    let micros = i64::from_le_bytes(b.get(..8)?.try_into().ok()?);
+    DateTime::from_timestamp_micros(PG_EPOCH_MICROS.checked_add(micros)?)
+}
+
+/// The main data of a record body without block references.
+fn main_data(body: &[u8]) -> Option<&[u8]> {
+    let mut i = 0;
+    let len = loop {
+        match *body.get(i)? {
+            255 => break usize::from(*body.get(i + 1)?),
+            254 => break u32_at(body, i + 1)? as usize,
+            // Replication origin (2 bytes), top-level xid (4 bytes).
+            253 => i += 3,
+            252 => i += 5,
+            _ => return None,
+        }
+    };
+    body.get(body.len().checked_sub(len)?..)
+}
+
+/// Walk the records of one segment: `data` from its start (a whole segment, or a piece of one
+/// from its start), beginning at LSN `start` with WAL pages of `page` bytes.
+pub fn scan(data: &[u8], start: u64, page: u64) -> Scan {
+    let pages = Pages { data, start, page };
+    let mut scan = Scan::default();
+    let Some(first) = data.get(..24) else {
+        return scan;
+    };
+    let info = u16::from_le_bytes([first[2], first[3]]);
+    let mut pos = start + LONG_HEADER;
+    let mut buf = Vec::new();
+    if info & XLP_FIRST_IS_CONTRECORD != 0 {
+        // The end of a record that began in the segment before.
+        let rem = u32::from_le_bytes(first[16..20].try_into().expect("4 bytes"));
+        match pages.read(pos, rem as usize, &mut buf) {
+            Some(p) => pos = p,
+            None => return scan,
+        }
+    }
+    let mut prev: Option<u64> = None;
+    loop {
+        pos = maxalign(pos);
+        // A record that would begin where a page begins begins after the page's header.
+        let in_segment = pos - start;
+        if in_segment % page == 0 {
+            pos += if in_segment == 0 {
+                LONG_HEADER
+            } else {
+                SHORT_HEADER
+            };
+        }
+        buf.clear();
+        let Some(after_header) = pages.read(pos, RECORD_HEADER, &mut buf) else {
+            break;
+        };
+        let header: [u8; RECORD_HEADER] = buf[..RECORD_HEADER].try_into().expect("read");
+        let total = u32::from_le_bytes(header[0..4].try_into().expect("4 bytes")) as usize;
+        let xl_prev = u64::from_le_bytes(header[8..16].try_into().expect("8 bytes"));
+        if total < RECORD_HEADER || prev.is_some_and(|p| p != xl_prev) {
+            break;
+        }
+        buf.clear();
+        let Some(end) = pages.read(after_header, total - RECORD_HEADER, &mut buf) else {
+            break;
+        };
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&buf), &header[..20]);
+        if crc != u32::from_le_bytes(header[20..24].try_into().expect("4 bytes")) {
+            break;
+        }
+        let (xid, info, rmid) = (
+            u32::from_le_bytes(header[4..8].try_into().expect("4 bytes")),
+            header[16],
+            header[17],
+        );
+        record(&mut scan, pos, xid, info, rmid, &buf);
+        scan.end_lsn = Some(super::wal::lsn_string(end));
+        prev = Some(pos);
+        pos = end;
+        if rmid == RM_XLOG && info & 0xF0 == XLOG_SWITCH {
+            break;
+        }
+    }
+    scan
+}
+
+/// Note what one valid record means for targets.
+fn record(scan: &mut Scan, lsn: u64, xid: u32, info: u8, rmid: u8, body: &[u8]) {
+    match rmid {
+        RM_XACT => {
+            let op = info & XACT_OPMASK;
+            if !matches!(
+                op,
+                XACT_COMMIT | XACT_ABORT | XACT_COMMIT_PREPARED | XACT_ABORT_PREPARED
+            ) {
+                return;
+            }
+            let Some(time) = main_data(body).and_then(time_at) else {
+                return;
+            };
+            scan.xacts += 1;
+            scan.first_xact = scan.first_xact.min(Some(time)).or(Some(time));
+            scan.last_xact = scan.last_xact.max(Some(time));
+            if matches!(op, XACT_COMMIT | XACT_ABORT) {
+                scan.xids = Some(match scan.xids {
+                    None => (xid, xid),
+                    Some((lo, hi)) => (lo.min(xid), hi.max(xid)),
+                });
+            }
+        }
+        RM_XLOG if info & 0xF0 == XLOG_RESTORE_POINT => {
+            let Some(main) = main_data(body) else { return };
+            let (Some(time), Some(name)) = (time_at(main), main.get(8..)) else {
+                return;
+            };
+            let name = &name[..name.iter().position(|&b| b == 0).unwrap_or(name.len())];
+            scan.restore_points.push(RestorePoint {
+                name: String::from_utf8_lossy(name).into_owned(),
+                time,
+                lsn: super::wal::lsn_string(lsn),
+            });
+        }
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PAGE: u64 = 8192;
+
+    /// Writes records into a segment as PostgreSQL lays them out (page headers, MAXALIGN,
+    /// CRC32C, xl_prev).
+    struct Writer {
+        seg: Vec<u8>,
+        start: u64,
+        pos: u64,
+        prev: u64,
+    }
+
+    impl Writer {
+        fn new(start: u64, size: usize) -> Writer {
+            Writer {
+                seg: vec![0; size],
+                start,
+                pos: start + LONG_HEADER,
+                prev: 0,
+            }
+        }
+
+        /// Put `bytes` at the current position, writing page headers where pages begin.
+        fn put(&mut self, bytes: &[u8]) {
+            for &b in bytes {
+                let off = self.pos - self.start;
+                if off % PAGE == 0 {
+                    let o = off as usize;
+                    self.seg[o..o + 2].copy_from_slice(&0xD110u16.to_le_bytes());
+                    self.seg[o + 8..o + 16].copy_from_slice(&self.pos.to_le_bytes());
+                    self.pos += SHORT_HEADER;
+                }
+                self.seg[(self.pos - self.start) as usize] = b;
+                self.pos += 1;
+            }
+        }
+
+        fn record(&mut self, xid: u32, rmid: u8, info: u8, main: &[u8]) -> u64 {
+            let mut body = Vec::new();
+            if main.len() < 256 {
+                body.extend_from_slice(&[255, main.len() as u8]);
+            } else {
+                body.push(254);
+                body.extend_from_slice(&(main.len() as u32).to_le_bytes());
+            }
+            body.extend_from_slice(main);
+            let mut header = Vec::new();
+            header.extend_from_slice(&((RECORD_HEADER + body.len()) as u32).to_le_bytes());
+            header.extend_from_slice(&xid.to_le_bytes());
+            header.extend_from_slice(&self.prev.to_le_bytes());
+            header.extend_from_slice(&[info, rmid, 0, 0]);
+            let crc = crc32c::crc32c_append(crc32c::crc32c(&body), &header);
+            header.extend_from_slice(&crc.to_le_bytes());
+            self.pos = maxalign(self.pos);
+            if (self.pos - self.start) % PAGE == 0 {
+                // A record that begins a page begins after its header.
+                let o = (self.pos - self.start) as usize;
+                self.seg[o..o + 2].copy_from_slice(&0xD110u16.to_le_bytes());
+                self.seg[o + 8..o + 16].copy_from_slice(&self.pos.to_le_bytes());
+                self.pos += SHORT_HEADER;
+            }
+            let at = self.pos;
+            self.put(&header);
+            self.put(&body);
+            self.prev = at;
+            at
+        }
+    }
+
+    #[test]
+    fn a_record_that_ends_a_page_is_followed_by_one_after_the_next_page_header() {
+        let start = 0x100_0000;
+        let mut w = Writer::new(start, 2 * PAGE as usize);
+        // 40 + 8152 = one page: header 24, block id 254 and length 4, main data 8123.
+        w.record(0, 10, 0, &[3u8; 8123]);
+        assert_eq!(w.pos, start + PAGE);
+        let (t, _) = pg_time("2026-11-20T15:00:00Z");
+        let first = w.record(900, RM_XACT, XACT_COMMIT, &t);
+        assert_eq!(first, start + PAGE + SHORT_HEADER);
+        w.record(901, RM_XACT, XACT_COMMIT, &t);
+        let s = scan(&w.seg, start, PAGE);
+        assert_eq!((s.xacts, s.xids), (2, Some((900, 901))), "{s:?}");
+    }
+
+    fn pg_time(t: &str) -> (Vec<u8>, DateTime<Utc>) {
+        let t: DateTime<Utc> = t.parse().unwrap();
+        let micros = t.timestamp_micros() - PG_EPOCH_MICROS;
+        (micros.to_le_bytes().to_vec(), t)
+    }
+
+    #[test]
+    fn commits_aborts_and_restore_points_are_found_across_pages_and_the_walk_stops_at_damage() {
+        let start = 0x300_0000;
+        let mut w = Writer::new(start, 4 * PAGE as usize);
+        // Filler records (an unrelated resource manager) push a commit across a page.
+        for _ in 0..7 {
+            w.record(0, 10, 0, &[1u8; 1100]);
+        }
+        let (t1, time1) = pg_time("2026-11-20T14:50:00.25Z");
+        let first = w.record(700, RM_XACT, XACT_COMMIT, &t1);
+        let (t2, time2) = pg_time("2026-11-20T14:50:01Z");
+        let mut rp = t2.clone();
+        let mut name = b"before_migration".to_vec();
+        name.resize(64, 0);
+        rp.extend_from_slice(&name);
+        let rp_lsn = w.record(0, RM_XLOG, XLOG_RESTORE_POINT, &rp);
+        let (t3, _) = pg_time("2026-11-20T14:50:02Z");
+        let abort = w.record(705, RM_XACT, XACT_ABORT, &t3);
+        // A large record that spans a whole page, then a last commit.
+        w.record(0, 10, 0, &[2u8; 9000]);
+        let (t4, time4) = pg_time("2026-11-20T14:50:03Z");
+        w.record(702, RM_XACT, XACT_COMMIT | 0x80, &t4);
+        let end = w.pos;
+        assert!((first - start) / PAGE < (end - start) / PAGE, "spans pages");
+
+        let s = scan(&w.seg, start, PAGE);
+        assert_eq!(s.xacts, 3);
+        assert_eq!((s.first_xact, s.last_xact), (Some(time1), Some(time4)));
+        assert_eq!(s.xids, Some((700, 705)));
+        assert_eq!(
+            s.restore_points,
+            vec![RestorePoint {
+                name: "before_migration".into(),
+                time: time2,
+                lsn: crate::postgres::wal::lsn_string(rp_lsn),
+            }]
+        );
+        assert_eq!(s.end_lsn, Some(crate::postgres::wal::lsn_string(end)));
+
+        // A flipped bit in the abort's time: its CRC fails and the walk ends before it.
+        let mut bad = w.seg.clone();
+        bad[(abort - start) as usize + RECORD_HEADER + 4] ^= 1;
+        let s = scan(&bad, start, PAGE);
+        assert_eq!((s.xacts, s.last_xact), (1, Some(time1)));
+        assert_eq!(s.restore_points.len(), 1);
+        assert_eq!(
+            s.end_lsn,
+            Some(crate::postgres::wal::lsn_string(rp_lsn + 98))
+        );
+
+        // A page left from an older use of the file (another page address) ends it too: the
+        // last commit is on it.
+        let mut stale = w.seg.clone();
+        let last_page = ((end - 1 - start) / PAGE * PAGE) as usize;
+        stale[last_page + 8..last_page + 16].copy_from_slice(&0u64.to_le_bytes());
+        let s = scan(&stale, start, PAGE);
+        assert_eq!(s.xacts, 2, "{s:?}");
+
+        // A piece of the segment from its start reads as far as it goes.
+        let s = scan(&w.seg[..PAGE as usize], start, PAGE);
+        let within = |lsn: u64| u64::from(lsn + 34 <= start + PAGE);
+        assert_eq!(s.xacts, within(first) + within(abort));
+
+        // A segment that begins with the end of a record from the one before: skipped.
+        let mut w = Writer::new(start, 2 * PAGE as usize);
+        w.seg[2..4].copy_from_slice(&XLP_FIRST_IS_CONTRECORD.to_le_bytes());
+        w.seg[16..20].copy_from_slice(&100u32.to_le_bytes());
+        w.pos += 100;
+        let (t, time) = pg_time("2026-11-20T15:00:00Z");
+        w.record(800, RM_XACT, XACT_COMMIT, &t);
+        let s = scan(&w.seg, start, PAGE);
+        assert_eq!(
+            (s.xacts, s.last_xact, s.xids),
+            (1, Some(time), Some((800, 800)))
+        );
+    }
+}
