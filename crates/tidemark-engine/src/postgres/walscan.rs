@@ -151,7 +151,7 @@ pub fn scan(data: &[u8], start: u64, page: u64) -> Scan {
         pos = maxalign(pos);
         // A record that would begin where a page begins begins after the page's header.
         let in_segment = pos - start;
-        if in_segment % page == 0 {
+        if in_segment.is_multiple_of(page) {
             pos += if in_segment == 0 {
                 LONG_HEADER
             } else {
@@ -261,7 +261,7 @@ mod tests {
         fn put(&mut self, bytes: &[u8]) {
             for &b in bytes {
                 let off = self.pos - self.start;
-                if off % PAGE == 0 {
+                if off.is_multiple_of(PAGE) {
                     let o = off as usize;
                     self.seg[o..o + 2].copy_from_slice(&0xD110u16.to_le_bytes());
                     self.seg[o + 8..o + 16].copy_from_slice(&self.pos.to_le_bytes());
@@ -289,7 +289,7 @@ mod tests {
             let crc = crc32c::crc32c_append(crc32c::crc32c(&body), &header);
             header.extend_from_slice(&crc.to_le_bytes());
             self.pos = maxalign(self.pos);
-            if (self.pos - self.start) % PAGE == 0 {
+            if (self.pos - self.start).is_multiple_of(PAGE) {
                 // A record that begins a page begins after its header.
                 let o = (self.pos - self.start) as usize;
                 self.seg[o..o + 2].copy_from_slice(&0xD110u16.to_le_bytes());
