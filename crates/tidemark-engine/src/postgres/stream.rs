@@ -144,14 +144,11 @@ async fn upload(
                 durable.send_replace(seg.start_lsn(seg_size) + offset + len as u64);
             }
             Job::Full { seg, data, pieces } => {
-                write_segment(
-                    &repo,
-                    &stream,
-                    &seg.to_string(),
-                    data,
-                    meta(seg, seg_size, 0, seg_size as usize),
-                )
-                .await?;
+                let mut m = meta(seg, seg_size, 0, seg_size as usize);
+                let page = wal::long_header(&data).map_or(8192, |h| u64::from(h.block_size));
+                m[super::archive::SCAN] =
+                    serde_json::json!(super::walscan::scan(&data, seg.start_lsn(seg_size), page));
+                write_segment(&repo, &stream, &seg.to_string(), data, m).await?;
                 durable.send_replace(seg.start_lsn(seg_size) + seg_size);
                 for p in pieces {
                     if let Err(e) = delete_segment(&repo, &stream, &p).await {
