@@ -608,6 +608,17 @@ fn a_physical_backup_recovers_to_a_time_and_to_the_end_of_the_archive() {
             "before the recoverable window",
         ),
         ("--to-lsn", "FF/0", "beyond the end of the archived WAL"),
+        // Looked up in the records of the archived WAL (the newest names are listed).
+        (
+            "--to-name",
+            "no_such_point",
+            "no restore point of that name is in the archived WAL; the newest it holds: after_1100",
+        ),
+        (
+            "--to-xid",
+            "4000000000",
+            "that transaction did not end in the archived WAL (the transactions that ended there run from",
+        ),
     ] {
         let dest = cluster.dir.path().join("never");
         let o = restore_into(&a, "latest", &dest, &[flag, when]);

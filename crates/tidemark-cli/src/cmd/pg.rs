@@ -569,6 +569,12 @@ async fn restore_physical(ctx: &Context, a: RestoreArgs) -> Result<i32> {
         LockGuard::acquire(&repo, LockKind::Shared, "restore", &LockOptions::default()).await?;
     let started = std::time::Instant::now();
     let result = async {
+        // A transaction or restore point is looked up in the archived WAL's scans: refused
+        // when it is not there, and the base backup is picked from before it.
+        let bound = match check_named_target(&repo, &a).await? {
+            Some(b) => b,
+            None => bound,
+        };
         let (id, snap) = if a.snapshot == "latest" {
             pick_base_backup(&repo, &bound).await?
         } else {
@@ -801,6 +807,130 @@ fn refuse_gap(
 }
 
 /// The latest physical PostgreSQL snapshot that ends before the bound.
+/// For `--to-xid` and `--to-name`: find the target in the scans of the archived WAL (of the
+/// cluster of the newest physical backup). Found: a bound that picks a base backup from
+/// before it. Not found, with every segment scanned: refused, saying what the archive holds.
+/// Not checkable (segments archived without a scan, prepared transactions whose ids are not
+/// read): a warning, and PostgreSQL's own check at the end of recovery.
+async fn check_named_target(
+    repo: &tidemark_repo::Repository,
+    a: &RestoreArgs,
+) -> Result<Option<Bound>> {
+    use tidemark_engine::postgres::wal::parse_lsn;
+    if a.to_xid.is_none() && a.to_name.is_none() {
+        return Ok(None);
+    }
+    let newest = repo
+        .snapshots()
+        .await?
+        .into_iter()
+        .filter(|(_, s)| {
+            s.engine == "postgres" && s.kind == tidemark_repo::snapshot::SnapshotKind::Physical
+        })
+        .max_by_key(|(_, s)| s.time_end);
+    let Some((system_id, seg_size)) = newest.and_then(|(_, s)| {
+        let id = s.database.system_id.as_deref()?.parse::<u64>().ok()?;
+        let seg = s.positions.get("pg.seg_size").and_then(|v| v.as_u64());
+        Some((id, seg.unwrap_or(16 << 20)))
+    }) else {
+        return Ok(None);
+    };
+    let scans = tidemark_engine::postgres::archive::scans(repo, system_id).await?;
+    let unknown = scans.iter().filter(|(_, s)| s.is_none()).count();
+    let hint = "see what the archive holds with `tidemark pg window`";
+    if let Some(name) = &a.to_name {
+        let points: Vec<&tidemark_engine::postgres::walscan::RestorePoint> = scans
+            .iter()
+            .filter_map(|(_, s)| s.as_ref())
+            .flat_map(|s| &s.restore_points)
+            .collect();
+        let found: Vec<u64> = points
+            .iter()
+            .filter(|p| &p.name == name)
+            .filter_map(|p| parse_lsn(&p.lsn))
+            .collect();
+        if let Some(&last) = found.last() {
+            if found.len() > 1 {
+                tracing::warn!(name = %name, count = found.len(), "the restore point name is not unique; recovery stops at the first one after the base backup");
+            }
+            return Ok(Some(Bound::Lsn(last)));
+        }
+        if unknown > 0 {
+            tracing::warn!(segments = unknown, "some archived WAL was stored without a record scan; the restore point cannot be checked before recovery");
+            return Ok(None);
+        }
+        let mut names: Vec<&str> = points
+            .iter()
+            .rev()
+            .take(10)
+            .map(|p| p.name.as_str())
+            .collect();
+        names.reverse();
+        return Err(usage(
+            format!(
+                "--to-name {name:?}: no restore point of that name is in the archived WAL; {}",
+                if names.is_empty() {
+                    "it holds none".to_owned()
+                } else {
+                    format!("the newest it holds: {}", names.join(", "))
+                }
+            ),
+            hint,
+        ));
+    }
+    if let Some(x) = &a.to_xid {
+        let Ok(xid) = x.parse::<u32>() else {
+            return Ok(None);
+        };
+        let first = scans.iter().find(|(_, s)| {
+            s.as_ref()
+                .and_then(|s| s.xids)
+                .is_some_and(|(lo, hi)| (lo..=hi).contains(&xid))
+        });
+        if let Some((seg, _)) = first {
+            // The transaction ended at or after the start of the first segment whose range
+            // holds it.
+            return Ok(Some(Bound::Lsn(seg.start_lsn(seg_size))));
+        }
+        let prepared: u64 = scans
+            .iter()
+            .filter_map(|(_, s)| s.as_ref())
+            .map(|s| s.prepared)
+            .sum();
+        if unknown > 0 || prepared > 0 {
+            tracing::warn!(
+                segments = unknown,
+                prepared,
+                "the transaction cannot be checked before recovery"
+            );
+            return Ok(None);
+        }
+        let (lo, hi) = scans
+            .iter()
+            .filter_map(|(_, s)| s.as_ref().and_then(|s| s.xids))
+            .fold((u32::MAX, 0), |(a, b), (lo, hi)| (a.min(lo), b.max(hi)));
+        let end = scans
+            .iter()
+            .filter_map(|(_, s)| s.as_ref().and_then(|s| s.end_lsn.clone()))
+            .next_back()
+            .unwrap_or_default();
+        return Err(usage(
+            format!(
+                "--to-xid {xid}: that transaction did not end in the archived WAL{}",
+                if lo <= hi {
+                    format!(
+                        " (the transactions that ended there run from {lo} to {hi}, up to {end})"
+                    )
+                } else {
+                    String::new()
+                }
+            ),
+            hint,
+        ));
+    }
+    Ok(None)
+}
+
 async fn pick_base_backup(
     repo: &tidemark_repo::Repository,
     bound: &Bound,

@@ -637,6 +637,45 @@ async fn last_transaction(
     Ok((files.len() <= 16).then_some(None))
 }
 
+/// The scans of every whole segment a cluster's archive holds (section 7b), in LSN order
+/// (timelines in order within one position); None for a segment archived without one.
+///
+/// # Errors
+/// Storage errors.
+pub async fn scans(
+    repo: &Repository,
+    system_id: u64,
+) -> Result<Vec<(wal::SegmentName, Option<super::walscan::Scan>)>> {
+    let stream = wal::stream(system_id);
+    let mut segments: Vec<(wal::SegmentName, String)> =
+        tidemark_repo::log::list_segments(repo, &stream)
+            .await?
+            .into_iter()
+            .filter_map(|n| match WalFile::parse(&n) {
+                Some(WalFile::Segment(s) | WalFile::Partial(s)) => Some((s, n)),
+                _ => None,
+            })
+            .collect();
+    segments.sort_by_key(|(s, _)| (s.log, s.seg, s.timeline));
+    futures::stream::iter(segments)
+        .map(|(seg, name)| {
+            let stream = stream.clone();
+            async move {
+                let info = tidemark_repo::log::segment_info(repo, &stream, &name).await?;
+                let scan = info
+                    .meta
+                    .get(SCAN)
+                    .and_then(|v| serde_json::from_value(v.clone()).ok());
+                Ok::<_, Error>((seg, scan))
+            }
+        })
+        .buffered(16)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect()
+}
+
 /// Summarize the archived WAL of a cluster: segments per timeline, gaps, the newest upload.
 ///
 /// # Errors

@@ -59,9 +59,17 @@ pub struct Scan {
     /// transactions, whose id is in the record's body).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub xids: Option<(u32, u32)>,
+    /// Prepared transactions that ended here (COMMIT/ROLLBACK PREPARED): their ids are not in
+    /// `xids`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub prepared: u64,
     /// Named restore points.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub restore_points: Vec<RestorePoint>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// A segment's bytes and where it starts.
@@ -214,6 +222,8 @@ fn record(scan: &mut Scan, lsn: u64, xid: u32, info: u8, rmid: u8, body: &[u8]) 
                     None => (xid, xid),
                     Some((lo, hi)) => (lo.min(xid), hi.max(xid)),
                 });
+            } else {
+                scan.prepared += 1;
             }
         }
         RM_XLOG if info & 0xF0 == XLOG_RESTORE_POINT => {
