@@ -835,7 +835,7 @@ async fn check_named_target(
     }) else {
         return Ok(None);
     };
-    let scans = tidemark_engine::postgres::archive::scans(repo, system_id).await?;
+    let scans = tidemark_engine::postgres::archive::scans(repo, system_id, seg_size).await?;
     let unknown = scans.iter().filter(|(_, s)| s.is_none()).count();
     let hint = "see what the archive holds with `tidemark pg window`";
     if let Some(name) = &a.to_name {

@@ -623,44 +623,69 @@ async fn last_transaction(
     repo: &Repository,
     stream: &str,
     files: &[(wal::SegmentName, &str)],
+    seg_size: u64,
 ) -> Result<Option<Option<chrono::DateTime<chrono::Utc>>>> {
-    for (_, name) in files.iter().rev().take(16) {
+    // The segment after the one being read, for a record split between the two.
+    let mut newer: Option<(wal::SegmentName, super::walscan::Scan)> = None;
+    for (seg, name) in files.iter().rev().take(16) {
         let info = tidemark_repo::log::segment_info(repo, stream, name).await?;
         let Some(scan) = info.meta.get(SCAN) else {
             return Ok(None);
         };
         let scan: super::walscan::Scan = serde_json::from_value(scan.clone()).unwrap_or_default();
-        if scan.last_xact.is_some() {
-            return Ok(Some(scan.last_xact));
+        let split = newer
+            .as_ref()
+            .filter(|(n, _)| *n == seg.next(seg_size))
+            .and_then(|(_, n)| super::walscan::join(&scan, n))
+            .and_then(|j| j.last_xact);
+        let last = scan.last_xact.max(split);
+        if last.is_some() {
+            return Ok(Some(last));
         }
+        newer = Some((*seg, scan));
     }
     Ok((files.len() <= 16).then_some(None))
 }
 
-/// The scans of every whole segment a cluster's archive holds (section 7b), in LSN order
-/// (timelines in order within one position); None for a segment archived without one.
+/// The scans of every segment a cluster's archive holds (section 7b), in LSN order
+/// (timelines in order within one position); None for a segment archived without one, and for
+/// one that only streamed pieces hold so far (pieces are not scanned).
 ///
 /// # Errors
 /// Storage errors.
 pub async fn scans(
     repo: &Repository,
     system_id: u64,
+    seg_size: u64,
 ) -> Result<Vec<(wal::SegmentName, Option<super::walscan::Scan>)>> {
     let stream = wal::stream(system_id);
-    let mut segments: Vec<(wal::SegmentName, String)> =
-        tidemark_repo::log::list_segments(repo, &stream)
-            .await?
-            .into_iter()
-            .filter_map(|n| match WalFile::parse(&n) {
-                Some(WalFile::Segment(s) | WalFile::Partial(s)) => Some((s, n)),
-                _ => None,
-            })
-            .collect();
+    let names = tidemark_repo::log::list_segments(repo, &stream).await?;
+    let mut segments: Vec<(wal::SegmentName, Option<String>)> = names
+        .iter()
+        .filter_map(|n| match WalFile::parse(n) {
+            Some(WalFile::Segment(s) | WalFile::Partial(s)) => Some((s, Some(n.clone()))),
+            _ => None,
+        })
+        .collect();
+    let whole: std::collections::HashSet<wal::SegmentName> =
+        segments.iter().map(|(s, _)| *s).collect();
+    // Segments so far held only by streamed pieces: unknown.
+    let mut streamed: Vec<wal::SegmentName> = names
+        .iter()
+        .filter_map(|n| wal::parse_piece(n).map(|(s, _)| s))
+        .filter(|s| !whole.contains(s))
+        .collect();
+    streamed.sort();
+    streamed.dedup();
+    segments.extend(streamed.into_iter().map(|s| (s, None)));
     segments.sort_by_key(|(s, _)| (s.log, s.seg, s.timeline));
     futures::stream::iter(segments)
         .map(|(seg, name)| {
             let stream = stream.clone();
             async move {
+                let Some(name) = name else {
+                    return Ok((seg, None));
+                };
                 let info = tidemark_repo::log::segment_info(repo, &stream, &name).await?;
                 let scan = info
                     .meta
@@ -673,7 +698,35 @@ pub async fn scans(
         .collect::<Vec<_>>()
         .await
         .into_iter()
-        .collect()
+        .collect::<Result<Vec<_>>>()
+        .map(|mut scans| {
+            join_split_records(&mut scans, seg_size);
+            scans
+        })
+}
+
+/// Add to each segment's scan the record it shares with the next segment (section 7b).
+fn join_split_records(
+    scans: &mut [(wal::SegmentName, Option<super::walscan::Scan>)],
+    seg_size: u64,
+) {
+    let at: std::collections::HashMap<wal::SegmentName, usize> = scans
+        .iter()
+        .enumerate()
+        .map(|(i, (s, _))| (*s, i))
+        .collect();
+    let joined: Vec<(usize, super::walscan::Scan)> = (0..scans.len())
+        .filter_map(|i| {
+            let j = *at.get(&scans[i].0.next(seg_size))?;
+            let s = super::walscan::join(scans[i].1.as_ref()?, scans[j].1.as_ref()?)?;
+            Some((i, s))
+        })
+        .collect();
+    for (i, s) in joined {
+        if let Some(scan) = &mut scans[i].1 {
+            scan.absorb(s);
+        }
+    }
 }
 
 /// Summarize the archived WAL of a cluster: segments per timeline, gaps, the newest upload.
@@ -738,7 +791,7 @@ pub async fn summarize(repo: &Repository, system_id: u64, seg_size: u64) -> Resu
         let found = match files.get_mut(&tli) {
             Some(f) if newest_piece.get(&tli).is_none_or(|p| *p < last) => {
                 f.sort();
-                last_transaction(repo, &wal::stream(system_id), f).await?
+                last_transaction(repo, &wal::stream(system_id), f, seg_size).await?
             }
             _ => None,
         };

@@ -8,7 +8,8 @@
 //!
 //! Only records without block references are read (commits, aborts and restore points have
 //! none), so the block header formats, which differ between versions, do not matter. A record
-//! that begins in one segment and ends in the next is counted in neither.
+//! that begins in one segment and ends in the next is kept as two halves, the first segment's
+//! `tail` and the next one's `head` (up to `HALF` bytes each), and `join` reads it from both.
 
 use chrono::{DateTime, Utc};
 
@@ -25,6 +26,9 @@ const XACT_COMMIT: u8 = 0x00;
 const XACT_ABORT: u8 = 0x20;
 const XACT_COMMIT_PREPARED: u8 = 0x30;
 const XACT_ABORT_PREPARED: u8 = 0x40;
+/// The most bytes kept of each half of a record split between segments: commit and restore
+/// point records are far smaller.
+const HALF: usize = 512;
 /// PostgreSQL's epoch, 2000-01-01 00:00 UTC, in Unix microseconds.
 const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
 
@@ -66,6 +70,59 @@ pub struct Scan {
     /// Named restore points.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub restore_points: Vec<RestorePoint>,
+    /// The start (hex) of a record a target may stop at that runs past the segment's end, and
+    /// where it begins.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tail: Option<(String, String)>,
+    /// The first bytes (hex) of the end of a record that began in the segment before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head: Option<String>,
+}
+
+impl Scan {
+    /// Add what `other` found.
+    pub fn absorb(&mut self, other: Scan) {
+        self.xacts += other.xacts;
+        self.first_xact = match (self.first_xact, other.first_xact) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        self.last_xact = self.last_xact.max(other.last_xact);
+        self.xids = match (self.xids, other.xids) {
+            (Some((a, b)), Some((c, d))) => Some((a.min(c), b.max(d))),
+            (a, b) => a.or(b),
+        };
+        self.prepared += other.prepared;
+        self.restore_points.extend(other.restore_points);
+    }
+}
+
+/// The record split between the segment `prev` and the next one, `next`: what it means for
+/// targets, when both halves were kept and it passes its CRC.
+pub fn join(prev: &Scan, next: &Scan) -> Option<Scan> {
+    let (tail, lsn) = prev.tail.as_ref()?;
+    let mut rec = hex::decode(tail).ok()?;
+    rec.extend(hex::decode(next.head.as_ref()?).ok()?);
+    let total = u32_at(&rec, 0)? as usize;
+    if total < RECORD_HEADER || rec.len() < total {
+        return None;
+    }
+    rec.truncate(total);
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&rec[RECORD_HEADER..]), &rec[..20]);
+    if crc != u32_at(&rec, 20)? {
+        return None;
+    }
+    let mut scan = Scan::default();
+    let lsn = super::wal::parse_lsn(lsn)?;
+    record(
+        &mut scan,
+        lsn,
+        u32_at(&rec, 4)?,
+        rec[16],
+        rec[17],
+        &rec[RECORD_HEADER..],
+    );
+    Some(scan)
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -81,28 +138,33 @@ struct Pages<'a> {
 
 impl Pages<'_> {
     /// Append `n` bytes of record data from `at` (never inside a page header) to `out`,
-    /// skipping page headers, each checked to belong at its place; where the data continues,
-    /// or None when it runs off the segment or into a page that is not this one's.
-    fn read(&self, mut at: u64, n: usize, out: &mut Vec<u8>) -> Option<u64> {
+    /// skipping page headers, each checked to belong at its place; where the data continues.
+    /// `Err(true)` when it runs off the end of the data (what there was is in `out`),
+    /// `Err(false)` when it runs into a page that is not this one's.
+    fn read(&self, mut at: u64, n: usize, out: &mut Vec<u8>) -> Result<u64, bool> {
         let mut left = n as u64;
+        let len = self.data.len() as u64;
         while left > 0 {
-            let off = at.checked_sub(self.start)?;
+            let off = at.checked_sub(self.start).ok_or(false)?;
             let in_page = off % self.page;
             if in_page == 0 {
-                let h = self.data.get(off as usize..off as usize + 16)?;
-                let addr = u64::from_le_bytes(h[8..16].try_into().ok()?);
-                if addr != at {
-                    return None;
+                let h = self.data.get(off as usize..off as usize + 16).ok_or(true)?;
+                if u64::from_le_bytes(h[8..16].try_into().expect("8 bytes")) != at {
+                    return Err(false);
                 }
                 at += if off == 0 { LONG_HEADER } else { SHORT_HEADER };
                 continue;
             }
             let take = left.min(self.page - in_page);
-            out.extend_from_slice(self.data.get(off as usize..(off + take) as usize)?);
+            let have = take.min(len.saturating_sub(off));
+            out.extend_from_slice(&self.data[off as usize..(off + have) as usize]);
+            if have < take {
+                return Err(true);
+            }
             left -= take;
             at += take;
         }
-        Some(at)
+        Ok(at)
     }
 }
 
@@ -149,9 +211,12 @@ pub fn scan(data: &[u8], start: u64, page: u64) -> Scan {
     if info & XLP_FIRST_IS_CONTRECORD != 0 {
         // The end of a record that began in the segment before.
         let rem = u32::from_le_bytes(first[16..20].try_into().expect("4 bytes"));
+        let mut head = Vec::new();
+        let _ = pages.read(pos, (rem as usize).min(HALF), &mut head);
+        scan.head = Some(hex::encode(head));
         match pages.read(pos, rem as usize, &mut buf) {
-            Some(p) => pos = p,
-            None => return scan,
+            Ok(p) => pos = p,
+            Err(_) => return scan,
         }
     }
     let mut prev: Option<u64> = None;
@@ -167,8 +232,14 @@ pub fn scan(data: &[u8], start: u64, page: u64) -> Scan {
             };
         }
         buf.clear();
-        let Some(after_header) = pages.read(pos, RECORD_HEADER, &mut buf) else {
-            break;
+        let after_header = match pages.read(pos, RECORD_HEADER, &mut buf) {
+            Ok(a) => a,
+            Err(true) if !buf.is_empty() => {
+                // Even the header goes on in the next segment.
+                scan.tail = Some((hex::encode(&buf), super::wal::lsn_string(pos)));
+                break;
+            }
+            Err(_) => break,
         };
         let header: [u8; RECORD_HEADER] = buf[..RECORD_HEADER].try_into().expect("read");
         let total = u32::from_le_bytes(header[0..4].try_into().expect("4 bytes")) as usize;
@@ -177,8 +248,20 @@ pub fn scan(data: &[u8], start: u64, page: u64) -> Scan {
             break;
         }
         buf.clear();
-        let Some(end) = pages.read(after_header, total - RECORD_HEADER, &mut buf) else {
-            break;
+        let end = match pages.read(after_header, total - RECORD_HEADER, &mut buf) {
+            Ok(e) => e,
+            Err(true) => {
+                let (rmid, info) = (header[17], header[16]);
+                let wanted =
+                    rmid == RM_XACT || (rmid == RM_XLOG && info & 0xF0 == XLOG_RESTORE_POINT);
+                if wanted && RECORD_HEADER + buf.len() <= HALF {
+                    let mut tail = header.to_vec();
+                    tail.extend_from_slice(&buf);
+                    scan.tail = Some((hex::encode(tail), super::wal::lsn_string(pos)));
+                }
+                break;
+            }
+            Err(false) => break,
         };
         let crc = crc32c::crc32c_append(crc32c::crc32c(&buf), &header[..20]);
         if crc != u32::from_le_bytes(header[20..24].try_into().expect("4 bytes")) {
@@ -255,27 +338,48 @@ mod tests {
         start: u64,
         pos: u64,
         prev: u64,
+        /// Bytes per segment: pages at multiples of it get the long header.
+        seg_size: u64,
     }
 
     impl Writer {
         fn new(start: u64, size: usize) -> Writer {
+            Writer::segments(start, size, size as u64)
+        }
+
+        fn segments(start: u64, size: usize, seg_size: u64) -> Writer {
             Writer {
                 seg: vec![0; size],
                 start,
                 pos: start + LONG_HEADER,
                 prev: 0,
+                seg_size,
             }
         }
 
-        /// Put `bytes` at the current position, writing page headers where pages begin.
+        /// Write a page header at the current position (a page start); `rem` bytes of a
+        /// record continue on it.
+        fn page_header(&mut self, rem: usize) {
+            let o = (self.pos - self.start) as usize;
+            self.seg[o..o + 2].copy_from_slice(&0xD110u16.to_le_bytes());
+            if rem > 0 {
+                self.seg[o + 2..o + 4].copy_from_slice(&XLP_FIRST_IS_CONTRECORD.to_le_bytes());
+                self.seg[o + 16..o + 20].copy_from_slice(&(rem as u32).to_le_bytes());
+            }
+            self.seg[o + 8..o + 16].copy_from_slice(&self.pos.to_le_bytes());
+            self.pos += if (o as u64).is_multiple_of(self.seg_size) {
+                LONG_HEADER
+            } else {
+                SHORT_HEADER
+            };
+        }
+
+        /// Put a record's bytes at the current position, writing page headers where pages
+        /// begin.
         fn put(&mut self, bytes: &[u8]) {
-            for &b in bytes {
-                let off = self.pos - self.start;
-                if off.is_multiple_of(PAGE) {
-                    let o = off as usize;
-                    self.seg[o..o + 2].copy_from_slice(&0xD110u16.to_le_bytes());
-                    self.seg[o + 8..o + 16].copy_from_slice(&self.pos.to_le_bytes());
-                    self.pos += SHORT_HEADER;
+            for (i, &b) in bytes.iter().enumerate() {
+                if (self.pos - self.start).is_multiple_of(PAGE) {
+                    self.page_header(bytes.len() - i);
                 }
                 self.seg[(self.pos - self.start) as usize] = b;
                 self.pos += 1;
@@ -291,27 +395,60 @@ mod tests {
                 body.extend_from_slice(&(main.len() as u32).to_le_bytes());
             }
             body.extend_from_slice(main);
-            let mut header = Vec::new();
-            header.extend_from_slice(&((RECORD_HEADER + body.len()) as u32).to_le_bytes());
-            header.extend_from_slice(&xid.to_le_bytes());
-            header.extend_from_slice(&self.prev.to_le_bytes());
-            header.extend_from_slice(&[info, rmid, 0, 0]);
-            let crc = crc32c::crc32c_append(crc32c::crc32c(&body), &header);
-            header.extend_from_slice(&crc.to_le_bytes());
+            let mut rec = Vec::new();
+            rec.extend_from_slice(&((RECORD_HEADER + body.len()) as u32).to_le_bytes());
+            rec.extend_from_slice(&xid.to_le_bytes());
+            rec.extend_from_slice(&self.prev.to_le_bytes());
+            rec.extend_from_slice(&[info, rmid, 0, 0]);
+            let crc = crc32c::crc32c_append(crc32c::crc32c(&body), &rec);
+            rec.extend_from_slice(&crc.to_le_bytes());
+            rec.extend_from_slice(&body);
             self.pos = maxalign(self.pos);
             if (self.pos - self.start).is_multiple_of(PAGE) {
                 // A record that begins a page begins after its header.
-                let o = (self.pos - self.start) as usize;
-                self.seg[o..o + 2].copy_from_slice(&0xD110u16.to_le_bytes());
-                self.seg[o + 8..o + 16].copy_from_slice(&self.pos.to_le_bytes());
-                self.pos += SHORT_HEADER;
+                self.page_header(0);
             }
             let at = self.pos;
-            self.put(&header);
-            self.put(&body);
+            self.put(&rec);
             self.prev = at;
             at
         }
+    }
+
+    #[test]
+    fn a_commit_split_between_two_segments_is_read_from_both_halves() {
+        let start = 0x200_0000;
+        let seg = 2 * PAGE;
+        // Two segments of two pages each, written as one stream.
+        let mut w = Writer::segments(start, 2 * seg as usize, seg);
+        w.record(0, 10, 0, &[4u8; 16000]);
+        let filler_end = w.pos;
+        // A commit that starts 16 bytes before the second segment: even its header is split.
+        let pad = (start + seg - 16) - maxalign(filler_end) - RECORD_HEADER as u64 - 2;
+        w.record(0, 10, 0, &vec![5u8; pad as usize]);
+        let (t, time) = pg_time("2026-11-20T16:00:00Z");
+        let commit = w.record(950, RM_XACT, XACT_COMMIT, &t);
+        assert_eq!(
+            commit,
+            start + seg - 16,
+            "the commit straddles the boundary"
+        );
+        w.record(951, RM_XACT, XACT_ABORT, &t);
+        let (a, b) = w.seg.split_at(seg as usize);
+        let first = scan(a, start, PAGE);
+        let second = scan(b, start + seg, PAGE);
+        // Neither half alone holds the commit; joined, it is read (and the abort after it).
+        assert_eq!(first.xacts, 0, "{first:?}");
+        assert_eq!(second.xids, Some((951, 951)), "{second:?}");
+        let joined = join(&first, &second).expect("joined");
+        assert_eq!(
+            (joined.xacts, joined.xids, joined.last_xact),
+            (1, Some((950, 950)), Some(time))
+        );
+        // A half that is not the other's: nothing.
+        let mut other = second.clone();
+        other.head = Some(hex::encode([0u8; 40]));
+        assert_eq!(join(&first, &other), None);
     }
 
     #[test]
