@@ -997,6 +997,10 @@ fn pitr_brings_back_exactly_the_rows_committed_up_to_each_target() {
         script.push_str(&format!(
             "INSERT INTO t (id) VALUES ({i});\nSELECT pg_sleep(0.05);\n"
         ));
+        // A named point between two commits of the same session: exactly 650 rows before it.
+        if i == 650 {
+            script.push_str("SELECT pg_create_restore_point('mid');\n");
+        }
     }
     let script_path = cluster.write_private("workload.sql", &script);
     let mut workload = cluster.spawn_psql_file("postgres", &script_path);
@@ -1015,8 +1019,20 @@ fn pitr_brings_back_exactly_the_rows_committed_up_to_each_target() {
             )
         })
         .collect();
+    // A second base backup, after every target: a restore to the named point must pick the
+    // first one (the point is looked up in the archived WAL's records).
+    physical_backup(&cluster, &a, "auto");
     archive_now(&cluster, 60);
     cluster.stop("fast");
+    assert_eq!(
+        restore_to(
+            &mut cluster,
+            &a,
+            "name",
+            &["--to-name", "mid", "--timeline", "current"]
+        ),
+        "650"
+    );
 
     for (i, (target, want)) in targets.iter().zip(&expected).enumerate() {
         let got = restore_to(
