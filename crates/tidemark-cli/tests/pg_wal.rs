@@ -633,7 +633,10 @@ fn a_physical_backup_recovers_to_a_time_and_to_the_end_of_the_archive() {
         .unwrap()
         .next(16 << 20)
         .to_string();
-    std::fs::remove_file(a.repo.join(format!("logs/pg/{sys}/wal/{hole}"))).unwrap();
+    let hole_path = a.repo.join(format!("logs/pg/{sys}/wal/{hole}"));
+    let kept = cluster.dir.path().join("kept-segment");
+    std::fs::copy(&hole_path, &kept).unwrap();
+    std::fs::remove_file(&hole_path).unwrap();
     let o = tidemark(&a.config, &["pg", "window"]);
     assert!(
         String::from_utf8_lossy(&o.stdout)
@@ -662,6 +665,26 @@ fn a_physical_backup_recovers_to_a_time_and_to_the_end_of_the_archive() {
         stderr(&o)
     );
     assert!(!dest.exists(), "a refused restore wrote {}", dest.display());
+    // So would recovery to a target after the gap.
+    let after_gap = [
+        ["--to-lsn", lsn.as_str()],
+        ["--to-name", "after_1100"],
+        ["--to-time", target.as_str()],
+    ];
+    for target in after_gap {
+        let o = restore_into(&a, v["id"].as_str().unwrap(), &dest, &target);
+        assert_eq!(o.status.code(), Some(2), "{target:?}: {}", stderr(&o));
+        assert!(
+            stderr(&o).contains(&format!(
+                "between this base backup and the target has a gap ({hole} to {hole}"
+            )),
+            "{target:?}: {}",
+            stderr(&o)
+        );
+        assert!(!dest.exists(), "a refused restore wrote {}", dest.display());
+    }
+    std::fs::rename(&kept, &hole_path).unwrap();
+    cluster.give(&hole_path);
 
     // A data directory that is not empty is refused, and nothing in it changes.
     let busy = cluster.dir.path().join("busy");
@@ -682,8 +705,20 @@ fn a_physical_backup_recovers_to_a_time_and_to_the_end_of_the_archive() {
     assert!(stderr(&o).contains("not empty"), "{}", stderr(&o));
     assert_eq!(std::fs::read_dir(&busy).unwrap().count(), 1);
 
-    // With the first segment the first base backup needs gone, a started restore fails
-    // loudly with the server's log; it never reports a recovery that did not happen.
+    // A damaged WAL object on the way to the target (one bit flipped in the stored segment
+    // that holds it): wal-fetch names it and exits so that PostgreSQL stops recovery rather
+    // than end it early, and a started restore fails loudly with the server's log; it never
+    // reports a recovery that did not happen.
+    let target_seg = SegmentName::containing(
+        1,
+        tidemark_engine::postgres::wal::parse_lsn(&lsn).unwrap(),
+        16 << 20,
+    );
+    let object = a.repo.join(format!("logs/pg/{sys}/wal/{target_seg}"));
+    let mut bytes = std::fs::read(&object).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x01;
+    std::fs::write(&object, bytes).unwrap();
     cluster.clear_data_dir();
     let data = cluster.data_dir();
     let o = tidemark(
@@ -702,7 +737,7 @@ fn a_physical_backup_recovers_to_a_time_and_to_the_end_of_the_archive() {
     assert_eq!(o.status.code(), Some(8), "{}", stderr(&o));
     assert!(
         stderr(&o).contains("the server stopped during recovery")
-            && stderr(&o).contains("could not locate required checkpoint record"),
+            && stderr(&o).contains(&format!("object logs/pg/{sys}/wal/{target_seg} is damaged")),
         "{}",
         stderr(&o)
     );

@@ -607,8 +607,31 @@ async fn restore_physical(ctx: &Context, a: RestoreArgs) -> Result<i32> {
             }
             (None, _) => "latest".to_owned(),
         };
-        if settings.is_empty() {
-            refuse_gap(&snap, &archive)?;
+        // Recovery stops at the first missing segment: none may lie between the base backup
+        // and the target (the end of the archive when there is none).
+        let upto = match &bound {
+            _ if settings.is_empty() => Some(None),
+            Bound::Lsn(l) => Some(Some(*l)),
+            _ if a.immediate => snap
+                .positions
+                .get("pg.stop_lsn")
+                .and_then(|v| v.as_str())
+                .and_then(tidemark_engine::postgres::wal::parse_lsn)
+                .map(Some),
+            Bound::Time(t) => {
+                let sys: u64 = system_id.parse().unwrap_or(0);
+                let t = t.with_timezone(&chrono::Utc);
+                // Where recovery stops: the first segment with a transaction that ended later.
+                tidemark_engine::postgres::archive::scans(&repo, sys, seg)
+                    .await?
+                    .iter()
+                    .find(|(_, s)| s.as_ref().and_then(|s| s.last_xact).is_some_and(|x| x > t))
+                    .map(|(s, _)| Some(s.start_lsn(seg)))
+            }
+            Bound::None => None,
+        };
+        if let Some(upto) = upto {
+            refuse_gap(&snap, &archive, upto, seg)?;
         }
         if let Bound::Lsn(l) = bound {
             // The end of the archived WAL, on any timeline (a segment counts whole).
@@ -776,6 +799,8 @@ async fn restore_physical(ctx: &Context, a: RestoreArgs) -> Result<i32> {
 fn refuse_gap(
     snap: &tidemark_repo::snapshot::Snapshot,
     archive: &tidemark_engine::postgres::archive::ArchiveSummary,
+    upto: Option<u64>,
+    seg_size: u64,
 ) -> Result<()> {
     let timeline = snap
         .positions
@@ -789,24 +814,34 @@ fn refuse_gap(
         .unwrap_or("");
     // Positions compare without the timeline (the first 8 hex digits).
     let pos = |name: &str| name.get(8..).unwrap_or("").to_owned();
+    let last = upto.map(|l| {
+        pos(&tidemark_engine::postgres::wal::SegmentName::containing(1, l, seg_size).to_string())
+    });
     for tl in archive
         .timelines
         .iter()
         .filter(|t| u64::from(t.timeline) >= timeline)
     {
-        if let Some((from, to)) = tl.gaps.iter().find(|(_, to)| pos(to) >= pos(start)) {
+        if let Some((from, to)) = tl.gaps.iter().find(|(from, to)| {
+            pos(to) >= pos(start) && last.as_ref().is_none_or(|l| pos(from) <= *l)
+        }) {
             return Err(usage(
-                format!(
-                    "the archived WAL this base backup needs has a gap ({from} to {to} are missing); recovery to the end of the archive would stop at {from} as if that were the end"
-                ),
-                "name an end before the gap (--to-time or --to-lsn), or restore the missing WAL; `tidemark pg window` shows the gaps",
+                if upto.is_some() {
+                    format!(
+                        "the archived WAL between this base backup and the target has a gap ({from} to {to} are missing); recovery would stop at {from}, before the target"
+                    )
+                } else {
+                    format!(
+                        "the archived WAL this base backup needs has a gap ({from} to {to} are missing); recovery to the end of the archive would stop at {from} as if that were the end"
+                    )
+                },
+                "restore the missing WAL, or name a target before the gap; `tidemark pg window` shows the gaps",
             ));
         }
     }
     Ok(())
 }
 
-/// The latest physical PostgreSQL snapshot that ends before the bound.
 /// For `--to-xid` and `--to-name`: find the target in the scans of the archived WAL (of the
 /// cluster of the newest physical backup). Found: a bound that picks a base backup from
 /// before it. Not found, with every segment scanned: refused, saying what the archive holds.
@@ -931,6 +966,7 @@ async fn check_named_target(
     Ok(None)
 }
 
+/// The latest physical PostgreSQL snapshot that ends before the bound.
 async fn pick_base_backup(
     repo: &tidemark_repo::Repository,
     bound: &Bound,
