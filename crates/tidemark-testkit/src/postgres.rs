@@ -327,57 +327,45 @@ impl Postgres {
             a.extend_from_slice(&["-keyout", &key, "-out", &crt]);
             openssl(&a);
         }
-        let mut a = vec!["req", "-subj", "/CN=127.0.0.1"];
-        a.extend_from_slice(&ec);
-        a.extend_from_slice(&["-keyout", "server.key", "-out", "server.csr"]);
-        openssl(&a);
-        std::fs::write(
-            d.join("ext.cnf"),
+        // A key and a certificate signed by the CA, X.509 v3 (the extensions make it v3;
+        // openssl makes v1 without them, which rustls refuses).
+        let issue = |name: &str, subject: &str, extensions: &str| {
+            let (key, csr, crt, cnf) = (
+                format!("{name}.key"),
+                format!("{name}.csr"),
+                format!("{name}.crt"),
+                format!("{name}.cnf"),
+            );
+            std::fs::write(d.join(&cnf), extensions).expect("write the extensions file");
+            let mut a = vec!["req", "-subj", subject];
+            a.extend_from_slice(&ec);
+            a.extend_from_slice(&["-keyout", &key, "-out", &csr]);
+            openssl(&a);
+            openssl(&[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-extfile",
+                &cnf,
+                "-out",
+                &crt,
+            ]);
+        };
+        issue(
+            "server",
+            "/CN=127.0.0.1",
             "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
-        )
-        .expect("write ext.cnf");
-        openssl(&[
-            "x509",
-            "-req",
-            "-in",
-            "server.csr",
-            "-CA",
-            "ca.crt",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-days",
-            "2",
-            "-extfile",
-            "ext.cnf",
-            "-out",
-            "server.crt",
-        ]);
-        // A client certificate for the role `certuser`, which logs in by certificate only
-        // (an X.509 v3 one: without extensions openssl makes v1, which rustls refuses).
-        std::fs::write(d.join("client.cnf"), "extendedKeyUsage=clientAuth\n")
-            .expect("write client.cnf");
-        let mut a = vec!["req", "-subj", "/CN=certuser"];
-        a.extend_from_slice(&ec);
-        a.extend_from_slice(&["-keyout", "client.key", "-out", "client.csr"]);
-        openssl(&a);
-        openssl(&[
-            "x509",
-            "-req",
-            "-in",
-            "client.csr",
-            "-CA",
-            "ca.crt",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-days",
-            "2",
-            "-extfile",
-            "client.cnf",
-            "-out",
-            "client.crt",
-        ]);
+        );
+        // For the role `certuser`, which logs in by certificate only.
+        issue("client", "/CN=certuser", "extendedKeyUsage=clientAuth\n");
         {
             use std::os::unix::fs::PermissionsExt;
             for key in ["server.key", "client.key"] {
