@@ -1330,6 +1330,22 @@ fn streamed_wal_recovers_everything_committed_more_than_a_second_before_a_crash(
     }
     let receive_log = std::fs::read_to_string(cluster.dir.path().join("receive2.log")).unwrap();
     assert!(receive_log.contains("streaming WAL"), "{receive_log}");
+    // The window ends at the last streamed transaction, read from the pieces' records (the
+    // crash left the newest segment in pieces): within about a second of the crash.
+    assert!(names.iter().any(|n| n.contains(".s")), "{names:?}");
+    let o = tidemark(&a.config, &["pg", "window", "--json"]);
+    let w: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        w[0]["latest_is"], "the last transaction in the archived WAL ended",
+        "{w}"
+    );
+    let latest: chrono::DateTime<chrono::Utc> = w[0]["latest"].as_str().unwrap().parse().unwrap();
+    let latest = latest.timestamp_micros() as f64 / 1e6;
+    assert!(
+        latest > crash - 2.0 && latest <= crash + 0.5,
+        "the last streamed transaction ended {:.2}s before the crash",
+        crash - latest
+    );
 
     let got = restore_and_query(
         &mut cluster,

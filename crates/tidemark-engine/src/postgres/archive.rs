@@ -648,8 +648,8 @@ async fn last_transaction(
 }
 
 /// The scans of every segment a cluster's archive holds (section 7b), in LSN order
-/// (timelines in order within one position); None for a segment archived without one, and for
-/// one that only streamed pieces hold so far (pieces are not scanned).
+/// (timelines in order within one position; for a segment only streamed pieces hold so far,
+/// the newest piece's); None for a segment archived without one.
 ///
 /// # Errors
 /// Storage errors.
@@ -660,32 +660,33 @@ pub async fn scans(
 ) -> Result<Vec<(wal::SegmentName, Option<super::walscan::Scan>)>> {
     let stream = wal::stream(system_id);
     let names = tidemark_repo::log::list_segments(repo, &stream).await?;
-    let mut segments: Vec<(wal::SegmentName, Option<String>)> = names
+    let mut segments: Vec<(wal::SegmentName, String)> = names
         .iter()
         .filter_map(|n| match WalFile::parse(n) {
-            Some(WalFile::Segment(s) | WalFile::Partial(s)) => Some((s, Some(n.clone()))),
+            Some(WalFile::Segment(s) | WalFile::Partial(s)) => Some((s, n.clone())),
             _ => None,
         })
         .collect();
     let whole: std::collections::HashSet<wal::SegmentName> =
         segments.iter().map(|(s, _)| *s).collect();
-    // Segments so far held only by streamed pieces: unknown.
-    let mut streamed: Vec<wal::SegmentName> = names
-        .iter()
-        .filter_map(|n| wal::parse_piece(n).map(|(s, _)| s))
-        .filter(|s| !whole.contains(s))
-        .collect();
-    streamed.sort();
-    streamed.dedup();
-    segments.extend(streamed.into_iter().map(|s| (s, None)));
+    // Segments so far held only by streamed pieces: the newest piece's scan covers the
+    // segment from its start.
+    let mut newest: std::collections::BTreeMap<wal::SegmentName, (u64, &String)> =
+        Default::default();
+    for n in &names {
+        if let Some((s, off)) = wal::parse_piece(n).filter(|(s, _)| !whole.contains(s)) {
+            let e = newest.entry(s).or_insert((off, n));
+            if off >= e.0 {
+                *e = (off, n);
+            }
+        }
+    }
+    segments.extend(newest.into_iter().map(|(s, (_, n))| (s, n.clone())));
     segments.sort_by_key(|(s, _)| (s.log, s.seg, s.timeline));
     futures::stream::iter(segments)
         .map(|(seg, name)| {
             let stream = stream.clone();
             async move {
-                let Some(name) = name else {
-                    return Ok((seg, None));
-                };
                 let info = tidemark_repo::log::segment_info(repo, &stream, &name).await?;
                 let scan = info
                     .meta
@@ -742,10 +743,11 @@ pub async fn summarize(repo: &Repository, system_id: u64, seg_size: u64) -> Resu
         .map_err(tidemark_repo::Error::from)?;
     let mut by_tli: std::collections::BTreeMap<u32, Vec<wal::SegmentName>> = Default::default();
     // Per timeline, the whole segments and .partial files by name, and the newest streamed
-    // piece's segment.
+    // piece (its segment and offset, and name).
     let mut files: std::collections::BTreeMap<u32, Vec<(wal::SegmentName, &str)>> =
         Default::default();
-    let mut newest_piece: std::collections::BTreeMap<u32, wal::SegmentName> = Default::default();
+    let mut newest_piece: std::collections::BTreeMap<u32, ((wal::SegmentName, u64), &str)> =
+        Default::default();
     let mut latest_upload = None;
     let mut histories = Vec::new();
     for m in &metas {
@@ -753,9 +755,11 @@ pub async fn summarize(repo: &Repository, system_id: u64, seg_size: u64) -> Resu
             continue;
         };
         // Streamed pieces count as their segment (partly) archived.
-        if let Some((s, _)) = wal::parse_piece(name) {
-            let n = newest_piece.entry(s.timeline).or_insert(s);
-            *n = (*n).max(s);
+        if let Some((s, off)) = wal::parse_piece(name) {
+            let n = newest_piece.entry(s.timeline).or_insert(((s, off), name));
+            if (s, off) > n.0 {
+                *n = ((s, off), name);
+            }
         }
         let piece = wal::parse_piece(name).map(|(s, _)| WalFile::Partial(s));
         let whole = WalFile::parse(name);
@@ -788,13 +792,16 @@ pub async fn summarize(repo: &Repository, system_id: u64, seg_size: u64) -> Resu
             }
         }
         let last = segs[segs.len() - 1];
-        let found = match files.get_mut(&tli) {
-            Some(f) if newest_piece.get(&tli).is_none_or(|p| *p < last) => {
-                f.sort();
-                last_transaction(repo, &wal::stream(system_id), f, seg_size).await?
+        // The whole segments, then the newest piece when its segment is not whole yet (its
+        // scan covers the segment from the start).
+        let mut f = files.remove(&tli).unwrap_or_default();
+        f.sort();
+        if let Some(((s, _), name)) = newest_piece.get(&tli) {
+            if f.last().is_none_or(|(w, _)| w < s) {
+                f.push((*s, name));
             }
-            _ => None,
-        };
+        }
+        let found = last_transaction(repo, &wal::stream(system_id), &f, seg_size).await?;
         timelines.push(TimelineWal {
             timeline: tli,
             first: segs[0].to_string(),

@@ -96,11 +96,13 @@ fn u64_be(b: &[u8], at: usize) -> Option<u64> {
 
 /// One object for the uploader, in order.
 enum Job {
-    /// Bytes `[offset, offset + data.len())` of `seg`.
+    /// Bytes `[offset, offset + data.len())` of `seg`, and the scan of the segment's records
+    /// from its start to the piece's end.
     Piece {
         seg: SegmentName,
         offset: u64,
         data: Bytes,
+        scan: super::walscan::Scan,
     },
     /// The whole of `seg`; the pieces named are removed once it is durable.
     Full {
@@ -131,16 +133,16 @@ async fn upload(
 ) -> Result<()> {
     while let Some(job) = jobs.recv().await {
         match job {
-            Job::Piece { seg, offset, data } => {
+            Job::Piece {
+                seg,
+                offset,
+                data,
+                scan,
+            } => {
                 let len = data.len();
-                write_segment(
-                    &repo,
-                    &stream,
-                    &wal::piece_name(seg, offset),
-                    data,
-                    meta(seg, seg_size, offset, len),
-                )
-                .await?;
+                let mut m = meta(seg, seg_size, offset, len);
+                m[super::archive::SCAN] = serde_json::json!(scan);
+                write_segment(&repo, &stream, &wal::piece_name(seg, offset), data, m).await?;
                 durable.send_replace(seg.start_lsn(seg_size) + offset + len as u64);
             }
             Job::Full { seg, data, pieces } => {
@@ -191,6 +193,13 @@ impl Current {
 
     fn end(&self) -> u64 {
         self.start() + self.buf.len() as u64
+    }
+
+    /// The records received so far (pitr.md §7b): a piece's metadata carries them, so that
+    /// the window and the target checks see WAL that is not yet a whole segment.
+    fn scan(&self) -> super::walscan::Scan {
+        let page = wal::long_header(&self.buf).map_or(8192, |h| u64::from(h.block_size));
+        super::walscan::scan(&self.buf, self.start(), page)
     }
 
     /// Check the re-sent bytes against pieces stored before a restart, as far as they go.
@@ -427,6 +436,7 @@ pub async fn stream(
                 seg: cur.seg,
                 offset,
                 data,
+                scan: cur.scan(),
             })
             .await;
     }
@@ -611,6 +621,7 @@ async fn receive_loop(
                         seg: cur.seg,
                         offset,
                         data,
+                        scan: cur.scan(),
                     })
                     .await
                     .map_err(|_| gone())?;
