@@ -585,6 +585,14 @@ fn a_physical_backup_recovers_to_a_time_and_to_the_end_of_the_archive() {
         "{w}"
     );
     let last_insert: chrono::DateTime<chrono::Utc> = cluster_time(&last_insert);
+    // The restore point made above, with its position, as `--to-name` finds it.
+    let points = c["restore_points"].as_array().unwrap();
+    assert!(
+        points
+            .iter()
+            .any(|p| p["name"] == "after_1100" && p["lsn"].as_str().is_some()),
+        "{w}"
+    );
     let latest: chrono::DateTime<chrono::Utc> = c["latest"].as_str().unwrap().parse().unwrap();
     assert!(
         latest >= last_insert && latest < chrono::Utc::now(),
@@ -612,7 +620,7 @@ fn a_physical_backup_recovers_to_a_time_and_to_the_end_of_the_archive() {
         (
             "--to-name",
             "no_such_point",
-            "no restore point of that name is in the archived WAL; the newest it holds: after_1100",
+            "no restore point of that name is in the archived WAL; the newest it holds: after_1100\n",
         ),
         (
             "--to-xid",

@@ -879,11 +879,15 @@ async fn check_named_target(
             .filter_map(|(_, s)| s.as_ref())
             .flat_map(|s| &s.restore_points)
             .collect();
-        let found: Vec<u64> = points
+        // A new timeline's first segment repeats its parent's records up to the switch: one
+        // point, one LSN.
+        let mut found: Vec<u64> = points
             .iter()
             .filter(|p| &p.name == name)
             .filter_map(|p| parse_lsn(&p.lsn))
             .collect();
+        found.sort_unstable();
+        found.dedup();
         if let Some(&last) = found.last() {
             if found.len() > 1 {
                 tracing::warn!(name = %name, count = found.len(), "the restore point name is not unique; recovery stops at the first one after the base backup");
@@ -894,7 +898,9 @@ async fn check_named_target(
             tracing::warn!(segments = unknown, "some archived WAL was stored without a record scan; the restore point cannot be checked before recovery");
             return Ok(None);
         }
-        let mut names: Vec<&str> = points
+        let mut newest = points.clone();
+        newest.dedup_by(|a, b| a.name == b.name && a.lsn == b.lsn);
+        let mut names: Vec<&str> = newest
             .iter()
             .rev()
             .take(10)
@@ -1050,6 +1056,15 @@ async fn window(ctx: &Context) -> Result<i32> {
         let id: u64 = sys.parse().unwrap_or(0);
         let seg = seg_sizes.get(sys).copied().unwrap_or(16 << 20);
         let summary = tidemark_engine::postgres::archive::summarize(&repo, id, seg).await?;
+        // The named points `--to-name` can use, from the records of the archived WAL.
+        // (A new timeline's first segment repeats its parent's records: one point, one LSN.)
+        let mut restore_points: Vec<_> = tidemark_engine::postgres::archive::scans(&repo, id, seg)
+            .await?
+            .into_iter()
+            .filter_map(|(_, s)| s)
+            .flat_map(|s| s.restore_points)
+            .collect();
+        restore_points.dedup_by(|a, b| a.name == b.name && a.lsn == b.lsn);
         out.push(serde_json::json!({
             "system_id": sys,
             "base_backups": list,
@@ -1057,6 +1072,7 @@ async fn window(ctx: &Context) -> Result<i32> {
             "latest": summary.time_end().map(|(e, _)| e),
             "latest_is": summary.time_end().map(|(_, what)| what),
             "wal": summary.timelines,
+            "restore_points": restore_points,
         }));
     }
     if ctx.json {
@@ -1087,6 +1103,20 @@ async fn window(ctx: &Context) -> Result<i32> {
                     format!(", {gaps} gap(s): {}", t["gaps"])
                 }
             );
+        }
+        let points = c["restore_points"]
+            .as_array()
+            .map_or(&[][..], Vec::as_slice);
+        if !points.is_empty() {
+            println!("  restore points ({}, newest last):", points.len());
+            for p in points.iter().rev().take(10).rev() {
+                println!(
+                    "    {} at {} ({})",
+                    p["name"].as_str().unwrap_or(""),
+                    p["time"].as_str().unwrap_or(""),
+                    p["lsn"].as_str().unwrap_or("")
+                );
+            }
         }
     }
     Ok(crate::exit::OK)
