@@ -874,13 +874,7 @@ async fn check_named_target(
     let unknown = scans.iter().filter(|(_, s)| s.is_none()).count();
     let hint = "see what the archive holds with `tidemark pg window`";
     if let Some(name) = &a.to_name {
-        let points: Vec<&tidemark_engine::postgres::walscan::RestorePoint> = scans
-            .iter()
-            .filter_map(|(_, s)| s.as_ref())
-            .flat_map(|s| &s.restore_points)
-            .collect();
-        // A new timeline's first segment repeats its parent's records up to the switch: one
-        // point, one LSN.
+        let points = tidemark_engine::postgres::archive::restore_points(&scans);
         let mut found: Vec<u64> = points
             .iter()
             .filter(|p| &p.name == name)
@@ -898,9 +892,7 @@ async fn check_named_target(
             tracing::warn!(segments = unknown, "some archived WAL was stored without a record scan; the restore point cannot be checked before recovery");
             return Ok(None);
         }
-        let mut newest = points.clone();
-        newest.dedup_by(|a, b| a.name == b.name && a.lsn == b.lsn);
-        let mut names: Vec<&str> = newest
+        let mut names: Vec<&str> = points
             .iter()
             .rev()
             .take(10)
@@ -1057,14 +1049,9 @@ async fn window(ctx: &Context) -> Result<i32> {
         let seg = seg_sizes.get(sys).copied().unwrap_or(16 << 20);
         let summary = tidemark_engine::postgres::archive::summarize(&repo, id, seg).await?;
         // The named points `--to-name` can use, from the records of the archived WAL.
-        // (A new timeline's first segment repeats its parent's records: one point, one LSN.)
-        let mut restore_points: Vec<_> = tidemark_engine::postgres::archive::scans(&repo, id, seg)
-            .await?
-            .into_iter()
-            .filter_map(|(_, s)| s)
-            .flat_map(|s| s.restore_points)
-            .collect();
-        restore_points.dedup_by(|a, b| a.name == b.name && a.lsn == b.lsn);
+        let restore_points = tidemark_engine::postgres::archive::restore_points(
+            &tidemark_engine::postgres::archive::scans(&repo, id, seg).await?,
+        );
         out.push(serde_json::json!({
             "system_id": sys,
             "base_backups": list,

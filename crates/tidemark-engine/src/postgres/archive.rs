@@ -706,6 +706,20 @@ pub async fn scans(
         })
 }
 
+/// The restore points in `scans`, in WAL order, each once: a new timeline's first segment
+/// repeats its parent's records up to the switch, so one point can be in two scans.
+pub fn restore_points(
+    scans: &[(wal::SegmentName, Option<super::walscan::Scan>)],
+) -> Vec<super::walscan::RestorePoint> {
+    let mut points: Vec<super::walscan::RestorePoint> = scans
+        .iter()
+        .filter_map(|(_, s)| s.as_ref())
+        .flat_map(|s| s.restore_points.iter().cloned())
+        .collect();
+    points.dedup_by(|a, b| a.name == b.name && a.lsn == b.lsn);
+    points
+}
+
 /// Add to each segment's scan the record it shares with the next segment (section 7b).
 fn join_split_records(
     scans: &mut [(wal::SegmentName, Option<super::walscan::Scan>)],
