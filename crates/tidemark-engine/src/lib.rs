@@ -13,6 +13,7 @@ use tidemark_repo::snapshot::{DatabaseIdentity, Snapshot, SnapshotKind};
 use tidemark_repo::Repository;
 
 pub mod postgres;
+pub mod retention;
 pub mod sqlite;
 
 /// What an engine can do.

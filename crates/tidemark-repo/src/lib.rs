@@ -8,6 +8,7 @@ pub mod chunker;
 pub mod config;
 pub mod crypto;
 pub mod dict;
+pub mod duration;
 mod error;
 pub mod id;
 pub mod index;

@@ -2,7 +2,8 @@
 
 use anyhow::Result;
 use tidemark_repo::lock::{LockGuard, LockKind, LockOptions};
-use tidemark_repo::ops::forget::{forget, KeepPolicy};
+use tidemark_repo::ops::forget::KeepPolicy;
+use tidemark_repo::ops::retention::{RetentionPlan, RetentionPolicy};
 
 use crate::context::{usage, Context};
 
@@ -29,6 +30,11 @@ pub struct Args {
     /// Keep everything within this duration of the newest snapshot (e.g. 7d, 12h, 30m).
     #[arg(long, value_parser = parse_duration)]
     keep_within: Option<chrono::Duration>,
+    /// Keep what recovery to any second of this window needs (e.g. 7d): the newest base
+    /// backup before it, every one in it and the WAL from the first of them on. The window ends
+    /// at the newest snapshot.
+    #[arg(long, value_parser = parse_duration)]
+    pitr_window: Option<chrono::Duration>,
     /// Only consider snapshots with all these tags.
     #[arg(long = "tag")]
     tags: Vec<String>,
@@ -38,73 +44,99 @@ pub struct Args {
 }
 
 fn parse_duration(s: &str) -> Result<chrono::Duration, String> {
-    let (n, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: i64 = n
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 7d or 12h"))?;
-    Ok(match unit {
-        "s" => chrono::Duration::seconds(n),
-        "m" => chrono::Duration::minutes(n),
-        "h" | "" => chrono::Duration::hours(n),
-        "d" => chrono::Duration::days(n),
-        "w" => chrono::Duration::weeks(n),
-        "y" => chrono::Duration::days(365 * n),
-        _ => {
-            return Err(format!(
-                "{s:?}: unknown unit {unit:?}; use s, m, h, d, w or y"
-            ))
-        }
-    })
+    tidemark_repo::duration::parse(s)
 }
 
 pub async fn run(ctx: &Context, a: Args) -> Result<i32> {
-    let policy = KeepPolicy {
-        last: a.keep_last,
-        hourly: a.keep_hourly,
-        daily: a.keep_daily,
-        weekly: a.keep_weekly,
-        monthly: a.keep_monthly,
-        yearly: a.keep_yearly,
-        within: a.keep_within,
-        tags: a.tags,
+    let policy = RetentionPolicy {
+        keep: KeepPolicy {
+            last: a.keep_last,
+            hourly: a.keep_hourly,
+            daily: a.keep_daily,
+            weekly: a.keep_weekly,
+            monthly: a.keep_monthly,
+            yearly: a.keep_yearly,
+            within: a.keep_within,
+            tags: a.tags,
+        },
+        pitr_window: a.pitr_window,
     };
-    if policy.is_empty() {
+    if policy.keep.is_empty() && policy.pitr_window.is_none() {
         return Err(usage(
             "no keep rule given",
-            "pass at least one --keep-* option",
+            "pass at least one --keep-* option or --pitr-window",
         ));
     }
     let repo = ctx.open().await?;
     let lock =
         LockGuard::acquire(&repo, LockKind::Shared, "forget", &LockOptions::default()).await?;
-    let plan = forget(&repo, &policy, a.dry_run).await;
+    let plan = tidemark_engine::retention::forget(&repo, &policy, a.dry_run).await;
     lock.release().await?;
-    let plan = plan?;
+    let plan = plan.map_err(super::backup::engine_error)?;
     if ctx.json {
         super::print_json(&serde_json::json!({"dry_run": a.dry_run, "plan": plan}))?;
+        return Ok(crate::exit::OK);
+    }
+    print_plan(&plan);
+    let removed = plan.removed().count();
+    let segments = plan.delete_segments.len();
+    if a.dry_run {
+        println!(
+            "would remove {removed} of {} snapshots and {segments} of {} log segments (dry run)",
+            plan.snapshots.len(),
+            segments + plan.kept_segments
+        );
     } else {
-        for d in &plan {
-            println!(
-                "{} {} {}  {:<22} {}",
-                if d.keep { "keep  " } else { "remove" },
-                d.id.short(),
-                d.time.format("%Y-%m-%d %H:%M:%S"),
-                d.group,
-                d.reasons.join(", ")
-            );
-        }
-        let removed = plan.iter().filter(|d| !d.keep).count();
-        if a.dry_run {
-            println!(
-                "would remove {removed} of {} snapshots (dry run)",
-                plan.len()
-            );
-        } else {
-            println!(
-                "removed {removed} of {} snapshots; run `tidemark prune` to free their space",
-                plan.len()
-            );
-        }
+        println!(
+            "removed {removed} of {} snapshots and {segments} of {} log segments; run `tidemark prune` to free the snapshots' space",
+            plan.snapshots.len(),
+            segments + plan.kept_segments
+        );
     }
     Ok(crate::exit::OK)
+}
+
+/// The plan as people read it: each snapshot and why it stays, the protected chains and the
+/// point-in-time windows.
+pub fn print_plan(plan: &RetentionPlan) {
+    for d in &plan.snapshots {
+        println!(
+            "{} {} {}  {:<22} {}",
+            if d.keep { "keep  " } else { "remove" },
+            d.id.short(),
+            d.time.format("%Y-%m-%d %H:%M:%S"),
+            d.group,
+            d.reasons.join(", ")
+        );
+    }
+    for c in &plan.chains {
+        match (&c.stream, &c.log_from) {
+            (Some(stream), Some(from)) => println!(
+                "protected chain of {}: base backup {} and {stream} from position {from} on",
+                c.group,
+                c.base.short()
+            ),
+            _ => println!(
+                "protected: newest restorable snapshot {} of {}",
+                c.base.short(),
+                c.group
+            ),
+        }
+    }
+    for w in &plan.windows {
+        println!(
+            "pitr window of {}: {} to {}{}",
+            w.group,
+            w.covered_from.format("%Y-%m-%d %H:%M:%S"),
+            w.until.format("%Y-%m-%d %H:%M:%S"),
+            if w.covered_from > w.wanted_from {
+                format!(
+                    " (asked from {}: no older base backup)",
+                    w.wanted_from.format("%Y-%m-%d %H:%M:%S")
+                )
+            } else {
+                String::new()
+            }
+        );
+    }
 }

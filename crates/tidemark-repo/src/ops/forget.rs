@@ -11,7 +11,8 @@ use crate::repository::Repository;
 use crate::snapshot::Snapshot;
 
 /// A retention policy: one struct for the CLI, the agent's config and the CRDs.
-#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct KeepPolicy {
     /// Keep the newest n snapshots.
     #[serde(default)]
@@ -32,25 +33,15 @@ pub struct KeepPolicy {
     #[serde(default)]
     pub yearly: u32,
     /// Keep every snapshot newer than this, relative to the newest snapshot of the group.
-    #[serde(default, with = "opt_seconds")]
+    #[serde(
+        default,
+        with = "crate::duration::opt_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub within: Option<Duration>,
     /// Only snapshots with all these tags are considered; others are kept.
     #[serde(default)]
     pub tags: Vec<String>,
-}
-
-mod opt_seconds {
-    use chrono::Duration;
-    use serde::{Deserialize, Deserializer, Serializer};
-    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
-        match d {
-            Some(d) => s.serialize_some(&d.num_seconds()),
-            None => s.serialize_none(),
-        }
-    }
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-        Ok(Option::<i64>::deserialize(d)?.map(Duration::seconds))
-    }
 }
 
 impl KeepPolicy {
@@ -81,8 +72,19 @@ pub struct Decision {
     pub reasons: Vec<String>,
 }
 
-fn group_of(s: &Snapshot) -> String {
-    format!("{}/{}/{}", s.hostname, s.engine, s.database.name)
+/// The group a snapshot's retention is decided in: one database (by its system identifier
+/// when the engine has one, else by host and name) and one kind. Kinds are separate so that a
+/// newer logical dump never pushes out the physical base backup that point-in-time recovery
+/// needs; the system identifier rather than the host name because an agent on Kubernetes gets a
+/// new host name with every pod.
+pub fn group_of(s: &Snapshot) -> String {
+    let origin = s.database.system_id.as_deref().unwrap_or(&s.hostname);
+    let kind = match s.kind {
+        crate::snapshot::SnapshotKind::Logical => "logical",
+        crate::snapshot::SnapshotKind::Physical => "physical",
+        crate::snapshot::SnapshotKind::Files => "files",
+    };
+    format!("{}/{origin}/{}/{kind}", s.engine, s.database.name)
 }
 
 /// Decide which snapshots to keep. Pure: no storage access.
@@ -145,7 +147,8 @@ pub fn plan(snapshots: &[(SnapshotId, Snapshot)], policy: &KeepPolicy) -> Vec<De
     out
 }
 
-/// Apply a plan: delete the snapshots it removes (unless `dry_run`). Returns the plan.
+/// Apply the keep rules alone (no log segments): delete the snapshots they remove, unless
+/// `dry_run`. Returns the decisions. Engines with a log go through `retention`.
 ///
 /// # Errors
 /// Storage errors.
@@ -155,15 +158,24 @@ pub async fn forget(
     dry_run: bool,
 ) -> Result<Vec<Decision>> {
     let snapshots = repo.snapshots().await?;
-    let decisions = plan(&snapshots, policy);
+    let facts: Vec<_> = snapshots
+        .into_iter()
+        .map(|(id, snapshot)| crate::ops::retention::SnapshotFacts {
+            id,
+            snapshot,
+            needs: None,
+            restorable: true,
+        })
+        .collect();
+    let policy = crate::ops::retention::RetentionPolicy {
+        keep: policy.clone(),
+        pitr_window: None,
+    };
+    let plan = crate::ops::retention::plan(&facts, &[], &policy);
     if !dry_run {
-        for d in decisions.iter().filter(|d| !d.keep) {
-            repo.storage()
-                .delete(&format!("snapshots/{}", d.id))
-                .await?;
-        }
+        crate::ops::retention::apply(repo, &plan).await?;
     }
-    Ok(decisions)
+    Ok(plan.snapshots)
 }
 
 #[cfg(test)]

@@ -5,3 +5,4 @@ pub mod check;
 pub mod forget;
 pub mod prune;
 pub mod restore;
+pub mod retention;
