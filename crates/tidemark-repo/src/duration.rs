@@ -66,7 +66,8 @@ pub fn format(d: Duration) -> String {
     out
 }
 
-/// Serde for `Option<Duration>`: written as text (`7d`), read from text or a number of seconds.
+/// Serde for `Option<Duration>`: written and read as text (`7d`); a bare number is refused
+/// with a message, since `5` could mean seconds or minutes.
 pub mod opt_serde {
     use chrono::Duration;
     use serde::{Deserialize, Deserializer, Serializer};
@@ -89,14 +90,18 @@ pub mod opt_serde {
         }
     }
 
-    /// Read text or seconds.
+    /// Read text.
     ///
     /// # Errors
     /// A duration that does not parse.
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
         Ok(match Option::<Either>::deserialize(d)? {
             None => None,
-            Some(Either::Seconds(n)) => Some(Duration::seconds(n)),
+            Some(Either::Seconds(n)) => {
+                return Err(serde::de::Error::custom(format!(
+                    "{n} has no unit; write {n}s, {n}m, {n}h or {n}d"
+                )))
+            }
             Some(Either::Text(t)) => Some(super::parse(&t).map_err(serde::de::Error::custom)?),
         })
     }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use anyhow::Result;
 use tidemark_engine::postgres::logical::RestoreOptions;
 use tidemark_engine::postgres::physical::{PhysicalOptions, ReadMode};
-use tidemark_engine::postgres::{ConnOptions, PasswordSource, Postgres, SslMode};
+use tidemark_engine::postgres::{ConnSpec, Postgres};
 use tidemark_engine::Engine;
 use tidemark_repo::lock::{LockGuard, LockKind, LockOptions};
 use tidemark_repo::ops::backup::{Backup, BackupOptions};
@@ -34,7 +34,7 @@ pub enum Command {
 #[derive(Debug, clap::Args)]
 pub struct ReceiveArgs {
     #[command(flatten)]
-    conn: ConnArgs,
+    conn: ConnSpec,
     /// The physical replication slot that keeps the WAL the archive does not have yet.
     #[arg(long, default_value = "tidemark")]
     slot: String,
@@ -50,90 +50,6 @@ pub struct ReceiveArgs {
     once: bool,
 }
 
-/// How to reach the server. Unset fields come from the libpq environment (PGHOST, PGPORT,
-/// PGUSER, PGDATABASE, PGSSLMODE, PGSSLROOTCERT). The password comes from a file, PGPASSWORD or a passfile;
-/// never from a flag or a URL.
-#[derive(Debug, clap::Args)]
-pub struct ConnArgs {
-    /// A libpq URL without a password: postgresql://user@host:port/dbname?sslmode=…
-    #[arg(long, env = "TIDEMARK_PG_URL")]
-    url: Option<String>,
-    /// Host name or address.
-    #[arg(long)]
-    host: Option<String>,
-    /// Port.
-    #[arg(long)]
-    port: Option<u16>,
-    /// User (role) to connect as.
-    #[arg(long)]
-    user: Option<String>,
-    /// Database to connect to (and to dump, unless --database or --all).
-    #[arg(long)]
-    dbname: Option<String>,
-    /// disable, allow, prefer, require, verify-ca or verify-full (libpq's meanings).
-    #[arg(long)]
-    sslmode: Option<String>,
-    /// PEM file of the certificate authorities trusted for verify-ca and verify-full, or
-    /// `system`; default ~/.postgresql/root.crt (PGSSLROOTCERT).
-    #[arg(long)]
-    sslrootcert: Option<PathBuf>,
-    /// Client certificate (PEM) for servers that authenticate by certificate; default
-    /// ~/.postgresql/postgresql.crt when it exists (PGSSLCERT).
-    #[arg(long)]
-    sslcert: Option<PathBuf>,
-    /// The client certificate's private key (PEM, mode 0600); default
-    /// ~/.postgresql/postgresql.key (PGSSLKEY).
-    #[arg(long)]
-    sslkey: Option<PathBuf>,
-    /// File whose first line is the PostgreSQL password.
-    #[arg(long, env = "TIDEMARK_PG_PASSWORD_FILE")]
-    pg_password_file: Option<PathBuf>,
-    /// Directory of pg_dump, pg_restore, …; default: the server's version under
-    /// /usr/lib/postgresql, then PATH.
-    #[arg(long, env = "TIDEMARK_PG_BIN")]
-    pg_bin: Option<PathBuf>,
-}
-
-impl ConnArgs {
-    fn engine(&self) -> Result<Postgres> {
-        let bad = |m: String| usage(m, "see `tidemark pg backup --help`");
-        let mut c = ConnOptions::from_env().map_err(bad)?;
-        if let Some(u) = &self.url {
-            c.apply_url(u).map_err(bad)?;
-        }
-        if let Some(h) = &self.host {
-            c.host.clone_from(h);
-        }
-        if let Some(p) = self.port {
-            c.port = p;
-        }
-        if let Some(u) = &self.user {
-            c.user.clone_from(u);
-        }
-        if let Some(d) = &self.dbname {
-            c.dbname.clone_from(d);
-        }
-        if let Some(s) = &self.sslmode {
-            c.sslmode = SslMode::parse(s).map_err(bad)?;
-        }
-        if let Some(r) = &self.sslrootcert {
-            c.sslrootcert = Some(r.clone());
-        }
-        if let Some(r) = &self.sslcert {
-            c.sslcert = Some(r.clone());
-        }
-        if let Some(r) = &self.sslkey {
-            c.sslkey = Some(r.clone());
-        }
-        if let Some(f) = &self.pg_password_file {
-            c.password = PasswordSource::File(f.clone());
-        }
-        let mut pg = Postgres::new(c);
-        pg.bin_dir.clone_from(&self.pg_bin);
-        Ok(pg)
-    }
-}
-
 /// `--read` of `pg backup --physical`.
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 enum ReadArg {
@@ -145,7 +61,7 @@ enum ReadArg {
 #[derive(Debug, clap::Args)]
 pub struct BackupArgs {
     #[command(flatten)]
-    conn: ConnArgs,
+    conn: ConnSpec,
     /// A physical base backup over the replication protocol (for point-in-time recovery)
     /// instead of pg_dump. Needs a role with REPLICATION and the WAL archived to this
     /// repository (archive_command = 'tidemark wal-push %p').
@@ -181,7 +97,7 @@ pub struct BackupArgs {
 #[derive(Debug, clap::Args)]
 pub struct RestoreArgs {
     #[command(flatten)]
-    conn: ConnArgs,
+    conn: ConnSpec,
     /// Snapshot id (or a unique prefix), or `latest` (for --pgdata with a target: the latest
     /// physical backup before it).
     snapshot: String,
@@ -274,7 +190,10 @@ pub async fn run(ctx: &Context, c: Command) -> Result<i32> {
 
 async fn receive(ctx: &Context, a: ReceiveArgs) -> Result<i32> {
     use tidemark_engine::postgres::stream::{self, Ended, StreamOptions};
-    let pg = a.conn.engine()?;
+    let pg = a
+        .conn
+        .engine()
+        .map_err(|m| usage(m, "see `tidemark pg backup --help`"))?;
     if a.flush_interval_ms == 0 {
         return Err(usage(
             "--flush-interval-ms must be at least 1",
@@ -326,7 +245,10 @@ async fn receive(ctx: &Context, a: ReceiveArgs) -> Result<i32> {
 }
 
 async fn backup(ctx: &Context, a: BackupArgs) -> Result<i32> {
-    let mut pg = a.conn.engine()?;
+    let mut pg = a
+        .conn
+        .engine()
+        .map_err(|m| usage(m, "see `tidemark pg backup --help`"))?;
     pg.logical.databases = a.databases;
     pg.logical.all = a.all;
     pg.logical.globals = a.globals;
@@ -405,7 +327,10 @@ async fn restore(ctx: &Context, a: RestoreArgs) -> Result<i32> {
     if a.pgdata.is_some() {
         return restore_physical(ctx, a).await;
     }
-    let pg = a.conn.engine()?;
+    let pg = a
+        .conn
+        .engine()
+        .map_err(|m| usage(m, "see `tidemark pg backup --help`"))?;
     let repo = ctx.open().await?;
     let lock =
         LockGuard::acquire(&repo, LockKind::Shared, "restore", &LockOptions::default()).await?;
@@ -718,7 +643,11 @@ async fn restore_physical(ctx: &Context, a: RestoreArgs) -> Result<i32> {
             .next()
             .and_then(|m| m.parse().ok())
             .unwrap_or(0);
-        let pg_ctl = a.conn.engine()?.program("pg_ctl", major * 10_000);
+        let pg_ctl = a
+            .conn
+            .engine()
+            .map_err(|m| usage(m, "see `tidemark pg backup --help`"))?
+            .program("pg_ctl", major * 10_000);
         let root = std::fs::metadata("/proc/self").is_ok_and(|m| {
             use std::os::unix::fs::MetadataExt;
             m.uid() == 0

@@ -458,6 +458,107 @@ impl ChildEnv {
     }
 }
 
+/// How to reach the server. Unset fields come from the libpq environment (PGHOST, PGPORT,
+/// PGUSER, PGDATABASE, PGSSLMODE, PGSSLROOTCERT). The password comes from a file, PGPASSWORD or a passfile;
+/// never from a flag or a URL.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::Args))]
+#[serde(deny_unknown_fields)]
+pub struct ConnSpec {
+    /// A libpq URL without a password: postgresql://user@host:port/dbname?sslmode=…
+    #[cfg_attr(feature = "clap", arg(long, env = "TIDEMARK_PG_URL"))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// Host name or address.
+    #[cfg_attr(feature = "clap", arg(long))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// Port.
+    #[cfg_attr(feature = "clap", arg(long))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// User (role) to connect as.
+    #[cfg_attr(feature = "clap", arg(long))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// Database to connect to (and to dump, unless --database or --all).
+    #[cfg_attr(feature = "clap", arg(long))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dbname: Option<String>,
+    /// disable, allow, prefer, require, verify-ca or verify-full (libpq's meanings).
+    #[cfg_attr(feature = "clap", arg(long))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sslmode: Option<String>,
+    /// PEM file of the certificate authorities trusted for verify-ca and verify-full, or
+    /// `system`; default ~/.postgresql/root.crt (PGSSLROOTCERT).
+    #[cfg_attr(feature = "clap", arg(long))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sslrootcert: Option<PathBuf>,
+    /// Client certificate (PEM) for servers that authenticate by certificate; default
+    /// ~/.postgresql/postgresql.crt when it exists (PGSSLCERT).
+    #[cfg_attr(feature = "clap", arg(long))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sslcert: Option<PathBuf>,
+    /// The client certificate's private key (PEM, mode 0600); default
+    /// ~/.postgresql/postgresql.key (PGSSLKEY).
+    #[cfg_attr(feature = "clap", arg(long))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sslkey: Option<PathBuf>,
+    /// File whose first line is the PostgreSQL password.
+    #[cfg_attr(feature = "clap", arg(long, env = "TIDEMARK_PG_PASSWORD_FILE"))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pg_password_file: Option<PathBuf>,
+    /// Directory of pg_dump, pg_restore, …; default: the server's version under
+    /// /usr/lib/postgresql, then PATH.
+    #[cfg_attr(feature = "clap", arg(long, env = "TIDEMARK_PG_BIN"))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pg_bin: Option<PathBuf>,
+}
+
+impl ConnSpec {
+    /// The engine these settings reach: the libpq environment first, then the URL, then each
+    /// field.
+    ///
+    /// # Errors
+    /// A message naming the setting that is invalid.
+    pub fn engine(&self) -> Result<super::Postgres, String> {
+        let mut c = ConnOptions::from_env()?;
+        if let Some(u) = &self.url {
+            c.apply_url(u)?;
+        }
+        if let Some(h) = &self.host {
+            c.host.clone_from(h);
+        }
+        if let Some(p) = self.port {
+            c.port = p;
+        }
+        if let Some(u) = &self.user {
+            c.user.clone_from(u);
+        }
+        if let Some(d) = &self.dbname {
+            c.dbname.clone_from(d);
+        }
+        if let Some(s) = &self.sslmode {
+            c.sslmode = SslMode::parse(s)?;
+        }
+        if let Some(r) = &self.sslrootcert {
+            c.sslrootcert = Some(r.clone());
+        }
+        if let Some(r) = &self.sslcert {
+            c.sslcert = Some(r.clone());
+        }
+        if let Some(r) = &self.sslkey {
+            c.sslkey = Some(r.clone());
+        }
+        if let Some(f) = &self.pg_password_file {
+            c.password = PasswordSource::File(f.clone());
+        }
+        let mut pg = super::Postgres::new(c);
+        pg.bin_dir.clone_from(&self.pg_bin);
+        Ok(pg)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

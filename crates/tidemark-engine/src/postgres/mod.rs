@@ -22,7 +22,7 @@ use tidemark_repo::ops::backup::Backup;
 use tidemark_repo::snapshot::{DatabaseIdentity, Snapshot};
 use tidemark_repo::Repository;
 
-pub use conn::{ConnOptions, PasswordSource, SslMode};
+pub use conn::{ConnOptions, ConnSpec, PasswordSource, SslMode};
 
 use crate::{BackupInfo, Capabilities, Engine, Error, RestoreReport, Result};
 
@@ -173,7 +173,7 @@ impl Engine for Postgres {
             physical: true,
             online: true,
             log_archiving: true,
-            point_in_time: false,
+            point_in_time: true,
             verify: true,
         }
     }

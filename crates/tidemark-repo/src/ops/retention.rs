@@ -15,21 +15,88 @@ use crate::repository::Repository;
 use crate::snapshot::Snapshot;
 
 /// A retention policy with a point-in-time window: one struct for the CLI, the agent's config
-/// and the CRDs.
+/// and the CRDs. Written flat (`keep_last: 7`, `keep_daily: 14`, `pitr_window: 7d`); unknown
+/// fields are refused.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(from = "FlatPolicy", into = "FlatPolicy")]
 pub struct RetentionPolicy {
     /// The count and calendar rules.
-    #[serde(flatten)]
     pub keep: KeepPolicy,
     /// Keep what recovery to any second of this window needs: the newest base backup from
     /// before the window, every base backup in it and the log from the first of them on. The
     /// window ends at the newest snapshot of the group (never at the wall clock, which may jump).
+    pub pitr_window: Option<Duration>,
+}
+
+/// The policy as written in files.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FlatPolicy {
+    #[serde(default, skip_serializing_if = "is_zero")]
+    keep_last: u32,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    keep_hourly: u32,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    keep_daily: u32,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    keep_weekly: u32,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    keep_monthly: u32,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    keep_yearly: u32,
     #[serde(
         default,
         with = "crate::duration::opt_serde",
         skip_serializing_if = "Option::is_none"
     )]
-    pub pitr_window: Option<Duration>,
+    keep_within: Option<Duration>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    keep_tags: Vec<String>,
+    #[serde(
+        default,
+        with = "crate::duration::opt_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pitr_window: Option<Duration>,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+impl From<FlatPolicy> for RetentionPolicy {
+    fn from(f: FlatPolicy) -> Self {
+        RetentionPolicy {
+            keep: KeepPolicy {
+                last: f.keep_last,
+                hourly: f.keep_hourly,
+                daily: f.keep_daily,
+                weekly: f.keep_weekly,
+                monthly: f.keep_monthly,
+                yearly: f.keep_yearly,
+                within: f.keep_within,
+                tags: f.keep_tags,
+            },
+            pitr_window: f.pitr_window,
+        }
+    }
+}
+
+impl From<RetentionPolicy> for FlatPolicy {
+    fn from(p: RetentionPolicy) -> Self {
+        let k = p.keep;
+        FlatPolicy {
+            keep_last: k.last,
+            keep_hourly: k.hourly,
+            keep_daily: k.daily,
+            keep_weekly: k.weekly,
+            keep_monthly: k.monthly,
+            keep_yearly: k.yearly,
+            keep_within: k.within,
+            keep_tags: k.tags,
+            pitr_window: p.pitr_window,
+        }
+    }
 }
 
 /// What a snapshot needs of a log stream to be restored, and where recovery from it can go.
