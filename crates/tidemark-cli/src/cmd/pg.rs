@@ -6,7 +6,7 @@ use std::sync::Arc;
 use anyhow::Result;
 use tidemark_engine::postgres::logical::RestoreOptions;
 use tidemark_engine::postgres::physical::{PhysicalOptions, ReadMode};
-use tidemark_engine::postgres::{ConnSpec, Postgres};
+use tidemark_engine::postgres::ConnSpec;
 use tidemark_engine::Engine;
 use tidemark_repo::lock::{LockGuard, LockKind, LockOptions};
 use tidemark_repo::ops::backup::{Backup, BackupOptions};
