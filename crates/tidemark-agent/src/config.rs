@@ -79,6 +79,9 @@ pub struct LocationConfig {
     /// Storage options (region, endpoint, …), as for the CLI's config file.
     #[serde(default)]
     pub options: BTreeMap<String, String>,
+    /// Upload limit in bytes per second (suffixes K, M, G), as `--limit-upload`.
+    #[serde(default)]
+    pub limit_upload: Option<String>,
 }
 
 /// Which engine protects a database.
@@ -390,6 +393,9 @@ impl Config {
                 }
                 if let Err(e) = tidemark_storage::Location::parse(&l.url) {
                     p.push(format!("{at}.locations[{i}].url: {e}"));
+                }
+                if let Some(Err(e)) = l.limit_upload.as_deref().map(tidemark_storage::parse_rate) {
+                    p.push(format!("{at}.locations[{i}].limit_upload: {e}"));
                 }
             }
             if r.locations.len() > 1 {

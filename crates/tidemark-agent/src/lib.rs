@@ -3,3 +3,18 @@
 
 pub mod config;
 pub mod cron;
+pub mod http;
+pub mod jobs;
+pub mod runtime;
+pub mod schedule;
+pub mod status;
+
+/// Wait until the stop flag is true (or its sender is gone). Holds no borrow across an await,
+/// so the futures that use it stay `Send`.
+pub async fn until_stopped(rx: &mut tokio::sync::watch::Receiver<bool>) {
+    while !*rx.borrow_and_update() {
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
+}

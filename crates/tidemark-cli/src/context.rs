@@ -1,7 +1,7 @@
 //! Where the repository is and how to open it: flags, then environment, then the config file.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context as _, Result};
@@ -9,7 +9,6 @@ use serde::Deserialize;
 use tidemark_repo::key::Secret;
 use tidemark_repo::Repository;
 use tidemark_storage::{Location, Storage, StorageOptions};
-use zeroize::Zeroizing;
 
 /// A mistake in how tidemark was invoked or configured.
 #[derive(Debug, thiserror::Error)]
@@ -62,15 +61,7 @@ pub struct Global {
 }
 
 fn parse_rate(s: &str) -> Result<u64, String> {
-    let (num, mult) = match s.chars().last() {
-        Some('K' | 'k') => (&s[..s.len() - 1], 1u64 << 10),
-        Some('M' | 'm') => (&s[..s.len() - 1], 1 << 20),
-        Some('G' | 'g') => (&s[..s.len() - 1], 1 << 30),
-        _ => (s, 1),
-    };
-    num.parse::<u64>()
-        .map(|n| n * mult)
-        .map_err(|_| format!("{s:?} is not a rate like 512K or 10M"))
+    tidemark_storage::parse_rate(s)
 }
 
 /// The config file.
@@ -189,25 +180,11 @@ impl Context {
 
     /// The secret: key file, password file, or TIDEMARK_PASSWORD, in that order.
     pub fn secret(&self) -> Result<Secret> {
-        if let Some(p) = &self.key_file {
-            let raw = read_secret_file(p)?;
-            let raw = match hex::decode(String::from_utf8_lossy(&raw).trim()) {
-                Ok(decoded) if decoded.len() >= 32 => Zeroizing::new(decoded),
-                _ => raw,
-            };
-            return Ok(Secret::Raw(raw));
-        }
-        if let Some(p) = &self.password_file {
-            let raw = read_secret_file(p)?;
-            let text = String::from_utf8_lossy(&raw);
-            let line = text.lines().next().unwrap_or("").to_owned();
-            if line.is_empty() {
-                return Err(usage(
-                    format!("password file {} is empty", p.display()),
-                    "write the password on its first line",
-                ));
-            }
-            return Ok(Secret::password(line));
+        let from_files =
+            Secret::from_files(self.key_file.as_deref(), self.password_file.as_deref())
+                .map_err(|e| usage(e, "check the path and its permissions"))?;
+        if let Some(s) = from_files {
+            return Ok(s);
         }
         if let Ok(p) = std::env::var("TIDEMARK_PASSWORD") {
             if !p.is_empty() {
@@ -221,13 +198,4 @@ impl Context {
         let secret = self.secret()?;
         Ok(Repository::open(self.storage()?, &secret).await?)
     }
-}
-
-fn read_secret_file(p: &Path) -> Result<Zeroizing<Vec<u8>>> {
-    std::fs::read(p).map(Zeroizing::new).map_err(|e| {
-        usage(
-            format!("failed to read secret file {}: {e}", p.display()),
-            "check the path and its permissions",
-        )
-    })
 }

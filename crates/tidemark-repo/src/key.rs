@@ -27,6 +27,43 @@ impl std::fmt::Debug for Secret {
 }
 
 impl Secret {
+    /// Read a secret from a key file (raw bytes, or hex of at least 32 bytes) or else a
+    /// password file (its first line). `None` when neither file is given.
+    ///
+    /// # Errors
+    /// A message naming the file (never quoting it) when it cannot be read or is empty.
+    pub fn from_files(
+        key_file: Option<&std::path::Path>,
+        password_file: Option<&std::path::Path>,
+    ) -> std::result::Result<Option<Secret>, String> {
+        let read = |p: &std::path::Path| {
+            std::fs::read(p)
+                .map(Zeroizing::new)
+                .map_err(|e| format!("failed to read secret file {}: {e}", p.display()))
+        };
+        if let Some(p) = key_file {
+            let raw = read(p)?;
+            let raw = match hex::decode(String::from_utf8_lossy(&raw).trim()) {
+                Ok(decoded) if decoded.len() >= 32 => Zeroizing::new(decoded),
+                _ => raw,
+            };
+            return Ok(Some(Secret::Raw(raw)));
+        }
+        if let Some(p) = password_file {
+            let raw = read(p)?;
+            let text = Zeroizing::new(String::from_utf8_lossy(&raw).into_owned());
+            let line = text.lines().next().unwrap_or("");
+            if line.is_empty() {
+                return Err(format!(
+                    "password file {} is empty; write the password on its first line",
+                    p.display()
+                ));
+            }
+            return Ok(Some(Secret::password(line)));
+        }
+        Ok(None)
+    }
+
     /// A passphrase secret.
     pub fn password(p: impl Into<String>) -> Self {
         Secret::Password(Zeroizing::new(p.into()))

@@ -80,7 +80,8 @@ impl LockRecord {
             && !std::path::Path::new(&format!("/proc/{}", self.pid)).exists()
     }
 
-    fn describe(&self) -> String {
+    /// Who holds the lock and since when, for messages.
+    pub fn describe(&self) -> String {
         format!(
             "{} ({}) on {} pid {} since {}",
             self.operation,

@@ -381,6 +381,23 @@ impl Location {
     }
 }
 
+/// Parse a rate in bytes per second: a number with an optional K, M or G suffix (powers of
+/// 1024).
+///
+/// # Errors
+/// A message quoting the text.
+pub fn parse_rate(s: &str) -> Result<u64, String> {
+    let (num, mult) = match s.chars().last() {
+        Some('K' | 'k') => (&s[..s.len() - 1], 1u64 << 10),
+        Some('M' | 'm') => (&s[..s.len() - 1], 1 << 20),
+        Some('G' | 'g') => (&s[..s.len() - 1], 1 << 30),
+        _ => (s, 1),
+    };
+    num.parse::<u64>()
+        .map(|n| n * mult)
+        .map_err(|_| format!("{s:?} is not a rate like 512K or 10M"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,5 +1,6 @@
 //! Subcommands, one file each, thin over the library crates.
 
+mod agent;
 pub mod backup;
 mod check;
 mod demo;
@@ -11,6 +12,7 @@ mod prune;
 mod restore;
 mod snapshots;
 mod stats;
+mod status;
 mod wal;
 
 use anyhow::Result;
@@ -64,12 +66,23 @@ pub enum Command {
     Stats(stats::Args),
     /// Back up and restore a sample SQLite database in a temporary directory. Needs nothing.
     Demo(demo::Args),
+    /// Run the schedules, retention and checks of an agent config file (--config) until
+    /// SIGTERM; serves /metrics, /status, /healthz and /readyz.
+    Agent(agent::Args),
+    /// Show what a running agent reports.
+    Status(status::Args),
 }
 
 /// Run the command; Ok carries the exit code.
 pub async fn run(cli: Cli) -> Result<i32> {
     if let Command::Demo(a) = &cli.command {
         return demo::run(a, &cli.global).await;
+    }
+    if let Command::Agent(a) = cli.command {
+        return agent::run(&cli.global, a).await;
+    }
+    if let Command::Status(a) = cli.command {
+        return status::run(&cli.global, a).await;
     }
     if let Command::WalFetch(a) = cli.command {
         // Every failure, a bad config included, must stop recovery (exit 126), never look like
@@ -107,7 +120,9 @@ pub async fn run(cli: Cli) -> Result<i32> {
         Command::Pg(c) => pg::run(&ctx, c).await,
         Command::WalPush(a) => wal::push(&ctx, a).await,
         Command::WalFetch(_) => unreachable!("handled above"),
-        Command::Demo(_) => unreachable!("handled above"),
+        Command::Demo(_) | Command::Agent(_) | Command::Status(_) => {
+            unreachable!("handled above")
+        }
     }
 }
 

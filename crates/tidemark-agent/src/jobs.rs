@@ -1,0 +1,166 @@
+//! The work a schedule starts: one backup of one database into its repository, then retention,
+//! then a fresh list of the database's snapshots for the status.
+
+use std::sync::Arc;
+
+use chrono::Utc;
+use tidemark_engine::postgres::physical::PhysicalOptions;
+use tidemark_engine::Engine;
+use tidemark_repo::lock::{LockGuard, LockKind, LockOptions};
+use tidemark_repo::ops::backup::{Backup, BackupOptions};
+use tidemark_repo::progress::Progress;
+use tidemark_repo::Repository;
+
+use crate::config::{BackupKind, DatabaseConfig, EngineKind};
+use crate::status::{RunRecord, SnapshotPoint};
+
+/// The tag every snapshot of a database gets from the agent: how retention and the status
+/// find the database's own snapshots in a shared repository.
+pub fn db_tag(name: &str) -> String {
+    format!("tidemark.db={name}")
+}
+
+/// The engine for a database, set up for `kind`.
+///
+/// # Errors
+/// A message for connection settings that do not resolve.
+pub fn engine(db: &DatabaseConfig, kind: BackupKind) -> Result<Box<dyn Engine>, String> {
+    match db.engine {
+        EngineKind::Sqlite => {
+            let path = &db.sqlite.as_ref().expect("validated").path;
+            Ok(Box::new(tidemark_engine::sqlite::Sqlite::new(path)))
+        }
+        EngineKind::Postgres => {
+            let mut pg = db.postgres.as_ref().expect("validated").engine()?;
+            if kind != BackupKind::Logical {
+                pg.physical = Some(PhysicalOptions::default());
+            }
+            Ok(Box::new(pg))
+        }
+    }
+}
+
+/// Take one backup. The snapshot exists only if this returns Ok (the repository writes it
+/// last); a failure or an abandoned future leaves at most unreferenced packs for prune.
+///
+/// # Errors
+/// A one-line message naming what failed.
+pub async fn backup(
+    name: &str,
+    db: &DatabaseConfig,
+    repo: &Repository,
+    kind: BackupKind,
+) -> Result<RunRecord, String> {
+    let started = Utc::now();
+    let engine = engine(db, kind)?;
+    let lock = LockGuard::acquire(repo, LockKind::Shared, "backup", &LockOptions::default())
+        .await
+        .map_err(|e| format!("failed to lock the repository: {e}"))?;
+    let mut tags = db.tags.clone();
+    tags.push(db_tag(name));
+    let opts = BackupOptions {
+        engine: engine.name().into(),
+        tags,
+        ..Default::default()
+    };
+    let result = async {
+        let b = Backup::start(repo, &lock, opts, Arc::new(Progress::default()))
+            .await
+            .map_err(|e| e.to_string())?;
+        tidemark_engine::run_backup(engine.as_ref(), b)
+            .await
+            .map_err(|e| e.to_string())
+    }
+    .await;
+    let _ = lock.release().await;
+    let (id, snap) = result?;
+    if let Some(pages) = snap
+        .positions
+        .get(tidemark_engine::postgres::physical::CHECKSUM_FAILURES)
+    {
+        return Err(format!(
+            "{pages} page(s) failed their checksums while read; snapshot {} holds them as read and is not a base for the protected chain",
+            id.short()
+        ));
+    }
+    Ok(RunRecord {
+        started,
+        duration_seconds: (Utc::now() - started).num_milliseconds() as f64 / 1000.0,
+        attempts: 1,
+        snapshot: Some(id.short()),
+        bytes_read: snap.summary.raw_bytes,
+        bytes_stored: snap.summary.new_stored_bytes,
+        error: None,
+    })
+}
+
+/// Apply the database's retention policy to its own snapshots (and the log they need).
+/// Returns the plan as lines for the status.
+///
+/// # Errors
+/// A message naming what failed.
+pub async fn retention(
+    name: &str,
+    db: &DatabaseConfig,
+    repo: &Repository,
+    dry_run: bool,
+) -> Result<Vec<String>, String> {
+    let Some(policy) = &db.retention else {
+        return Ok(Vec::new());
+    };
+    let mut policy = policy.clone();
+    policy.keep.tags.push(db_tag(name));
+    let lock = LockGuard::acquire(repo, LockKind::Shared, "forget", &LockOptions::default())
+        .await
+        .map_err(|e| format!("failed to lock the repository: {e}"))?;
+    let plan = tidemark_engine::retention::forget(repo, &policy, dry_run).await;
+    let _ = lock.release().await;
+    let plan = plan.map_err(|e| e.to_string())?;
+    let mut lines: Vec<String> = plan
+        .snapshots
+        .iter()
+        .filter(|d| !d.keep)
+        .map(|d| {
+            format!(
+                "{} snapshot {} of {}",
+                if dry_run { "would remove" } else { "removed" },
+                d.id.short(),
+                d.time.to_rfc3339()
+            )
+        })
+        .collect();
+    if !plan.delete_segments.is_empty() {
+        lines.push(format!(
+            "{} {} log segment(s)",
+            if dry_run { "would remove" } else { "removed" },
+            plan.delete_segments.len()
+        ));
+    }
+    Ok(lines)
+}
+
+/// The database's snapshots, oldest first.
+///
+/// # Errors
+/// A message naming what failed.
+pub async fn snapshots(name: &str, repo: &Repository) -> Result<Vec<SnapshotPoint>, String> {
+    let tag = [db_tag(name)];
+    let mut v: Vec<SnapshotPoint> = repo
+        .snapshots()
+        .await
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .filter(|(_, s)| s.has_tags(&tag))
+        .map(|(id, s)| SnapshotPoint {
+            id: id.short(),
+            kind: serde_json::to_value(s.kind)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default(),
+            time: s.time,
+            time_end: s.time_end,
+        })
+        .collect();
+    v.sort_by_key(|s| s.time);
+    Ok(v)
+}

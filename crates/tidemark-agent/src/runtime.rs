@@ -1,0 +1,396 @@
+//! The running agent: one worker per database that sleeps until its next schedule, runs one
+//! backup at a time (skipping or queueing the rest), retries with backoff until a deadline,
+//! applies retention, and records everything in the status and the state file.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use chrono::{DateTime, Utc};
+use tidemark_repo::key::Secret;
+use tidemark_repo::lock::{live_locks, LockGuard, LockKind, LockOptions};
+use tidemark_repo::Repository;
+use tidemark_storage::{Location, StorageOptions};
+use tokio::sync::{mpsc, watch};
+
+use crate::config::{BackupKind, Concurrency, Config, DatabaseConfig, RepositoryConfig};
+use crate::http::Shared;
+use crate::schedule::{self, Planned};
+use crate::status::{state_file, RunRecord, Running, Status};
+
+/// The agent could not start.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct StartError(pub String);
+
+/// Open a repository from its config (its first location).
+///
+/// # Errors
+/// A message naming the repository and what to do.
+pub async fn open_repository(name: &str, r: &RepositoryConfig) -> Result<Repository, String> {
+    let secret = Secret::from_files(r.key_file.as_deref(), r.password_file.as_deref())?
+        .ok_or_else(|| format!("repository {name:?} has no password_file or key_file"))?;
+    let l = &r.locations[0];
+    let mut location = Location::parse(&l.url).map_err(|e| e.to_string())?;
+    for (k, v) in &l.options {
+        location.set_option(k, v);
+    }
+    let opts = StorageOptions {
+        limit_upload: l
+            .limit_upload
+            .as_deref()
+            .map(tidemark_storage::parse_rate)
+            .transpose()?,
+        ..Default::default()
+    };
+    let storage = location.open(&opts).map_err(|e| e.to_string())?;
+    Repository::open(storage, &secret).await.map_err(|e| {
+        format!(
+            "failed to open repository {name:?} at location {:?}: {e}",
+            l.name
+        )
+    })
+}
+
+/// Hold the state directory: an exclusive `flock` on `agent.lock`, so that a second agent
+/// with the same state directory refuses to start.
+fn lock_state_dir(dir: &std::path::Path) -> Result<std::fs::File, String> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| format!("failed to create state directory {}: {e}", dir.display()))?;
+    let path = dir.join("agent.lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map_err(|e| format!("failed to open {}: {e}", path.display()))?;
+    if rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
+        let holder = std::fs::read_to_string(&path).unwrap_or_default();
+        return Err(format!(
+            "another agent (pid {}) is running with state directory {}; stop it, or give this one its own state_dir and databases",
+            holder.trim(),
+            dir.display()
+        ));
+    }
+    use std::io::Write as _;
+    let _ = f.set_len(0);
+    let _ = (&f).write_all(std::process::id().to_string().as_bytes());
+    Ok(f)
+}
+
+/// The lock operation that marks the agent protecting `db`.
+fn agent_operation(db: &str) -> String {
+    format!("agent:{db}")
+}
+
+/// Hold an agent lock for `db` in its repository, and refuse if another live agent holds one:
+/// two agents backing up and pruning one database would fight over its retention.
+async fn claim_database(repo: &Repository, db: &str) -> Result<LockGuard, String> {
+    let op = agent_operation(db);
+    let guard = LockGuard::acquire(repo, LockKind::Shared, &op, &LockOptions::default())
+        .await
+        .map_err(|e| format!("failed to lock the repository for database {db:?}: {e}"))?;
+    let others: Vec<_> = live_locks(repo, LockOptions::default().skew, false)
+        .await
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .filter(|(_, r)| {
+            r.operation == op && !(r.pid == std::process::id() && r.created == guard.created())
+        })
+        .collect();
+    if let Some((_, r)) = others.first() {
+        let holder = r.describe();
+        let _ = guard.release().await;
+        return Err(format!(
+            "another agent already protects database {db:?} in this repository ({holder}); stop it, or remove this database from one of the two configs"
+        ));
+    }
+    Ok(guard)
+}
+
+/// What a worker is told.
+enum Event {
+    Done(BackupKind, Result<RunRecord, String>),
+}
+
+struct Worker {
+    name: String,
+    db: DatabaseConfig,
+    repo: Repository,
+    status: Shared,
+    state: PathBuf,
+    grace: std::time::Duration,
+}
+
+impl Worker {
+    fn update(&self, f: impl FnOnce(&mut crate::status::DatabaseStatus)) {
+        let mut s = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        f(s.databases.entry(self.name.clone()).or_default());
+        if let Err(e) = s.save(&self.state) {
+            tracing::error!(
+                "failed to save the state file {}: {e}",
+                self.state.display()
+            );
+        }
+    }
+
+    async fn refresh_snapshots(&self) {
+        match crate::jobs::snapshots(&self.name, &self.repo).await {
+            Ok(v) => self.update(|d| d.snapshots = v),
+            Err(e) => tracing::warn!(database = %self.name, "failed to list snapshots: {e}"),
+        }
+    }
+
+    async fn run(self, mut stop: watch::Receiver<bool>) {
+        let mut planned: Vec<Planned> = self.db.schedules.iter().map(Planned::new).collect();
+        let (fired, done) = {
+            let s = self.status.lock().unwrap_or_else(|p| p.into_inner());
+            s.databases
+                .get(&self.name)
+                .map(|d| (d.fired.clone(), d.done.clone()))
+                .unwrap_or_default()
+        };
+        let missed = schedule::start(&mut planned, &fired, &done, Utc::now(), self.db.catch_up);
+        let mut queue: BTreeSet<BackupKind> = missed.iter().map(|i| planned[*i].kind).collect();
+        for i in &missed {
+            tracing::info!(database = %self.name, schedule = %planned[*i].key, "catching up a run missed while the agent was down");
+        }
+        self.refresh_snapshots().await;
+        let (tx, mut rx) = mpsc::channel::<Event>(4);
+        let mut running: Option<(BackupKind, tokio::task::JoinHandle<()>)> = None;
+        let mut wake: Option<(usize, DateTime<Utc>)> = None;
+        loop {
+            if running.is_none() {
+                if let Some(kind) = queue.pop_first() {
+                    running = Some((kind, self.start(kind, Utc::now(), tx.clone())));
+                }
+            }
+            if wake.is_none() {
+                wake = schedule::earliest(&planned)
+                    .map(|(i, at)| (i, at + schedule::jitter(planned[i].jitter)));
+            }
+            self.update(|d| {
+                for p in &planned {
+                    d.kinds.entry(p.kind.as_str().into()).or_default().next_run = p.next;
+                }
+            });
+            let sleep = wake
+                .map(|(_, at)| (at - Utc::now()).to_std().unwrap_or_default())
+                .unwrap_or(std::time::Duration::from_secs(3600));
+            tokio::select! {
+                _ = crate::until_stopped(&mut stop) => break,
+                Some(Event::Done(kind, result)) = rx.recv() => {
+                    running = None;
+                    self.account(&planned, kind);
+                    self.finished(kind, result).await;
+                }
+                _ = tokio::time::sleep(sleep) => {
+                    let Some((i, _)) = wake.take() else { continue };
+                    let at = planned[i].next.unwrap_or_else(Utc::now);
+                    let kind = planned[i].kind;
+                    let key = planned[i].key.clone();
+                    let passed = schedule::advance(&mut planned[i], at, Utc::now());
+                    self.update(|d| {
+                        d.fired.insert(key, at);
+                        d.kinds.entry(kind.as_str().into()).or_default().skipped += passed;
+                    });
+                    if running.is_none() || self.db.concurrency == Concurrency::Queue {
+                        queue.insert(kind);
+                    } else {
+                        tracing::warn!(database = %self.name, kind = kind.as_str(), "skipping a scheduled backup: the previous one still runs");
+                        self.update(|d| d.kinds.entry(kind.as_str().into()).or_default().skipped += 1);
+                    }
+                }
+            }
+        }
+        // Shutdown: let a running backup finish within the grace period, else abandon it. An
+        // abandoned backup has written no snapshot (it is written last).
+        if let Some((kind, handle)) = running {
+            tracing::info!(database = %self.name, "waiting up to {:?} for the running backup", self.grace);
+            match tokio::time::timeout(self.grace, rx.recv()).await {
+                Ok(Some(Event::Done(kind, result))) => {
+                    self.account(&planned, kind);
+                    self.finished(kind, result).await;
+                }
+                _ => {
+                    handle.abort();
+                    tracing::warn!(database = %self.name, kind = kind.as_str(), "abandoned the running backup at shutdown; no snapshot was written");
+                }
+            }
+        }
+        self.update(|d| d.running = None);
+    }
+
+    /// A run of `kind` finished: every time its schedules fired so far is accounted for.
+    fn account(&self, planned: &[Planned], kind: BackupKind) {
+        self.update(|d| {
+            for p in planned.iter().filter(|p| p.kind == kind) {
+                if let Some(t) = d.fired.get(&p.key).copied() {
+                    d.done.insert(p.key.clone(), t);
+                }
+            }
+        });
+    }
+
+    /// Start a backup of `kind` with its retries, as a task that reports to `tx`.
+    fn start(
+        &self,
+        kind: BackupKind,
+        scheduled: DateTime<Utc>,
+        tx: mpsc::Sender<Event>,
+    ) -> tokio::task::JoinHandle<()> {
+        let (name, db, repo) = (self.name.clone(), self.db.clone(), self.repo.clone());
+        let status = self.status.clone();
+        let started = Utc::now();
+        tokio::spawn(async move {
+            let mut attempt = 1;
+            let deadline = scheduled + db.retry.deadline();
+            let result = loop {
+                {
+                    let mut s = status.lock().unwrap_or_else(|p| p.into_inner());
+                    s.databases.entry(name.clone()).or_default().running = Some(Running {
+                        kind: kind.as_str().into(),
+                        since: started,
+                        attempt,
+                    });
+                }
+                tracing::info!(database = %name, kind = kind.as_str(), attempt, "backup starting");
+                let r = crate::jobs::backup(&name, &db, &repo, kind).await;
+                match r {
+                    Ok(rec) => break Ok(rec),
+                    Err(e) => {
+                        tracing::warn!(database = %name, kind = kind.as_str(), attempt, "backup failed: {e}");
+                        let wait = schedule::backoff(db.retry.backoff(), attempt + 1);
+                        if attempt >= db.retry.attempts || Utc::now() + wait > deadline {
+                            break Err(e);
+                        }
+                        tokio::time::sleep(wait.to_std().unwrap_or_default()).await;
+                        attempt += 1;
+                    }
+                }
+            };
+            let result = result.map(|mut r| {
+                r.attempts = attempt;
+                r.started = started;
+                r.duration_seconds = (Utc::now() - started).num_milliseconds() as f64 / 1000.0;
+                r
+            });
+            let result = result.map_err(|e| format!("{e} (after {attempt} attempt(s))"));
+            let _ = tx.send(Event::Done(kind, result)).await;
+        })
+    }
+
+    async fn finished(&self, kind: BackupKind, result: Result<RunRecord, String>) {
+        let ok = result.is_ok();
+        match result {
+            Ok(rec) => {
+                tracing::info!(database = %self.name, kind = kind.as_str(), snapshot = ?rec.snapshot, "backup done in {:.1}s", rec.duration_seconds);
+                self.update(|d| {
+                    d.running = None;
+                    let k = d.kinds.entry(kind.as_str().into()).or_default();
+                    k.successes += 1;
+                    k.last_success = Some(rec);
+                });
+            }
+            Err(e) => {
+                tracing::error!(database = %self.name, kind = kind.as_str(), "backup failed: {e}");
+                self.update(|d| {
+                    d.running = None;
+                    let k = d.kinds.entry(kind.as_str().into()).or_default();
+                    k.failures += 1;
+                    k.last_failure = Some(RunRecord {
+                        started: Utc::now(),
+                        error: Some(e),
+                        ..Default::default()
+                    });
+                });
+            }
+        }
+        if ok && self.db.retention.is_some() {
+            let r = crate::jobs::retention(&self.name, &self.db, &self.repo, false).await;
+            self.update(|d| match r {
+                Ok(lines) => {
+                    d.retention = lines;
+                    d.retention_error = None;
+                }
+                Err(e) => d.retention_error = Some(e),
+            });
+        }
+        self.refresh_snapshots().await;
+    }
+}
+
+/// Run the agent until `stop` turns true.
+///
+/// # Errors
+/// `StartError` when it cannot start: the state directory is held by another agent, a
+/// repository does not open, another agent protects one of the databases, the address is taken.
+pub async fn run(config: Config, stop: watch::Receiver<bool>) -> Result<(), StartError> {
+    let dir = &config.agent.state_dir;
+    let _held = lock_state_dir(dir).map_err(StartError)?;
+    let state = state_file(dir);
+    let mut initial = Status::load(&state).map_err(StartError)?;
+    initial.started = Some(Utc::now());
+    initial.ready = false;
+    initial
+        .databases
+        .retain(|k, _| config.databases.contains_key(k));
+    let status: Shared = Arc::new(Mutex::new(initial));
+    let http = crate::http::serve(config.listen(), status.clone(), stop.clone())
+        .await
+        .map_err(StartError)?;
+    let mut repos: BTreeMap<String, Repository> = BTreeMap::new();
+    for (name, r) in &config.repositories {
+        repos.insert(
+            name.clone(),
+            open_repository(name, r).await.map_err(StartError)?,
+        );
+    }
+    let mut claims = Vec::new();
+    for (name, db) in &config.databases {
+        claims.push(
+            claim_database(&repos[&db.repository], name)
+                .await
+                .map_err(StartError)?,
+        );
+    }
+    let grace = config
+        .agent
+        .shutdown_grace
+        .and_then(|g| g.to_std().ok())
+        .unwrap_or(std::time::Duration::from_secs(60));
+    let mut workers = Vec::new();
+    for (name, db) in &config.databases {
+        {
+            let mut s = status.lock().unwrap_or_else(|p| p.into_inner());
+            let d = s.databases.entry(name.clone()).or_default();
+            d.engine = format!("{:?}", db.engine).to_lowercase();
+            d.repository = db.repository.clone();
+            d.running = None;
+        }
+        let w = Worker {
+            name: name.clone(),
+            db: db.clone(),
+            repo: repos[&db.repository].clone(),
+            status: status.clone(),
+            state: state.clone(),
+            grace,
+        };
+        workers.push(tokio::spawn(w.run(stop.clone())));
+    }
+    status.lock().unwrap_or_else(|p| p.into_inner()).ready = true;
+    tracing::info!(
+        "agent running: {} database(s), listening on {}",
+        config.databases.len(),
+        config.listen()
+    );
+    for w in workers {
+        let _ = w.await;
+    }
+    for c in claims {
+        let _ = c.release().await;
+    }
+    let _ = http.await;
+    Ok(())
+}

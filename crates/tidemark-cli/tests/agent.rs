@@ -1,0 +1,556 @@
+//! `tidemark agent` end to end with SQLite: schedules every few seconds, retention, the HTTP
+//! interface (Prometheus text checked by a parser), a SIGKILL in mid-backup and a restart,
+//! a second agent refused, and configuration errors. PostgreSQL runs are in agent_pg.rs.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+struct Env {
+    dir: tempfile::TempDir,
+    port: u16,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Env {
+    fn new() -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("password"), "correct horse\n").unwrap();
+        Env {
+            dir,
+            port: free_port(),
+        }
+    }
+
+    fn path(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p)
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_tidemark"));
+        c.args(args)
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("TIDEMARK_REPOSITORY", self.path("repo"))
+            .env("TIDEMARK_PASSWORD_FILE", self.path("password"))
+            .stdin(Stdio::null());
+        c
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let o = self.cmd(args).output().unwrap();
+        assert!(
+            o.status.success(),
+            "tidemark {args:?} failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8(o.stdout).unwrap()
+    }
+
+    /// Write the agent config with one SQLite database.
+    fn config(&self, name: &str, schedule: &str, extra_location: &str, extra_db: &str) -> PathBuf {
+        let text = format!(
+            "agent:
+  state_dir: {state}
+  listen: 127.0.0.1:{port}
+  shutdown_grace: 2s
+repositories:
+  main:
+    locations:
+      - {{name: local, url: {repo}{extra_location}}}
+    password_file: {pw}
+databases:
+  app:
+    engine: sqlite
+    repository: main
+    sqlite: {{path: {db}}}
+    schedules: [{{kind: physical, cron: '{schedule}'}}]
+{extra_db}",
+            state = self.path("state").display(),
+            port = self.port,
+            repo = self.path("repo").display(),
+            pw = self.path("password").display(),
+            db = self.path("app.db").display(),
+        );
+        let p = self.path(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    fn start_agent(&self, config: &Path) -> Agent {
+        let log = std::fs::File::create(self.path("agent.log")).unwrap();
+        let child = self
+            .cmd(&["agent", "-v", "--config", config.to_str().unwrap()])
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        Agent(Some(child))
+    }
+
+    fn get(&self, path: &str) -> (u16, String) {
+        get(self.port, path)
+    }
+
+    /// Poll /status until `f` holds.
+    fn wait_for(
+        &self,
+        what: &str,
+        secs: u64,
+        f: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let end = Instant::now() + Duration::from_secs(secs);
+        loop {
+            if let Some(s) =
+                try_get(self.port, "/status").and_then(|(_, b)| serde_json::from_str(&b).ok())
+            {
+                if f(&s) {
+                    return s;
+                }
+                if Instant::now() > end {
+                    panic!(
+                        "timed out waiting for {what}; status: {s:#}\nlog:\n{}",
+                        self.log()
+                    );
+                }
+            } else if Instant::now() > end {
+                panic!(
+                    "timed out waiting for {what}; the agent does not answer\nlog:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.path("agent.log")).unwrap_or_default()
+    }
+
+    fn snapshots(&self) -> Vec<serde_json::Value> {
+        serde_json::from_str::<serde_json::Value>(&self.ok(&["snapshots", "--json"]))
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .clone()
+    }
+}
+
+/// The agent process; killed if a test fails before stopping it.
+struct Agent(Option<Child>);
+
+impl Agent {
+    fn pid(&self) -> i32 {
+        self.0.as_ref().unwrap().id() as i32
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([sig, &self.pid().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+    }
+
+    /// SIGTERM, then the exit status within `secs`.
+    fn stop(mut self, secs: u64) -> std::process::ExitStatus {
+        self.signal("-TERM");
+        let mut child = self.0.take().unwrap();
+        let end = Instant::now() + Duration::from_secs(secs);
+        loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                return s;
+            }
+            if Instant::now() > end {
+                let _ = child.kill();
+                panic!("the agent did not stop within {secs}s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn kill9(mut self) {
+        let mut child = self.0.take().unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn try_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    let code = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some((code, body.to_owned()))
+}
+
+fn get(port: u16, path: &str) -> (u16, String) {
+    try_get(port, path).unwrap_or_else(|| panic!("GET {path} failed"))
+}
+
+fn make_db(path: &Path, rows: usize, blob: usize) {
+    let c = rusqlite::Connection::open(path).unwrap();
+    c.execute_batch("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB);")
+        .unwrap();
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    let tx = c.unchecked_transaction().unwrap();
+    for i in 0..rows {
+        let v: Vec<u8> = (0..blob)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        tx.execute(
+            "INSERT INTO t VALUES (?1, ?2)",
+            rusqlite::params![i as i64, v],
+        )
+        .unwrap();
+    }
+    tx.commit().unwrap();
+}
+
+fn count_rows(path: &Path) -> i64 {
+    rusqlite::Connection::open(path)
+        .unwrap()
+        .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+        .unwrap()
+}
+
+/// A sample: metric name, labels, value.
+type Sample = (String, Vec<(String, String)>, f64);
+
+/// Check Prometheus's text format 0.0.4 strictly enough to catch what a scraper rejects:
+/// HELP/TYPE before a family's samples, each family once, metric and label names valid,
+/// label values quoted and escaped, values that parse as floats. Returns (name, labels, value).
+fn parse_prometheus(text: &str) -> Vec<Sample> {
+    fn valid_name(n: &str) -> bool {
+        !n.is_empty()
+            && !n.starts_with(|c: char| c.is_ascii_digit())
+            && n.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+    }
+    let mut typed: Vec<String> = Vec::new();
+    let mut current: Option<String> = None;
+    let mut out = Vec::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').expect("TYPE has a name and a kind");
+            assert!(valid_name(name), "bad metric name {name:?}");
+            assert!(
+                ["counter", "gauge", "histogram", "summary", "untyped"].contains(&kind),
+                "{line}"
+            );
+            assert!(
+                !typed.contains(&name.to_owned()),
+                "family {name} declared twice"
+            );
+            typed.push(name.to_owned());
+            current = Some(name.to_owned());
+            continue;
+        }
+        if line.starts_with("# HELP ") || line.is_empty() {
+            continue;
+        }
+        assert!(!line.starts_with('#'), "unexpected comment {line:?}");
+        let (series, value) = line.rsplit_once(' ').expect("a sample has a value");
+        let value: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("bad value in {line:?}"));
+        let (name, labels) = match series.split_once('{') {
+            Some((n, rest)) => {
+                let body = rest
+                    .strip_suffix('}')
+                    .unwrap_or_else(|| panic!("unclosed labels in {line:?}"));
+                let mut labels = Vec::new();
+                let mut chars = body.chars().peekable();
+                while chars.peek().is_some() {
+                    let key: String = chars.by_ref().take_while(|c| *c != '=').collect();
+                    assert!(valid_name(&key), "bad label name {key:?} in {line:?}");
+                    assert_eq!(chars.next(), Some('"'), "unquoted label value in {line:?}");
+                    let mut v = String::new();
+                    loop {
+                        match chars.next() {
+                            Some('\\') => v.push(chars.next().expect("escape")),
+                            Some('"') => break,
+                            Some(c) => v.push(c),
+                            None => panic!("unterminated label value in {line:?}"),
+                        }
+                    }
+                    labels.push((key, v));
+                    if chars.peek() == Some(&',') {
+                        chars.next();
+                    }
+                }
+                (n, labels)
+            }
+            None => (series, vec![]),
+        };
+        assert_eq!(
+            current.as_deref(),
+            Some(name),
+            "sample {name} outside its family"
+        );
+        out.push((name.to_owned(), labels, value));
+    }
+    out
+}
+
+fn metric(samples: &[Sample], name: &str) -> Option<f64> {
+    samples.iter().find(|s| s.0 == name).map(|s| s.2)
+}
+
+fn successes(s: &serde_json::Value) -> u64 {
+    s["databases"]["app"]["kinds"]["physical"]["successes"]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+#[test]
+fn an_agent_backs_up_sqlite_every_few_seconds_keeps_its_retention_and_reports_it() {
+    let env = Env::new();
+    env.ok(&["init"]);
+    make_db(&env.path("app.db"), 500, 200);
+    let config = env.config(
+        "agent.yaml",
+        "@every 2s",
+        "",
+        "    retention: {keep_last: 3}\n",
+    );
+    let agent = env.start_agent(&config);
+    let status = env.wait_for("four backups", 60, |s| successes(s) >= 4);
+    let db = &status["databases"]["app"];
+    assert_eq!(db["engine"], "sqlite");
+    assert!(db["kinds"]["physical"]["last_success"]["snapshot"].is_string());
+    assert!(db["kinds"]["physical"]["next_run"].is_string());
+    // Retention ran after each backup: never more than three snapshots of the database.
+    let snaps = env.snapshots();
+    assert!(snaps.len() <= 3 && !snaps.is_empty(), "{snaps:?}");
+    assert!(
+        snaps.iter().all(|s| s["tags"][0] == "tidemark.db=app"),
+        "{snaps:?}"
+    );
+
+    let (code, text) = env.get("/metrics");
+    assert_eq!(code, 200);
+    let samples = parse_prometheus(&text);
+    assert_eq!(metric(&samples, "tidemark_agent_ready"), Some(1.0));
+    assert!(metric(&samples, "tidemark_backup_success_total").unwrap() >= 4.0);
+    for family in [
+        "tidemark_backup_last_success_timestamp_seconds",
+        "tidemark_backup_last_duration_seconds",
+        "tidemark_backup_last_read_bytes",
+        "tidemark_backup_next_run_timestamp_seconds",
+        "tidemark_recoverable_first_timestamp_seconds",
+        "tidemark_recoverable_last_timestamp_seconds",
+    ] {
+        let s = samples
+            .iter()
+            .find(|s| s.0 == family)
+            .unwrap_or_else(|| panic!("no {family}:\n{text}"));
+        assert!(s.1.contains(&("database".into(), "app".into())), "{s:?}");
+    }
+    assert_eq!(env.get("/healthz").0, 200);
+    assert_eq!(env.get("/readyz").0, 200);
+    assert_eq!(env.get("/nothing").0, 404);
+
+    let out = env.ok(&["status", "--config", config.to_str().unwrap()]);
+    assert!(
+        out.contains("app (sqlite, repository main)") && out.contains("physical     ok"),
+        "{out}"
+    );
+    assert!(out.contains("recoverable: "), "{out}");
+
+    // The newest snapshot restores to the same rows.
+    let id = env.snapshots().last().unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let dest = env.path("restored.db");
+    env.ok(&["restore", &id, "--target", dest.to_str().unwrap()]);
+    assert_eq!(count_rows(&dest), 500);
+
+    let exit = agent.stop(20);
+    assert!(exit.success(), "{exit:?}\n{}", env.log());
+}
+
+#[test]
+fn an_agent_killed_in_mid_backup_leaves_no_snapshot_and_catches_up_after_a_restart() {
+    let env = Env::new();
+    env.ok(&["init"]);
+    // 24 MiB of incompressible rows, uploaded at 2 MiB/s: the backup takes about 12 s.
+    make_db(&env.path("app.db"), 6000, 4000);
+    let slow = env.config("slow.yaml", "@every 3s", ", limit_upload: 2M", "");
+    let agent = env.start_agent(&slow);
+    env.wait_for("a running backup", 30, |s| {
+        s["databases"]["app"]["running"].is_object()
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    agent.kill9();
+    let first_log = env.log();
+    let state = std::fs::read_to_string(env.path("state/state.json")).unwrap_or_default();
+    // Nothing half-visible: no snapshot, and the repository checks clean.
+    assert!(env.snapshots().is_empty(), "{:?}", env.snapshots());
+    env.ok(&["check"]);
+
+    // Restarted without the limit, the agent catches up the missed run at once.
+    let fast = env.config("fast.yaml", "@every 3s", "", "");
+    let agent = env.start_agent(&fast);
+    env.wait_for("a backup after the restart", 60, |s| successes(s) >= 1);
+    assert!(
+        env.log()
+            .contains("catching up a run missed while the agent was down"),
+        "{first_log}\n{state}\n{}",
+        env.log()
+    );
+    env.ok(&["check", "--read-data"]);
+    let id = env.snapshots()[0]["id"].as_str().unwrap().to_owned();
+    let dest = env.path("restored.db");
+    env.ok(&["restore", &id, "--target", dest.to_str().unwrap()]);
+    assert_eq!(count_rows(&dest), 6000);
+    assert!(agent.stop(30).success(), "{}", env.log());
+}
+
+#[test]
+fn a_second_agent_for_the_same_database_is_refused() {
+    let env = Env::new();
+    env.ok(&["init"]);
+    make_db(&env.path("app.db"), 10, 10);
+    let config = env.config("agent.yaml", "@every 1h", "", "");
+    let agent = env.start_agent(&config);
+    env.wait_for("the agent", 30, |s| s["ready"] == true);
+
+    // The same config (same state directory): held by the first.
+    let o = env
+        .cmd(&["agent", "--config", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("another agent (pid") && err.contains("state directory"),
+        "{err}"
+    );
+
+    // Another state directory and port, the same database and repository.
+    let other = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace(
+            &env.path("state").display().to_string(),
+            &env.path("state2").display().to_string(),
+        )
+        .replace(&format!(":{}", env.port), &format!(":{}", free_port()));
+    std::fs::write(env.path("other.yaml"), other).unwrap();
+    let o = env
+        .cmd(&[
+            "agent",
+            "--config",
+            env.path("other.yaml").to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("another agent already protects database \"app\""),
+        "{err}"
+    );
+    assert!(agent.stop(20).success());
+    // Once the first has stopped, the second may start.
+    let second = env.start_agent(&env.path("other.yaml"));
+    let mut env2 = env;
+    env2.port = serde_yaml_port(&env2.path("other.yaml"));
+    env2.wait_for("the second agent", 30, |s| s["ready"] == true);
+    assert!(second.stop(20).success());
+}
+
+fn serde_yaml_port(config: &Path) -> u16 {
+    let text = std::fs::read_to_string(config).unwrap();
+    let line = text.lines().find(|l| l.contains("listen:")).unwrap();
+    line.rsplit(':').next().unwrap().trim().parse().unwrap()
+}
+
+fn check(env: &Env, yaml: &str) -> Output {
+    std::fs::write(env.path("bad.yaml"), yaml).unwrap();
+    env.cmd(&[
+        "agent",
+        "--check",
+        "--config",
+        env.path("bad.yaml").to_str().unwrap(),
+    ])
+    .output()
+    .unwrap()
+}
+
+#[test]
+fn configuration_errors_name_the_field_and_what_to_do() {
+    let env = Env::new();
+    let good = std::fs::read_to_string(env.config("agent.yaml", "0 2 * * *", "", "")).unwrap();
+    let o = check(&env, &good);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    for (from, to, says) in [
+        (
+            "'0 2 * * *'",
+            "'0 2 * * * * *'",
+            "databases.app.schedules[0].cron: \"0 2 * * * * *\" has 7 fields",
+        ),
+        (
+            "kind: physical",
+            "kind: logical",
+            "databases.app.schedules[0].kind: the Sqlite engine cannot take logical backups",
+        ),
+        (
+            "repository: main",
+            "repository: other",
+            "databases.app.repository: no repository named \"other\"; defined: main",
+        ),
+        (
+            "engine: sqlite",
+            "engine: oracle",
+            "unknown variant `oracle`",
+        ),
+        (
+            "shutdown_grace: 2s",
+            "shutdown_grace: 2",
+            "2 has no unit; write 2s",
+        ),
+    ] {
+        assert!(good.contains(from), "{from}");
+        let o = check(&env, &good.replacen(from, to, 1));
+        assert_eq!(o.status.code(), Some(2), "{to}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(says), "{to}: {err}");
+        assert!(err.contains("hint: fix the fields named above"), "{err}");
+    }
+    let o = env.cmd(&["agent"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--config"));
+}
