@@ -212,7 +212,7 @@ fn six_months(seed: u64, policy: &RetentionPolicy, clock_jumps: bool) -> Sim {
         }
         if clock_jumps && day % 30 == 17 {
             // An NTP step or a bad RTC: a year forward, or three days back.
-            let forward = sim.rand() % 2 == 0;
+            let forward = sim.rand().is_multiple_of(2);
             sim.clock += if forward {
                 Duration::days(365)
             } else {
