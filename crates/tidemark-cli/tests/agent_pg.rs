@@ -1,0 +1,237 @@
+//! `tidemark agent` against a real PostgreSQL 15 that archives its WAL with `wal-push`:
+//! physical and logical schedules every few seconds (queued, not skipped, when they meet),
+//! retention that prunes the WAL no kept backup needs, and a restore of the newest backup to
+//! the end of the archive that brings back every row.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{free_port, get, metric, parse_prometheus, try_get, Agent};
+use tidemark_testkit::Postgres;
+
+const BIN: &str = env!("CARGO_BIN_EXE_tidemark");
+
+fn tidemark(config: &Path, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("TIDEMARK_CONFIG", config)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+fn ok(config: &Path, args: &[&str]) -> String {
+    let o = tidemark(config, args);
+    assert!(
+        o.status.success(),
+        "tidemark {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout).unwrap()
+}
+
+fn successes(s: &serde_json::Value, kind: &str) -> u64 {
+    s["databases"]["pg"]["kinds"][kind]["successes"]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+/// The first position (log and segment number, 16 hex digits) of the WAL segments archived.
+fn first_archived(repo: &Path, system_id: &str) -> String {
+    let dir = repo.join(format!("logs/pg/{system_id}/wal"));
+    std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.len() >= 24 && !n.starts_with('.') && !n.ends_with(".history"))
+        .map(|n| n[8..24].to_owned())
+        .min()
+        .unwrap()
+}
+
+#[test]
+fn an_agent_backs_up_postgres_on_schedule_prunes_the_wal_and_the_newest_backup_restores() {
+    let mut cluster = Postgres::start(&["archive_mode = on", "archive_command = ''"]);
+    let repo = cluster.dir.path().join("repo");
+    let password = cluster.write_private("repo-password", "archive secret\n");
+    let config = cluster.write_private(
+        "tidemark.yaml",
+        &format!(
+            "repository: {}\npassword_file: {}\n",
+            repo.display(),
+            password.display()
+        ),
+    );
+    ok(&config, &["init", "-q"]);
+    cluster.give(&repo);
+    cluster.psql(
+        "postgres",
+        &format!(
+            "ALTER SYSTEM SET archive_command = 'TIDEMARK_CONFIG={} {BIN} wal-push -q %p'",
+            config.display()
+        ),
+    );
+    cluster.psql("postgres", "SELECT pg_reload_conf()");
+    cluster.psql(
+        "postgres",
+        "CREATE TABLE t(id int); INSERT INTO t SELECT generate_series(1, 100)",
+    );
+    let system_id = cluster.psql(
+        "postgres",
+        "SELECT system_identifier FROM pg_control_system()",
+    );
+
+    let port = free_port();
+    let pg_pw = cluster.write_private("pg-password", tidemark_testkit::SUPERUSER_PASSWORD);
+    let state: PathBuf = cluster.dir.path().join("agent-state");
+    let agent_config = cluster.write_private(
+        "agent.yaml",
+        &format!(
+            "agent: {{state_dir: {state}, listen: '127.0.0.1:{port}', shutdown_grace: 60s}}
+repositories:
+  main:
+    locations: [{{name: local, url: {repo}}}]
+    password_file: {password}
+databases:
+  pg:
+    engine: postgres
+    repository: main
+    postgres: {{url: 'postgresql://postgres@127.0.0.1:{pgport}/postgres', pg_password_file: {pg_pw}}}
+    schedules:
+      - {{kind: physical, cron: '@every 4s'}}
+      - {{kind: logical, cron: '@every 4s'}}
+    concurrency: queue
+    pitr: {{mode: archive_command}}
+    retention: {{keep_last: 1}}
+",
+            state = state.display(),
+            repo = repo.display(),
+            password = password.display(),
+            pgport = cluster.port,
+            pg_pw = pg_pw.display(),
+        ),
+    );
+    let log_path = cluster.dir.path().join("agent.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let child = Command::new(BIN)
+        .args(["agent", "-v", "--config", agent_config.to_str().unwrap()])
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let agent = Agent(Some(child));
+
+    // Writes between backups, so that each base backup starts in a later WAL segment.
+    let mut rows = 100;
+    let end = Instant::now() + Duration::from_secs(120);
+    loop {
+        let s: serde_json::Value = try_get(port, "/status")
+            .and_then(|(_, b)| serde_json::from_str(&b).ok())
+            .unwrap_or_default();
+        if successes(&s, "physical") >= 3 && successes(&s, "logical") >= 2 {
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "timed out: {s:#}\n{}",
+            std::fs::read_to_string(&log_path).unwrap_or_default()
+        );
+        cluster.psql(
+            "postgres",
+            "INSERT INTO t SELECT generate_series(1, 100); SELECT pg_switch_wal()",
+        );
+        rows += 100;
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    // Both kinds fire at the same seconds: with `queue`, neither is skipped.
+    let (_, body) = get(port, "/status");
+    let s: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        s["databases"]["pg"]["kinds"]["logical"]["skipped"], 0,
+        "{s:#}"
+    );
+    let samples = parse_prometheus(&get(port, "/metrics").1);
+    assert!(metric(&samples, "tidemark_backup_last_success_timestamp_seconds").is_some());
+    assert!(samples
+        .iter()
+        .any(|(n, labels, _)| n == "tidemark_snapshots"
+            && labels.contains(&("engine".into(), "postgres".into()))));
+
+    let exit = agent.stop(120);
+    assert!(exit.success(), "{exit:?}");
+    wait_status_gone(port);
+
+    // Retention after the last backup kept one of each kind, and deleted the WAL from before
+    // the kept base backup's start.
+    let snaps: serde_json::Value =
+        serde_json::from_str(&ok(&config, &["snapshots", "--json"])).unwrap();
+    let snaps = snaps.as_array().unwrap();
+    let physical: Vec<_> = snaps.iter().filter(|s| s["kind"] == "physical").collect();
+    let logical: Vec<_> = snaps.iter().filter(|s| s["kind"] == "logical").collect();
+    assert_eq!((physical.len(), logical.len()), (1, 1), "{snaps:#?}");
+    let start_wal = physical[0]["positions"]["pg.start_wal"].as_str().unwrap();
+    let base = physical[0]["id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        first_archived(&repo, &system_id),
+        start_wal[8..24],
+        "WAL before the kept base backup is pruned, and none after it"
+    );
+    ok(&config, &["check"]);
+
+    // The newest base backup and the archive after it bring back every row.
+    cluster.psql("postgres", "INSERT INTO t SELECT generate_series(1, 7)");
+    rows += 7;
+    let last = cluster.psql("postgres", "SELECT pg_walfile_name(pg_current_wal_lsn())");
+    cluster.psql("postgres", "SELECT pg_switch_wal()");
+    cluster.wait_for(
+        "postgres",
+        &format!("SELECT last_archived_wal >= '{last}' FROM pg_stat_archiver"),
+        "t",
+        Duration::from_secs(60),
+    );
+    cluster.stop("fast");
+    cluster.clear_data_dir();
+    let dest = cluster.data_dir();
+    let o = tidemark(
+        &config,
+        &[
+            "pg",
+            "restore",
+            &base,
+            "--json",
+            "--start",
+            "--pgdata",
+            dest.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    cluster.started_elsewhere();
+    assert_eq!(
+        cluster.psql("postgres", "SELECT count(*) FROM t"),
+        rows.to_string()
+    );
+    cluster.stop("fast");
+}
+
+fn wait_status_gone(port: u16) {
+    for _ in 0..50 {
+        if try_get(port, "/healthz").is_none() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("the agent still answers after it exited");
+}
