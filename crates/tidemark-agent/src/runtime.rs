@@ -15,6 +15,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::config::{BackupKind, Concurrency, Config, DatabaseConfig, RepositoryConfig};
 use crate::http::Shared;
+use crate::notify::{Event, EventKind, Notifier};
 use crate::schedule::{self, Planned};
 use crate::status::{state_file, RunRecord, Running, Status};
 
@@ -110,11 +111,12 @@ async fn claim_database(repo: &Repository, db: &str) -> Result<LockGuard, String
 }
 
 /// What a worker is told.
-enum Event {
+enum Told {
     Done(BackupKind, Result<RunRecord, String>),
 }
 
 struct Worker {
+    notifier: crate::notify::Notifier,
     name: String,
     db: DatabaseConfig,
     repo: Repository,
@@ -157,9 +159,11 @@ impl Worker {
             tracing::info!(database = %self.name, schedule = %planned[*i].key, "catching up a run missed while the agent was down");
         }
         self.refresh_snapshots().await;
-        let (tx, mut rx) = mpsc::channel::<Event>(4);
+        let (tx, mut rx) = mpsc::channel::<Told>(4);
         let mut running: Option<(BackupKind, tokio::task::JoinHandle<()>)> = None;
         let mut wake: Option<(usize, DateTime<Utc>)> = None;
+        let mut watchdog = tokio::time::interval(std::time::Duration::from_secs(1));
+        let mut stale_alerted: Option<DateTime<Utc>> = None;
         loop {
             if running.is_none() {
                 if let Some(kind) = queue.pop_first() {
@@ -180,7 +184,8 @@ impl Worker {
                 .unwrap_or(std::time::Duration::from_secs(3600));
             tokio::select! {
                 _ = crate::until_stopped(&mut stop) => break,
-                Some(Event::Done(kind, result)) = rx.recv() => {
+                _ = watchdog.tick() => self.check_stale(&mut stale_alerted),
+                Some(Told::Done(kind, result)) = rx.recv() => {
                     running = None;
                     self.account(&planned, kind);
                     self.finished(kind, result).await;
@@ -209,7 +214,7 @@ impl Worker {
         if let Some((kind, handle)) = running {
             tracing::info!(database = %self.name, "waiting up to {:?} for the running backup", self.grace);
             match tokio::time::timeout(self.grace, rx.recv()).await {
-                Ok(Some(Event::Done(kind, result))) => {
+                Ok(Some(Told::Done(kind, result))) => {
                     self.account(&planned, kind);
                     self.finished(kind, result).await;
                 }
@@ -220,6 +225,47 @@ impl Worker {
             }
         }
         self.update(|d| d.running = None);
+    }
+
+    /// The dead man's switch: no successful backup (of any kind) for `alert_after`, counted from
+    /// the agent's start when there never was one. Repeated every `alert_after` while it lasts.
+    fn check_stale(&self, alerted: &mut Option<DateTime<Utc>>) {
+        let Some(limit) = self.db.alert_after else {
+            return;
+        };
+        let (last, started) = {
+            let s = self.status.lock().unwrap_or_else(|p| p.into_inner());
+            let last = s.databases.get(&self.name).and_then(|d| d.last_success());
+            (last, s.started.unwrap_or_else(Utc::now))
+        };
+        let now = Utc::now();
+        let since = last.unwrap_or(started);
+        if now - since < limit {
+            *alerted = None;
+            return;
+        }
+        if alerted.is_some_and(|a| now - a < limit) {
+            return;
+        }
+        *alerted = Some(now);
+        let message = match last {
+            Some(t) => format!(
+                "the last successful backup started {} ago ({}), longer than alert_after {}",
+                tidemark_repo::duration::format(now - t),
+                t.to_rfc3339(),
+                tidemark_repo::duration::format(limit)
+            ),
+            None => format!(
+                "no successful backup since the agent started {} ago (alert_after {})",
+                tidemark_repo::duration::format(now - started),
+                tidemark_repo::duration::format(limit)
+            ),
+        };
+        tracing::warn!(database = %self.name, "{message}");
+        self.notifier.send(
+            &self.db.notify,
+            Event::new(EventKind::NoRecentBackup, &self.name, None, message),
+        );
     }
 
     /// A run of `kind` finished: every time its schedules fired so far is accounted for.
@@ -238,7 +284,7 @@ impl Worker {
         &self,
         kind: BackupKind,
         scheduled: DateTime<Utc>,
-        tx: mpsc::Sender<Event>,
+        tx: mpsc::Sender<Told>,
     ) -> tokio::task::JoinHandle<()> {
         let (name, db, repo) = (self.name.clone(), self.db.clone(), self.repo.clone());
         let status = self.status.clone();
@@ -277,12 +323,40 @@ impl Worker {
                 r
             });
             let result = result.map_err(|e| format!("{e} (after {attempt} attempt(s))"));
-            let _ = tx.send(Event::Done(kind, result)).await;
+            let _ = tx.send(Told::Done(kind, result)).await;
         })
     }
 
     async fn finished(&self, kind: BackupKind, result: Result<RunRecord, String>) {
         let ok = result.is_ok();
+        let was_failing = {
+            let s = self.status.lock().unwrap_or_else(|p| p.into_inner());
+            s.databases
+                .get(&self.name)
+                .and_then(|d| d.kinds.get(kind.as_str()))
+                .is_some_and(|k| k.failing())
+        };
+        let event = match &result {
+            Err(e) => Some(Event::new(
+                EventKind::BackupFailed,
+                &self.name,
+                Some(kind.as_str()),
+                e.clone(),
+            )),
+            Ok(r) if was_failing => Some(Event::new(
+                EventKind::BackupRecovered,
+                &self.name,
+                Some(kind.as_str()),
+                format!(
+                    "snapshot {} saved after earlier failures",
+                    r.snapshot.as_deref().unwrap_or("?")
+                ),
+            )),
+            Ok(_) => None,
+        };
+        if let Some(e) = event {
+            self.notifier.send(&self.db.notify, e);
+        }
         match result {
             Ok(rec) => {
                 tracing::info!(database = %self.name, kind = kind.as_str(), snapshot = ?rec.snapshot, "backup done in {:.1}s", rec.duration_seconds);
@@ -360,6 +434,7 @@ pub async fn run(config: Config, stop: watch::Receiver<bool>) -> Result<(), Star
         .shutdown_grace
         .and_then(|g| g.to_std().ok())
         .unwrap_or(std::time::Duration::from_secs(60));
+    let notifier = Notifier::start(&config).map_err(StartError)?;
     let mut workers = Vec::new();
     for (name, db) in &config.databases {
         {
@@ -370,6 +445,7 @@ pub async fn run(config: Config, stop: watch::Receiver<bool>) -> Result<(), Star
             d.running = None;
         }
         let w = Worker {
+            notifier: notifier.clone(),
             name: name.clone(),
             db: db.clone(),
             repo: repos[&db.repository].clone(),

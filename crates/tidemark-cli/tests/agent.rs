@@ -397,3 +397,122 @@ fn configuration_errors_name_the_field_and_what_to_do() {
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("--config"));
 }
+
+#[test]
+fn failures_recoveries_and_a_stale_database_are_notified_once_each_and_the_url_stays_secret() {
+    let env = Env::new();
+    env.ok(&["init"]);
+    // The first POST gets a 500: delivery must retry.
+    let hooks = common::Receiver::start(1);
+    std::fs::write(
+        env.path("hook-url"),
+        format!("http://127.0.0.1:{}/hook/secret-token-4711\n", hooks.port),
+    )
+    .unwrap();
+    std::fs::write(
+        env.path("slack-url"),
+        format!("http://127.0.0.1:{}/slack/secret-token-4712\n", hooks.port),
+    )
+    .unwrap();
+    // No database file yet: every backup fails.
+    let config = env.config(
+        "agent.yaml",
+        "@every 1s",
+        "",
+        &format!(
+            "    retry: {{attempts: 1}}
+    notify: [hook, slack]
+    alert_after: 3s
+notifications:
+  hook: {{kind: webhook, url_file: {}, min_interval: 1h}}
+  slack: {{kind: slack, url_file: {}, min_interval: 1h}}
+",
+            env.path("hook-url").display(),
+            env.path("slack-url").display()
+        ),
+    );
+    let agent = env.start_agent(&config);
+    let events = |prefix: &str| -> Vec<String> {
+        hooks
+            .bodies(prefix)
+            .iter()
+            .map(|b| b["event"].as_str().unwrap_or("slack").to_owned())
+            .collect()
+    };
+    let wait = |what: &str, f: &dyn Fn() -> bool| {
+        let end = Instant::now() + Duration::from_secs(60);
+        while !f() {
+            assert!(
+                Instant::now() < end,
+                "timed out waiting for {what}: {:?}\n{}",
+                hooks.bodies(""),
+                env.log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    wait("the stale alert", &|| {
+        events("/hook").contains(&"no_recent_backup".to_owned())
+    });
+    let failures = env.wait_for("several failures", 30, |s| {
+        s["databases"]["app"]["kinds"]["physical"]["failures"]
+            .as_u64()
+            .unwrap_or(0)
+            >= 3
+    });
+    let failed = hooks
+        .bodies("/hook")
+        .into_iter()
+        .find(|b| b["event"] == "backup_failed")
+        .unwrap();
+    assert_eq!(failed["database"], "app");
+    assert_eq!(failed["kind"], "physical");
+    assert!(
+        failed["message"].as_str().unwrap().contains("app.db"),
+        "{failed}"
+    );
+    // Repeats of a failure within min_interval are not sent again.
+    assert_eq!(
+        events("/hook")
+            .iter()
+            .filter(|e| *e == "backup_failed")
+            .count(),
+        1,
+        "{failures}"
+    );
+
+    // The database appears: the next backup succeeds and the recovery is notified.
+    make_db(&env.path("app.db"), 10, 10);
+    wait("the recovery", &|| {
+        events("/hook").contains(&"backup_recovered".to_owned())
+    });
+    let slack: Vec<String> = hooks
+        .bodies("/slack")
+        .iter()
+        .map(|b| b["text"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(
+        slack
+            .iter()
+            .any(|t| t.contains("backup failed") && t.contains("`app` (physical)")),
+        "{slack:?}"
+    );
+    assert!(
+        slack.iter().any(|t| t.contains("backup recovered")),
+        "{slack:?}"
+    );
+    assert!(
+        hooks.requests.load(std::sync::atomic::Ordering::SeqCst) > hooks.bodies("").len(),
+        "the 500 was retried"
+    );
+    assert!(agent.stop(20).success());
+    let log = env.log();
+    assert!(
+        !log.contains("secret-token"),
+        "a webhook URL was logged:\n{log}"
+    );
+    assert!(
+        log.contains("failed to deliver a notification: HTTP 500"),
+        "{log}"
+    );
+}

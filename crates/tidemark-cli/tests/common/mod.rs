@@ -165,3 +165,90 @@ pub fn parse_prometheus(text: &str) -> Vec<Sample> {
 pub fn metric(samples: &[Sample], name: &str) -> Option<f64> {
     samples.iter().find(|s| s.0 == name).map(|s| s.2)
 }
+
+/// A local HTTP server that records the bodies POSTed to it (a webhook receiver). It answers
+/// 500 to the first `fail_first` requests, then 200.
+pub struct Receiver {
+    pub port: u16,
+    pub received: std::sync::Arc<std::sync::Mutex<Vec<(String, serde_json::Value)>>>,
+    pub requests: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Receiver {
+    pub fn start(fail_first: usize) -> Receiver {
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let requests = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (r, n) = (received.clone(), requests.clone());
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut s) = stream else { continue };
+                let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                let (head, body) = loop {
+                    let Ok(k) = s.read(&mut chunk) else {
+                        break (String::new(), Vec::new());
+                    };
+                    if k == 0 {
+                        break (String::new(), Vec::new());
+                    }
+                    buf.extend_from_slice(&chunk[..k]);
+                    if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&buf[..i]).into_owned();
+                        let len: usize = head
+                            .lines()
+                            .find_map(|l| {
+                                let (k, v) = l.split_once(':')?;
+                                k.eq_ignore_ascii_case("content-length")
+                                    .then(|| v.trim().parse().ok())?
+                            })
+                            .unwrap_or(0);
+                        let mut body = buf[i + 4..].to_vec();
+                        while body.len() < len {
+                            let Ok(k) = s.read(&mut chunk) else { break };
+                            if k == 0 {
+                                break;
+                            }
+                            body.extend_from_slice(&chunk[..k]);
+                        }
+                        break (head, body);
+                    }
+                };
+                let seen = n.fetch_add(1, Ordering::SeqCst);
+                let status = if seen < fail_first {
+                    "500 Internal Server Error"
+                } else {
+                    "200 OK"
+                };
+                let _ = write!(
+                    s,
+                    "HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                );
+                if seen >= fail_first {
+                    let path = head.split_whitespace().nth(1).unwrap_or("").to_owned();
+                    if let Ok(v) = serde_json::from_slice(&body) {
+                        r.lock().unwrap().push((path, v));
+                    }
+                }
+            }
+        });
+        Receiver {
+            port,
+            received,
+            requests,
+        }
+    }
+
+    pub fn bodies(&self, path_prefix: &str) -> Vec<serde_json::Value> {
+        self.received
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(p, _)| p.starts_with(path_prefix))
+            .map(|(_, v)| v.clone())
+            .collect()
+    }
+}
