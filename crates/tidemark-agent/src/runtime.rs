@@ -454,6 +454,13 @@ pub async fn run(config: Config, stop: watch::Receiver<bool>) -> Result<(), Star
             grace,
         };
         workers.push(tokio::spawn(w.run(stop.clone())));
+        workers.push(tokio::spawn(crate::wal::run(
+            name.clone(),
+            db.clone(),
+            repos[&db.repository].clone(),
+            status.clone(),
+            stop.clone(),
+        )));
     }
     status.lock().unwrap_or_else(|p| p.into_inner()).ready = true;
     tracing::info!(

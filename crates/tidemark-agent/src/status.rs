@@ -90,6 +90,35 @@ pub struct SnapshotPoint {
     pub time_end: DateTime<Utc>,
 }
 
+/// Log archiving of one database.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct WalStatus {
+    /// archive_command or streaming.
+    pub mode: String,
+    /// For streaming: whether the streamer runs (false between a failure and its restart).
+    pub up: bool,
+    /// For streaming: restarts after failures since the agent started.
+    pub restarts: u64,
+    /// The streamer's last failure.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// The timeline streamed.
+    #[serde(default)]
+    pub timeline: u32,
+    /// Where the server's WAL ends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_lsn: Option<String>,
+    /// Where the archive's ends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub archived_lsn: Option<String>,
+    /// The difference: WAL that a disaster now would lose.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lag_bytes: Option<u64>,
+    /// When that was measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub measured: Option<DateTime<Utc>>,
+}
+
 /// One database.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct DatabaseStatus {
@@ -115,6 +144,9 @@ pub struct DatabaseStatus {
     /// When each schedule (by `kind@cron`) last fired.
     #[serde(default)]
     pub fired: BTreeMap<String, DateTime<Utc>>,
+    /// Log archiving, for databases that archive a log.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wal: Option<WalStatus>,
     /// Per schedule, the latest scheduled time accounted for by a finished run (itself, or
     /// skipped while it ran). A run killed with the agent leaves this behind `fired`.
     #[serde(default)]
@@ -328,6 +360,39 @@ pub fn metrics(s: &Status) -> String {
             |d| Some(d.snapshots.len() as f64),
         ),
     ];
+    type WalGet = fn(&WalStatus) -> Option<f64>;
+    let per_wal: [(&str, &str, &str, WalGet); 3] = [
+        (
+            "tidemark_wal_archive_lag_bytes",
+            "gauge",
+            "WAL the server has written that the archive does not hold yet.",
+            |w| w.lag_bytes.map(|b| b as f64),
+        ),
+        (
+            "tidemark_wal_streamer_up",
+            "gauge",
+            "1 while the WAL streamer runs (streaming mode).",
+            |w| (w.mode == "streaming").then_some(if w.up { 1.0 } else { 0.0 }),
+        ),
+        (
+            "tidemark_wal_streamer_restarts_total",
+            "counter",
+            "Restarts of the WAL streamer after failures.",
+            |w| (w.mode == "streaming").then_some(w.restarts as f64),
+        ),
+    ];
+    for (name, kind, help, get) in per_wal {
+        f.head(name, kind, help);
+        for (db, d) in &s.databases {
+            if let Some(v) = d.wal.as_ref().and_then(get) {
+                f.sample(
+                    name,
+                    &[("database", db), ("mode", &d.wal.as_ref().unwrap().mode)],
+                    v,
+                );
+            }
+        }
+    }
     for (name, help, get) in per_db {
         f.head(name, "gauge", help);
         for (db, d) in &s.databases {

@@ -54,9 +54,9 @@ fn first_archived(repo: &Path, system_id: &str) -> String {
         .unwrap()
 }
 
-#[test]
-fn an_agent_backs_up_postgres_on_schedule_prunes_the_wal_and_the_newest_backup_restores() {
-    let mut cluster = Postgres::start(&["archive_mode = on", "archive_command = ''"]);
+/// A repository in the cluster's directory, usable by the postgres user: (the CLI config naming
+/// it, the repository, its password file).
+fn repository(cluster: &Postgres) -> (PathBuf, PathBuf, PathBuf) {
     let repo = cluster.dir.path().join("repo");
     let password = cluster.write_private("repo-password", "archive secret\n");
     let config = cluster.write_private(
@@ -69,6 +69,80 @@ fn an_agent_backs_up_postgres_on_schedule_prunes_the_wal_and_the_newest_backup_r
     );
     ok(&config, &["init", "-q"]);
     cluster.give(&repo);
+    (config, repo, password)
+}
+
+fn start_agent(config: &Path, log_path: &Path) -> Agent {
+    let log = std::fs::File::create(log_path).unwrap();
+    let child = Command::new(BIN)
+        .args(["agent", "-v", "--config", config.to_str().unwrap()])
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    Agent(Some(child))
+}
+
+fn agent_yaml(cluster: &Postgres, repo: &Path, password: &Path, port: u16, db: &str) -> PathBuf {
+    let pg_pw = cluster.write_private("pg-password", tidemark_testkit::SUPERUSER_PASSWORD);
+    let state: PathBuf = cluster.dir.path().join("agent-state");
+    cluster.write_private(
+        "agent.yaml",
+        &format!(
+            "agent: {{state_dir: {state}, listen: '127.0.0.1:{port}', shutdown_grace: 60s}}
+repositories:
+  main:
+    locations: [{{name: local, url: {repo}}}]
+    password_file: {password}
+databases:
+  pg:
+    engine: postgres
+    repository: main
+    postgres: {{url: 'postgresql://postgres@127.0.0.1:{pgport}/postgres', pg_password_file: {pg_pw}}}
+{db}",
+            state = state.display(),
+            repo = repo.display(),
+            password = password.display(),
+            pgport = cluster.port,
+            pg_pw = pg_pw.display(),
+        ),
+    )
+}
+
+fn status(port: u16) -> serde_json::Value {
+    try_get(port, "/status")
+        .and_then(|(_, b)| serde_json::from_str(&b).ok())
+        .unwrap_or_default()
+}
+
+fn wait(
+    port: u16,
+    log: &Path,
+    what: &str,
+    f: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let end = Instant::now() + Duration::from_secs(120);
+    loop {
+        let s = status(port);
+        if f(&s) {
+            return s;
+        }
+        assert!(
+            Instant::now() < end,
+            "timed out waiting for {what}: {s:#}\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+#[test]
+fn an_agent_backs_up_postgres_on_schedule_prunes_the_wal_and_the_newest_backup_restores() {
+    let mut cluster = Postgres::start(&["archive_mode = on", "archive_command = ''"]);
+    let (config, repo, password) = repository(&cluster);
     cluster.psql(
         "postgres",
         &format!(
@@ -87,47 +161,21 @@ fn an_agent_backs_up_postgres_on_schedule_prunes_the_wal_and_the_newest_backup_r
     );
 
     let port = free_port();
-    let pg_pw = cluster.write_private("pg-password", tidemark_testkit::SUPERUSER_PASSWORD);
-    let state: PathBuf = cluster.dir.path().join("agent-state");
-    let agent_config = cluster.write_private(
-        "agent.yaml",
-        &format!(
-            "agent: {{state_dir: {state}, listen: '127.0.0.1:{port}', shutdown_grace: 60s}}
-repositories:
-  main:
-    locations: [{{name: local, url: {repo}}}]
-    password_file: {password}
-databases:
-  pg:
-    engine: postgres
-    repository: main
-    postgres: {{url: 'postgresql://postgres@127.0.0.1:{pgport}/postgres', pg_password_file: {pg_pw}}}
-    schedules:
-      - {{kind: physical, cron: '@every 4s'}}
-      - {{kind: logical, cron: '@every 4s'}}
+    let agent_config = agent_yaml(
+        &cluster,
+        &repo,
+        &password,
+        port,
+        "    schedules:
+      - {kind: physical, cron: '@every 4s'}
+      - {kind: logical, cron: '@every 4s'}
     concurrency: queue
-    pitr: {{mode: archive_command}}
-    retention: {{keep_last: 1}}
+    pitr: {mode: archive_command}
+    retention: {keep_last: 1}
 ",
-            state = state.display(),
-            repo = repo.display(),
-            password = password.display(),
-            pgport = cluster.port,
-            pg_pw = pg_pw.display(),
-        ),
     );
     let log_path = cluster.dir.path().join("agent.log");
-    let log = std::fs::File::create(&log_path).unwrap();
-    let child = Command::new(BIN)
-        .args(["agent", "-v", "--config", agent_config.to_str().unwrap()])
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let agent = Agent(Some(child));
+    let agent = start_agent(&agent_config, &log_path);
 
     // Writes between backups, so that each base backup starts in a later WAL segment.
     let mut rows = 100;
@@ -234,4 +282,89 @@ fn wait_status_gone(port: u16) {
         std::thread::sleep(Duration::from_millis(100));
     }
     panic!("the agent still answers after it exited");
+}
+
+#[test]
+fn the_agent_streams_wal_restarts_the_streamer_after_a_failure_and_reports_the_lag() {
+    let mut cluster = Postgres::start(&[]);
+    let (config, repo, password) = repository(&cluster);
+    cluster.psql("postgres", "CREATE TABLE t(id int)");
+    let port = free_port();
+    let agent_config = agent_yaml(
+        &cluster,
+        &repo,
+        &password,
+        port,
+        "    schedules: [{kind: physical, cron: '@every 5s'}]
+    pitr: {mode: streaming, slot: agent_slot}
+",
+    );
+    let log = cluster.dir.path().join("agent.log");
+    let agent = start_agent(&agent_config, &log);
+    wait(port, &log, "a base backup and a measured lag", |s| {
+        let d = &s["databases"]["pg"];
+        d["kinds"]["physical"]["successes"].as_u64().unwrap_or(0) >= 1
+            && d["wal"]["up"] == true
+            && d["wal"]["lag_bytes"].is_u64()
+    });
+    cluster.psql("postgres", "INSERT INTO t SELECT generate_series(1, 1000)");
+
+    // Cut the replication connection: the agent restarts the streamer.
+    assert_eq!(
+        cluster.psql(
+            "postgres",
+            "SELECT count(pg_terminate_backend(active_pid)) FROM pg_replication_slots WHERE slot_name = 'agent_slot'"
+        ),
+        "1"
+    );
+    wait(port, &log, "a restart", |s| {
+        s["databases"]["pg"]["wal"]["restarts"]
+            .as_u64()
+            .unwrap_or(0)
+            >= 1
+    });
+    cluster.psql("postgres", "INSERT INTO t SELECT generate_series(1, 1000)");
+    let s = wait(port, &log, "the streamer back and caught up", |s| {
+        let w = &s["databases"]["pg"]["wal"];
+        w["up"] == true
+            && w["lag_bytes"].as_u64().is_some_and(|b| b < 64 * 1024)
+            && w["measured"].as_str().is_some()
+    });
+    assert!(
+        s["databases"]["pg"]["wal"]["last_error"].is_string(),
+        "{s:#}"
+    );
+    let samples = parse_prometheus(&get(port, "/metrics").1);
+    assert!(metric(&samples, "tidemark_wal_archive_lag_bytes").is_some());
+    assert!(metric(&samples, "tidemark_wal_streamer_restarts_total").unwrap() >= 1.0);
+    assert_eq!(metric(&samples, "tidemark_wal_streamer_up"), Some(1.0));
+
+    // Rows committed a second before the crash come back from the streamed WAL.
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(agent.stop(120).success());
+    cluster.stop("immediate");
+    cluster.clear_data_dir();
+    let dest = cluster.data_dir();
+    let o = tidemark(
+        &config,
+        &[
+            "pg",
+            "restore",
+            "latest",
+            "--latest",
+            "--json",
+            "--start",
+            "--pgdata",
+            dest.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    cluster.started_elsewhere();
+    assert_eq!(cluster.psql("postgres", "SELECT count(*) FROM t"), "2000");
+    cluster.stop("fast");
 }

@@ -189,7 +189,7 @@ pub async fn run(ctx: &Context, c: Command) -> Result<i32> {
 }
 
 async fn receive(ctx: &Context, a: ReceiveArgs) -> Result<i32> {
-    use tidemark_engine::postgres::stream::{self, Ended, StreamOptions};
+    use tidemark_engine::postgres::stream::{self, StreamOptions};
     let pg = a
         .conn
         .engine()
@@ -218,30 +218,11 @@ async fn receive(ctx: &Context, a: ReceiveArgs) -> Result<i32> {
         let _ = stop_tx.send(true);
     });
     let (progress, _) = tokio::sync::watch::channel(stream::Progress::default());
-    let mut backoff = std::time::Duration::from_secs(1);
-    loop {
-        let started = std::time::Instant::now();
-        match stream::stream(&pg, &repo, &o, stop_rx.clone(), &progress).await {
-            Ok(Ended::Shutdown) => return Ok(0),
-            Ok(Ended::TimelineSwitch(t)) => {
-                tracing::info!(timeline = t, "following the new timeline");
-                continue;
-            }
-            Err(e) if a.once => return Err(e.into()),
-            Err(e) => {
-                if started.elapsed() > std::time::Duration::from_secs(60) {
-                    backoff = std::time::Duration::from_secs(1);
-                }
-                tracing::error!(error = %e, retry_in = ?backoff, "streaming failed; reconnecting");
-                let mut stop = stop_rx.clone();
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
-                    _ = stop.wait_for(|s| *s) => return Ok(0),
-                }
-                backoff = (backoff * 2).min(std::time::Duration::from_secs(30));
-            }
-        }
-    }
+    stream::supervise(&pg, &repo, &o, stop_rx, &progress, a.once, |e, retry_in| {
+        tracing::error!(error = %e, ?retry_in, "streaming failed; reconnecting");
+    })
+    .await?;
+    Ok(0)
 }
 
 async fn backup(ctx: &Context, a: BackupArgs) -> Result<i32> {

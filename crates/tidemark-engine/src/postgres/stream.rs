@@ -638,6 +638,47 @@ async fn receive_loop(
     }
 }
 
+/// Stream until `shutdown`, following timeline switches and reconnecting after failures with a
+/// backoff from 1 s doubling to 30 s (back to 1 s after a minute of streaming). `on_error` hears
+/// each failure and the wait before the next try; with `once` the first failure is returned.
+///
+/// # Errors
+/// With `once`, the first failure; never otherwise.
+pub async fn supervise(
+    pg: &Postgres,
+    repo: &Repository,
+    o: &StreamOptions,
+    shutdown: watch::Receiver<bool>,
+    progress: &watch::Sender<Progress>,
+    once: bool,
+    mut on_error: impl FnMut(&Error, Duration),
+) -> Result<()> {
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        let started = std::time::Instant::now();
+        match stream(pg, repo, o, shutdown.clone(), progress).await {
+            Ok(Ended::Shutdown) => return Ok(()),
+            Ok(Ended::TimelineSwitch(t)) => {
+                tracing::info!(timeline = t, "following the new timeline");
+                continue;
+            }
+            Err(e) if once => return Err(e),
+            Err(e) => {
+                if started.elapsed() > Duration::from_secs(60) {
+                    backoff = Duration::from_secs(1);
+                }
+                on_error(&e, backoff);
+                let mut stop = shutdown.clone();
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = async { while !*stop.borrow_and_update() { if stop.changed().await.is_err() { return; } } } => return Ok(()),
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
