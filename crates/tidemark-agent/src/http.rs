@@ -1,5 +1,6 @@
 //! The agent's HTTP interface: `/metrics` (Prometheus), `/status` (JSON), `/healthz` (the
-//! process answers), `/readyz` (every database's schedules run). GET only; nothing here
+//! process answers), `/readyz` (every database's schedules run), and the timeline page at `/`.
+//! GET only; nothing here
 //! changes state, and nothing served holds a secret.
 
 use std::convert::Infallible;
@@ -43,6 +44,11 @@ fn route(status: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             StatusCode::OK,
             "application/json",
             serde_json::to_vec_pretty(&s).expect("status serializes"),
+        ),
+        "/" | "/timeline" => reply(
+            StatusCode::OK,
+            "text/html; charset=utf-8",
+            crate::timeline::page(&s, chrono::Utc::now()),
         ),
         "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n"),
         "/readyz" if s.ready => reply(StatusCode::OK, "text/plain", "ready\n"),

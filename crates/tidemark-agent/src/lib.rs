@@ -9,6 +9,7 @@ pub mod notify;
 pub mod runtime;
 pub mod schedule;
 pub mod status;
+pub mod timeline;
 pub mod wal;
 
 /// Wait until the stop flag is true (or its sender is gone). Holds no borrow across an await,

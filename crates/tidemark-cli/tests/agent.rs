@@ -516,3 +516,94 @@ notifications:
         "{log}"
     );
 }
+
+/// Run Debian's chromium headless (installed by dev/test) with a profile of its own.
+fn chromium(env: &Env, args: &[&str]) -> Output {
+    let profile = env.path("chromium-profile");
+    let o = Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            &format!("--user-data-dir={}", profile.display()),
+        ])
+        .args(args)
+        .env("HOME", env.path(""))
+        .stdin(Stdio::null())
+        .output()
+        .expect("chromium is not installed; dev/test installs it");
+    assert!(
+        o.status.success(),
+        "chromium {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    o
+}
+
+#[test]
+fn the_timeline_page_draws_every_snapshot_in_a_real_headless_browser() {
+    let env = Env::new();
+    env.ok(&["init"]);
+    make_db(&env.path("app.db"), 100, 100);
+    let config = env.config("agent.yaml", "@every 1s", "", "");
+    let agent = env.start_agent(&config);
+    env.wait_for("three backups", 60, |s| successes(s) >= 3);
+    assert!(agent.stop(20).success());
+    // The agent is stopped so that the page and the repository agree; start it again with no
+    // schedule due, only to serve the page.
+    let idle = env.config("idle.yaml", "@every 1h", "", "");
+    let agent = env.start_agent(&idle);
+    env.wait_for("the agent", 30, |s| {
+        s["ready"] == true
+            && s["databases"]["app"]["snapshots"]
+                .as_array()
+                .is_some_and(|a| !a.is_empty())
+    });
+    let url = format!("http://127.0.0.1:{}/", env.port);
+
+    let dom = String::from_utf8(chromium(&env, &["--dump-dom", &url]).stdout).unwrap();
+    let ids: Vec<String> = env
+        .snapshots()
+        .iter()
+        .map(|s| s["short_id"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(ids.len() >= 3);
+    assert!(
+        dom.contains("Recoverable windows") && dom.contains("data-database=\"app\""),
+        "{dom}"
+    );
+    for id in &ids {
+        assert!(
+            dom.contains(&format!("data-snapshot=\"{id}\"")),
+            "snapshot {id} is not drawn:\n{dom}"
+        );
+    }
+    assert!(dom.contains("<svg"), "{dom}");
+
+    // A screenshot of the page holds far more than a blank page of the same size.
+    let shot = env.path("timeline.png");
+    let blank = env.path("blank.png");
+    let size = "--window-size=1100,400";
+    chromium(
+        &env,
+        &[size, &format!("--screenshot={}", shot.display()), &url],
+    );
+    chromium(
+        &env,
+        &[
+            size,
+            &format!("--screenshot={}", blank.display()),
+            "about:blank",
+        ],
+    );
+    let png = std::fs::read(&shot).unwrap();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    let blank_len = std::fs::metadata(&blank).unwrap().len() as usize;
+    assert!(
+        png.len() > 4 * blank_len,
+        "{} vs blank {blank_len}",
+        png.len()
+    );
+    assert!(agent.stop(20).success());
+}
