@@ -48,17 +48,7 @@ pub async fn run(g: &Global, a: Args) -> Result<i32> {
         }
         return Ok(crate::exit::OK);
     }
-    let (tx, rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(async move {
-        let mut term =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
-        }
-        tracing::info!("stopping: finishing or abandoning running work");
-        let _ = tx.send(true);
-    });
+    let rx = super::stop_on_signal("stopping: finishing or abandoning running work");
     tidemark_agent::runtime::run(config, rx)
         .await
         .map_err(|e| usage(e.0, "the agent did not start; nothing was changed"))?;

@@ -126,6 +126,22 @@ pub async fn run(cli: Cli) -> Result<i32> {
     }
 }
 
+/// A flag that turns true at SIGTERM or Ctrl-C (logging `why`), for long-running commands.
+pub fn stop_on_signal(why: &'static str) -> tokio::sync::watch::Receiver<bool> {
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+        }
+        tracing::info!("{why}");
+        let _ = tx.send(true);
+    });
+    rx
+}
+
 /// Print `value` as pretty JSON on stdout.
 pub fn print_json<T: serde::Serialize>(value: &T) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(value)?);

@@ -207,16 +207,7 @@ async fn receive(ctx: &Context, a: ReceiveArgs) -> Result<i32> {
         ..Default::default()
     };
     let repo = ctx.open().await?;
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(async move {
-        let mut term =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
-        }
-        let _ = stop_tx.send(true);
-    });
+    let stop_rx = super::stop_on_signal("stopping: storing what was received");
     let (progress, _) = tokio::sync::watch::channel(stream::Progress::default());
     stream::supervise(&pg, &repo, &o, stop_rx, &progress, a.once, |e, retry_in| {
         tracing::error!(error = %e, ?retry_in, "streaming failed; reconnecting");
