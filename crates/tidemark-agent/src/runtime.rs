@@ -162,6 +162,14 @@ impl Worker {
         let (tx, mut rx) = mpsc::channel::<Told>(4);
         let mut running: Option<(BackupKind, tokio::task::JoinHandle<()>)> = None;
         let mut wake: Option<(usize, DateTime<Utc>)> = None;
+        let verify_schedule = self
+            .db
+            .verification
+            .as_ref()
+            .map(|v| crate::cron::Schedule::parse(&v.cron).expect("validated on load"));
+        let mut verify_next = verify_schedule
+            .as_ref()
+            .and_then(|s| s.next_after(Utc::now()));
         let mut watchdog = tokio::time::interval(std::time::Duration::from_secs(1));
         let mut stale_alerted: Option<DateTime<Utc>> = None;
         loop {
@@ -185,6 +193,11 @@ impl Worker {
             tokio::select! {
                 _ = crate::until_stopped(&mut stop) => break,
                 _ = watchdog.tick() => self.check_stale(&mut stale_alerted),
+                _ = sleep_until(verify_next) => {
+                    // Inline: a verification restore and the database's backups take turns.
+                    self.verify().await;
+                    verify_next = verify_schedule.as_ref().and_then(|s| s.next_after(Utc::now()));
+                }
                 Some(Told::Done(kind, result)) = rx.recv() => {
                     running = None;
                     self.account(&planned, kind);
@@ -225,6 +238,39 @@ impl Worker {
             }
         }
         self.update(|d| d.running = None);
+    }
+
+    /// Restore the newest snapshot into the state directory's scratch space and check it;
+    /// record the result, and notify a failure.
+    async fn verify(&self) {
+        let scratch = self
+            .state
+            .parent()
+            .unwrap_or(std::path::Path::new("."))
+            .join("verify");
+        if let Err(e) = std::fs::create_dir_all(&scratch) {
+            tracing::error!(database = %self.name, "failed to create {}: {e}", scratch.display());
+            return;
+        }
+        tracing::info!(database = %self.name, "verification restore starting");
+        let rec = crate::jobs::verify(&self.name, &self.db, &self.repo, &scratch).await;
+        if rec.ok {
+            tracing::info!(database = %self.name, snapshot = ?rec.snapshot, "verification restore passed in {:.1}s", rec.rto_seconds);
+        } else {
+            let e = rec.error.clone().unwrap_or_default();
+            tracing::error!(database = %self.name, snapshot = ?rec.snapshot, "verification restore failed: {e}");
+            let what = rec.snapshot.as_deref().unwrap_or("-");
+            self.notifier.send(
+                &self.db.notify,
+                Event::new(
+                    EventKind::VerificationFailed,
+                    &self.name,
+                    None,
+                    format!("snapshot {what}: {e}"),
+                ),
+            );
+        }
+        self.update(|d| d.verification = Some(rec));
     }
 
     /// The dead man's switch: no successful backup (of any kind) for `alert_after`, counted from
@@ -476,4 +522,12 @@ pub async fn run(config: Config, stop: watch::Receiver<bool>) -> Result<(), Star
     }
     let _ = http.await;
     Ok(())
+}
+
+/// Sleep until `t`; forever when there is none.
+async fn sleep_until(t: Option<DateTime<Utc>>) {
+    match t {
+        Some(t) => tokio::time::sleep((t - Utc::now()).to_std().unwrap_or_default()).await,
+        None => std::future::pending().await,
+    }
 }

@@ -77,6 +77,29 @@ pub struct Running {
     pub attempt: u32,
 }
 
+/// The outcome of a verification restore.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct VerificationRecord {
+    /// When it started.
+    pub started: DateTime<Utc>,
+    /// Whether the data came back whole.
+    pub ok: bool,
+    /// The snapshot restored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<String>,
+    /// The point in time verified (the snapshot's end).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub point: Option<DateTime<Utc>>,
+    /// How long the restore and its checks took: the measured RTO.
+    pub rto_seconds: f64,
+    /// What was checked.
+    #[serde(default)]
+    pub checks: Vec<String>,
+    /// Why it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
 /// One snapshot as the status and the timeline page show it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct SnapshotPoint {
@@ -144,6 +167,9 @@ pub struct DatabaseStatus {
     /// When each schedule (by `kind@cron`) last fired.
     #[serde(default)]
     pub fired: BTreeMap<String, DateTime<Utc>>,
+    /// The last verification restore.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verification: Option<VerificationRecord>,
     /// Log archiving, for databases that archive a log.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wal: Option<WalStatus>,
@@ -390,6 +416,32 @@ pub fn metrics(s: &Status) -> String {
                     &[("database", db), ("mode", &d.wal.as_ref().unwrap().mode)],
                     v,
                 );
+            }
+        }
+    }
+    type VerGet = fn(&VerificationRecord) -> f64;
+    let per_ver: [(&str, &str, VerGet); 3] = [
+        (
+            "tidemark_verification_last_timestamp_seconds",
+            "When the last verification restore started.",
+            |v| ts(v.started),
+        ),
+        (
+            "tidemark_verification_success",
+            "1 when the last verification restore brought the data back whole.",
+            |v| if v.ok { 1.0 } else { 0.0 },
+        ),
+        (
+            "tidemark_verification_rto_seconds",
+            "How long the last verification restore and its checks took.",
+            |v| v.rto_seconds,
+        ),
+    ];
+    for (name, help, get) in per_ver {
+        f.head(name, "gauge", help);
+        for (db, d) in &s.databases {
+            if let Some(v) = &d.verification {
+                f.sample(name, &[("database", db)], get(v));
             }
         }
     }

@@ -12,6 +12,7 @@ use tidemark_repo::ops::backup::Backup;
 use tidemark_repo::snapshot::{DatabaseIdentity, Snapshot, SnapshotKind};
 use tidemark_repo::Repository;
 
+pub mod census;
 pub mod postgres;
 pub mod retention;
 pub mod sqlite;

@@ -104,10 +104,14 @@ impl Engine for Sqlite {
         })?;
         let copy = tmp.path().join(STREAM);
         let (src, dst) = (self.path.clone(), copy.clone());
-        tokio::task::spawn_blocking(move || online_copy(&src, &dst))
-            .await
-            .map_err(|e| self.db_err("copy", e))?
-            .map_err(|e| self.db_err("copy", e))?;
+        // The census is taken from the copy, so it describes exactly what is backed up.
+        let census = tokio::task::spawn_blocking(move || {
+            online_copy(&src, &dst)?;
+            crate::census::sqlite(&dst)
+        })
+        .await
+        .map_err(|e| self.db_err("copy", e))?
+        .map_err(|e| self.db_err("copy", e))?;
         let file = std::fs::File::open(&copy).map_err(|e| Error::Io {
             action: "open",
             path: copy.display().to_string(),
@@ -116,10 +120,15 @@ impl Engine for Sqlite {
         backup
             .add_stream(STREAM, EntryType::Stream, file, None, None)
             .await?;
+        let mut positions = std::collections::BTreeMap::new();
+        positions.insert(
+            crate::census::POSITION.to_owned(),
+            serde_json::to_value(&census).expect("census serializes"),
+        );
         Ok(BackupInfo {
             kind: SnapshotKind::Physical,
             database,
-            positions: Default::default(),
+            positions,
         })
     }
 
@@ -209,6 +218,37 @@ impl Engine for Sqlite {
             bytes,
             verified: Some("PRAGMA integrity_check: ok".into()),
             elsewhere: Vec::new(),
+        })
+    }
+}
+
+/// A restored database opened read-only, for verification queries.
+#[derive(Debug)]
+pub struct ReadOnly(Connection);
+
+impl ReadOnly {
+    /// Open `path` read-only.
+    ///
+    /// # Errors
+    /// SQLite's.
+    pub fn open(path: &Path) -> rusqlite::Result<ReadOnly> {
+        Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY).map(ReadOnly)
+    }
+
+    /// The first column of the first row of `sql`, as text (NULL is empty).
+    ///
+    /// # Errors
+    /// SQLite's, and a query that returns no row.
+    pub fn query_text(&self, sql: &str) -> rusqlite::Result<String> {
+        self.0.query_row(sql, [], |r| {
+            Ok(match r.get_ref(0)? {
+                rusqlite::types::ValueRef::Null => String::new(),
+                rusqlite::types::ValueRef::Integer(v) => v.to_string(),
+                rusqlite::types::ValueRef::Real(v) => v.to_string(),
+                rusqlite::types::ValueRef::Text(v) | rusqlite::types::ValueRef::Blob(v) => {
+                    String::from_utf8_lossy(v).into_owned()
+                }
+            })
         })
     }
 }
