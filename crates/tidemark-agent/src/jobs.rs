@@ -116,24 +116,41 @@ pub async fn retention(
     let plan = tidemark_engine::retention::forget(repo, &policy, dry_run).await;
     let _ = lock.release().await;
     let plan = plan.map_err(|e| e.to_string())?;
-    let mut lines: Vec<String> = plan
+    let verb = if dry_run { "would remove" } else { "removed" };
+    let mut lines = Vec::new();
+    // This database's snapshots only: the others were kept as "not matched by the tag filter".
+    for d in plan
         .snapshots
         .iter()
-        .filter(|d| !d.keep)
-        .map(|d| {
-            format!(
-                "{} snapshot {} of {}",
-                if dry_run { "would remove" } else { "removed" },
+        .filter(|d| !d.reasons.iter().any(|r| r.contains("tag filter")))
+    {
+        if d.keep {
+            lines.push(format!(
+                "keep snapshot {} of {}: {}",
+                d.id.short(),
+                d.time.to_rfc3339(),
+                d.reasons.join(", ")
+            ));
+        } else {
+            lines.push(format!(
+                "{verb} snapshot {} of {}",
                 d.id.short(),
                 d.time.to_rfc3339()
-            )
-        })
-        .collect();
+            ));
+        }
+    }
     if !plan.delete_segments.is_empty() {
         lines.push(format!(
-            "{} {} log segment(s)",
-            if dry_run { "would remove" } else { "removed" },
+            "{verb} {} log segment(s)",
             plan.delete_segments.len()
+        ));
+    }
+    for w in &plan.windows {
+        lines.push(format!(
+            "pitr window of {}: {} to {}",
+            w.group,
+            w.covered_from.to_rfc3339(),
+            w.until.to_rfc3339()
         ));
     }
     Ok(lines)

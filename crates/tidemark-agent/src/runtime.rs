@@ -159,6 +159,7 @@ impl Worker {
             tracing::info!(database = %self.name, schedule = %planned[*i].key, "catching up a run missed while the agent was down");
         }
         self.refresh_snapshots().await;
+        self.plan_retention().await;
         let (tx, mut rx) = mpsc::channel::<Told>(4);
         let mut running: Option<(BackupKind, tokio::task::JoinHandle<()>)> = None;
         let mut wake: Option<(usize, DateTime<Utc>)> = None;
@@ -238,6 +239,17 @@ impl Worker {
             }
         }
         self.update(|d| d.running = None);
+    }
+
+    /// Show in the status what retention would do now (a dry run), before it does anything.
+    async fn plan_retention(&self) {
+        if self.db.retention.is_none() {
+            return;
+        }
+        match crate::jobs::retention(&self.name, &self.db, &self.repo, true).await {
+            Ok(lines) => self.update(|d| d.retention_plan = lines),
+            Err(e) => self.update(|d| d.retention_error = Some(e)),
+        }
     }
 
     /// Restore the newest snapshot into the state directory's scratch space and check it;
@@ -428,6 +440,7 @@ impl Worker {
             }
         }
         if ok && self.db.retention.is_some() {
+            self.plan_retention().await;
             let r = crate::jobs::retention(&self.name, &self.db, &self.repo, false).await;
             self.update(|d| match r {
                 Ok(lines) => {

@@ -158,7 +158,11 @@ pub struct DatabaseStatus {
     /// retention run).
     #[serde(default)]
     pub snapshots: Vec<SnapshotPoint>,
-    /// What the last retention run removed, or would remove (dry-run view), as lines.
+    /// The retention plan as of the last dry run (at start and before each retention run):
+    /// what is kept and why, what would go, the PITR windows.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retention_plan: Vec<String>,
+    /// What the last retention run did, as lines.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub retention: Vec<String>,
     /// The last retention error.

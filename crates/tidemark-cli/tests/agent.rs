@@ -193,6 +193,12 @@ fn an_agent_backs_up_sqlite_every_few_seconds_keeps_its_retention_and_reports_it
     assert_eq!(db["engine"], "sqlite");
     assert!(db["kinds"]["physical"]["last_success"]["snapshot"].is_string());
     assert!(db["kinds"]["physical"]["next_run"].is_string());
+    // The plan is in the status before retention acts: what stays and why.
+    let plan = db["retention_plan"].to_string();
+    assert!(
+        plan.contains("keep snapshot") && plan.contains("last 3"),
+        "{plan}"
+    );
     // Retention ran after each backup: never more than three snapshots of the database.
     let snaps = env.snapshots();
     assert!(snaps.len() <= 3 && !snaps.is_empty(), "{snaps:?}");
@@ -230,6 +236,7 @@ fn an_agent_backs_up_sqlite_every_few_seconds_keeps_its_retention_and_reports_it
         "{out}"
     );
     assert!(out.contains("recoverable: "), "{out}");
+    assert!(out.contains("retention: keep snapshot"), "{out}");
 
     // The newest snapshot restores to the same rows.
     let id = env.snapshots().last().unwrap()["id"]

@@ -89,6 +89,38 @@ pub async fn run(g: &Global, a: Args) -> Result<i32> {
             ),
             None => println!("  recoverable: nothing yet"),
         }
+        if let Some(w) = &d.wal {
+            let lag = w
+                .lag_bytes
+                .map(|b| format!("{b} bytes behind"))
+                .unwrap_or_else(|| "lag unknown".into());
+            let up = if w.mode == "streaming" {
+                format!(
+                    ", streamer {} ({} restarts)",
+                    if w.up { "up" } else { "DOWN" },
+                    w.restarts
+                )
+            } else {
+                String::new()
+            };
+            println!("  wal: {} archiving, {lag}{up}", w.mode);
+        }
+        if let Some(v) = &d.verification {
+            println!(
+                "  verification: {} {} of snapshot {} in {:.1}s{}",
+                if v.ok { "passed" } else { "FAILED" },
+                ago(v.started),
+                v.snapshot.as_deref().unwrap_or("-"),
+                v.rto_seconds,
+                v.error
+                    .as_deref()
+                    .map(|e| format!(": {e}"))
+                    .unwrap_or_default()
+            );
+        }
+        for line in &d.retention_plan {
+            println!("  retention: {line}");
+        }
         if let Some(e) = &d.retention_error {
             println!("  retention FAILED: {e}");
         }
