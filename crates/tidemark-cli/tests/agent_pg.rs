@@ -112,6 +112,24 @@ databases:
     )
 }
 
+/// Restore into the (stopped) cluster's emptied data directory with `pg restore <args…> --start`
+/// and count the rows of `t`.
+fn restore_and_count(cluster: &mut Postgres, config: &Path, args: &[&str]) -> String {
+    cluster.clear_data_dir();
+    let dest = cluster.data_dir();
+    let head = ["pg", "restore"];
+    let tail = ["--json", "--start", "--pgdata", dest.to_str().unwrap()];
+    let o = tidemark(config, &[&head[..], args, &tail[..]].concat());
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    cluster.started_elsewhere();
+    cluster.psql("postgres", "SELECT count(*) FROM t")
+}
+
 fn status(port: u16) -> serde_json::Value {
     try_get(port, "/status")
         .and_then(|(_, b)| serde_json::from_str(&b).ok())
@@ -246,31 +264,8 @@ fn an_agent_backs_up_postgres_on_schedule_prunes_the_wal_and_the_newest_backup_r
         Duration::from_secs(60),
     );
     cluster.stop("fast");
-    cluster.clear_data_dir();
-    let dest = cluster.data_dir();
-    let o = tidemark(
-        &config,
-        &[
-            "pg",
-            "restore",
-            &base,
-            "--json",
-            "--start",
-            "--pgdata",
-            dest.to_str().unwrap(),
-        ],
-    );
-    assert_eq!(
-        o.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    cluster.started_elsewhere();
-    assert_eq!(
-        cluster.psql("postgres", "SELECT count(*) FROM t"),
-        rows.to_string()
-    );
+    let count = restore_and_count(&mut cluster, &config, &[&base]);
+    assert_eq!(count, rows.to_string());
     cluster.stop("fast");
 }
 
@@ -343,28 +338,7 @@ fn the_agent_streams_wal_restarts_the_streamer_after_a_failure_and_reports_the_l
     std::thread::sleep(Duration::from_secs(2));
     assert!(agent.stop(120).success());
     cluster.stop("immediate");
-    cluster.clear_data_dir();
-    let dest = cluster.data_dir();
-    let o = tidemark(
-        &config,
-        &[
-            "pg",
-            "restore",
-            "latest",
-            "--latest",
-            "--json",
-            "--start",
-            "--pgdata",
-            dest.to_str().unwrap(),
-        ],
-    );
-    assert_eq!(
-        o.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    cluster.started_elsewhere();
-    assert_eq!(cluster.psql("postgres", "SELECT count(*) FROM t"), "2000");
+    let count = restore_and_count(&mut cluster, &config, &["latest", "--latest"]);
+    assert_eq!(count, "2000");
     cluster.stop("fast");
 }
