@@ -719,3 +719,27 @@ notifications:
     assert_eq!(count_rows(&db), 100);
     assert!(agent.stop(20).success());
 }
+
+#[test]
+fn a_wrong_repository_password_stops_the_agent_at_start_with_the_repository_named() {
+    let env = Env::new();
+    env.ok(&["init"]);
+    make_db(&env.path("app.db"), 10, 10);
+    let config = env.config("agent.yaml", "@every 1h", "", "");
+    std::fs::write(env.path("password"), "not the password\n").unwrap();
+    let o = env
+        .cmd(&["agent", "--config", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("failed to open repository \"main\" at location \"local\"")
+            && err.contains("wrong password"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("not the password") && !err.contains("panicked"),
+        "{err}"
+    );
+}
