@@ -94,8 +94,10 @@ pub async fn backup(
     })
 }
 
-/// Apply the database's retention policy to its own snapshots (and the log they need).
-/// Returns the plan as lines for the status.
+/// Plan the database's retention on its own snapshots (and the log they need), hand the plan to
+/// `publish` (what is kept and why, what would go, the PITR windows) and, with `apply`, carry
+/// out that same plan. One listing and one plan under one lock: what is shown is what is done.
+/// Returns what was removed.
 ///
 /// # Errors
 /// A message naming what failed.
@@ -103,7 +105,8 @@ pub async fn retention(
     name: &str,
     db: &DatabaseConfig,
     repo: &Repository,
-    dry_run: bool,
+    apply: bool,
+    publish: impl FnOnce(Vec<String>),
 ) -> Result<Vec<String>, String> {
     let Some(policy) = &db.retention else {
         return Ok(Vec::new());
@@ -113,12 +116,45 @@ pub async fn retention(
     let lock = LockGuard::acquire(repo, LockKind::Shared, "forget", &LockOptions::default())
         .await
         .map_err(|e| format!("failed to lock the repository: {e}"))?;
-    let plan = tidemark_engine::retention::forget(repo, &policy, dry_run).await;
+    let result = async {
+        let (facts, segments) = tidemark_engine::retention::facts(repo)
+            .await
+            .map_err(|e| e.to_string())?;
+        let plan = tidemark_repo::ops::retention::plan(&facts, &segments, &policy);
+        publish(plan_lines(&plan));
+        if !apply {
+            return Ok(Vec::new());
+        }
+        tidemark_repo::ops::retention::apply(repo, &plan)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut done: Vec<String> = plan
+            .removed()
+            .map(|d| {
+                format!(
+                    "removed snapshot {} of {}",
+                    d.id.short(),
+                    d.time.to_rfc3339()
+                )
+            })
+            .collect();
+        if !plan.delete_segments.is_empty() {
+            done.push(format!(
+                "removed {} log segment(s)",
+                plan.delete_segments.len()
+            ));
+        }
+        Ok(done)
+    }
+    .await;
     let _ = lock.release().await;
-    let plan = plan.map_err(|e| e.to_string())?;
-    let verb = if dry_run { "would remove" } else { "removed" };
+    result
+}
+
+/// The plan as lines, for this database's snapshots only (the others were kept as "not matched
+/// by the tag filter").
+fn plan_lines(plan: &tidemark_repo::ops::retention::RetentionPlan) -> Vec<String> {
     let mut lines = Vec::new();
-    // This database's snapshots only: the others were kept as "not matched by the tag filter".
     for d in plan
         .snapshots
         .iter()
@@ -133,7 +169,7 @@ pub async fn retention(
             ));
         } else {
             lines.push(format!(
-                "{verb} snapshot {} of {}",
+                "remove snapshot {} of {}",
                 d.id.short(),
                 d.time.to_rfc3339()
             ));
@@ -141,7 +177,7 @@ pub async fn retention(
     }
     if !plan.delete_segments.is_empty() {
         lines.push(format!(
-            "{verb} {} log segment(s)",
+            "remove {} log segment(s)",
             plan.delete_segments.len()
         ));
     }
@@ -153,7 +189,7 @@ pub async fn retention(
             w.until.to_rfc3339()
         ));
     }
-    Ok(lines)
+    lines
 }
 
 /// The database's snapshots, oldest first.
@@ -273,10 +309,12 @@ fn check_restored(
     }
     if let Some(v) = &db.verification {
         if !v.queries.is_empty() {
-            let c = rusqlite_open(target)?;
+            let c = tidemark_engine::sqlite::ReadOnly::open(target)
+                .map_err(|e| format!("failed to open the restored database: {e}"))?;
             for q in &v.queries {
-                let got =
-                    query_text(&c, &q.sql).map_err(|e| format!("query {:?} failed: {e}", q.sql))?;
+                let got = c
+                    .query_text(&q.sql)
+                    .map_err(|e| format!("query {:?} failed: {e}", q.sql))?;
                 if got != q.expect {
                     return Err(format!(
                         "query {:?} returned {got:?}, expected {:?}",
@@ -288,13 +326,4 @@ fn check_restored(
         }
     }
     Ok(checks)
-}
-
-fn rusqlite_open(p: &std::path::Path) -> Result<tidemark_engine::sqlite::ReadOnly, String> {
-    tidemark_engine::sqlite::ReadOnly::open(p)
-        .map_err(|e| format!("failed to open the restored database: {e}"))
-}
-
-fn query_text(c: &tidemark_engine::sqlite::ReadOnly, sql: &str) -> Result<String, String> {
-    c.query_text(sql).map_err(|e| e.to_string())
 }

@@ -17,7 +17,7 @@ use crate::config::{BackupKind, Concurrency, Config, DatabaseConfig, RepositoryC
 use crate::http::Shared;
 use crate::notify::{Event, EventKind, Notifier};
 use crate::schedule::{self, Planned};
-use crate::status::{state_file, RunRecord, Running, Status};
+use crate::status::{state_file, RunRecord, Running, Status, VerificationRecord};
 
 /// The agent could not start.
 #[derive(Debug, thiserror::Error)]
@@ -112,7 +112,7 @@ async fn claim_database(repo: &Repository, db: &str) -> Result<LockGuard, String
 
 /// What a worker is told.
 enum Told {
-    Done(BackupKind, Result<RunRecord, String>),
+    Done(BackupKind, Result<RunRecord, RunRecord>),
 }
 
 struct Worker {
@@ -243,12 +243,11 @@ impl Worker {
 
     /// Show in the status what retention would do now (a dry run), before it does anything.
     async fn plan_retention(&self) {
-        if self.db.retention.is_none() {
-            return;
-        }
-        match crate::jobs::retention(&self.name, &self.db, &self.repo, true).await {
-            Ok(lines) => self.update(|d| d.retention_plan = lines),
-            Err(e) => self.update(|d| d.retention_error = Some(e)),
+        let publish = |lines| self.update(|d| d.retention_plan = lines);
+        if let Err(e) =
+            crate::jobs::retention(&self.name, &self.db, &self.repo, false, publish).await
+        {
+            self.update(|d| d.retention_error = Some(e));
         }
     }
 
@@ -260,12 +259,15 @@ impl Worker {
             .parent()
             .unwrap_or(std::path::Path::new("."))
             .join("verify");
-        if let Err(e) = std::fs::create_dir_all(&scratch) {
-            tracing::error!(database = %self.name, "failed to create {}: {e}", scratch.display());
-            return;
-        }
         tracing::info!(database = %self.name, "verification restore starting");
-        let rec = crate::jobs::verify(&self.name, &self.db, &self.repo, &scratch).await;
+        let rec = match std::fs::create_dir_all(&scratch) {
+            Ok(()) => crate::jobs::verify(&self.name, &self.db, &self.repo, &scratch).await,
+            Err(e) => VerificationRecord {
+                started: Utc::now(),
+                error: Some(format!("failed to create {}: {e}", scratch.display())),
+                ..Default::default()
+            },
+        };
         if rec.ok {
             tracing::info!(database = %self.name, snapshot = ?rec.snapshot, "verification restore passed in {:.1}s", rec.rto_seconds);
         } else {
@@ -374,18 +376,28 @@ impl Worker {
                     }
                 }
             };
-            let result = result.map(|mut r| {
-                r.attempts = attempt;
-                r.started = started;
-                r.duration_seconds = (Utc::now() - started).num_milliseconds() as f64 / 1000.0;
-                r
-            });
-            let result = result.map_err(|e| format!("{e} (after {attempt} attempt(s))"));
+            let duration_seconds = (Utc::now() - started).num_milliseconds() as f64 / 1000.0;
+            let result = match result {
+                Ok(r) => Ok(RunRecord {
+                    attempts: attempt,
+                    started,
+                    duration_seconds,
+                    ..r
+                }),
+                Err(e) => Err(RunRecord {
+                    attempts: attempt,
+                    started,
+                    duration_seconds,
+                    error: Some(format!("{e} (after {attempt} attempt(s))")),
+                    ..Default::default()
+                }),
+            };
             let _ = tx.send(Told::Done(kind, result)).await;
         })
     }
 
-    async fn finished(&self, kind: BackupKind, result: Result<RunRecord, String>) {
+    /// Record a finished run (a failure is a record with its error), notify, then retention.
+    async fn finished(&self, kind: BackupKind, result: Result<RunRecord, RunRecord>) {
         let ok = result.is_ok();
         let was_failing = {
             let s = self.status.lock().unwrap_or_else(|p| p.into_inner());
@@ -395,11 +407,11 @@ impl Worker {
                 .is_some_and(|k| k.failing())
         };
         let event = match &result {
-            Err(e) => Some(Event::new(
+            Err(r) => Some(Event::new(
                 EventKind::BackupFailed,
                 &self.name,
                 Some(kind.as_str()),
-                e.clone(),
+                r.error.clone().unwrap_or_default(),
             )),
             Ok(r) if was_failing => Some(Event::new(
                 EventKind::BackupRecovered,
@@ -425,23 +437,19 @@ impl Worker {
                     k.last_success = Some(rec);
                 });
             }
-            Err(e) => {
-                tracing::error!(database = %self.name, kind = kind.as_str(), "backup failed: {e}");
+            Err(rec) => {
+                tracing::error!(database = %self.name, kind = kind.as_str(), "backup failed: {}", rec.error.as_deref().unwrap_or(""));
                 self.update(|d| {
                     d.running = None;
                     let k = d.kinds.entry(kind.as_str().into()).or_default();
                     k.failures += 1;
-                    k.last_failure = Some(RunRecord {
-                        started: Utc::now(),
-                        error: Some(e),
-                        ..Default::default()
-                    });
+                    k.last_failure = Some(rec);
                 });
             }
         }
         if ok && self.db.retention.is_some() {
-            self.plan_retention().await;
-            let r = crate::jobs::retention(&self.name, &self.db, &self.repo, false).await;
+            let publish = |lines| self.update(|d| d.retention_plan = lines);
+            let r = crate::jobs::retention(&self.name, &self.db, &self.repo, true, publish).await;
             self.update(|d| match r {
                 Ok(lines) => {
                     d.retention = lines;

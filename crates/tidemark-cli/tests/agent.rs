@@ -262,7 +262,13 @@ fn an_agent_killed_in_mid_backup_leaves_no_snapshot_and_catches_up_after_a_resta
     env.wait_for("a running backup", 30, |s| {
         s["databases"]["app"]["running"].is_object()
     });
-    std::thread::sleep(Duration::from_secs(3));
+    // A firing while the backup runs is skipped (concurrency: skip) and counted.
+    env.wait_for("a skipped firing", 30, |s| {
+        s["databases"]["app"]["kinds"]["physical"]["skipped"]
+            .as_u64()
+            .unwrap_or(0)
+            >= 1
+    });
     agent.kill9();
     let first_log = env.log();
     let state = std::fs::read_to_string(env.path("state/state.json")).unwrap_or_default();
@@ -427,7 +433,7 @@ fn failures_recoveries_and_a_stale_database_are_notified_once_each_and_the_url_s
         "@every 1s",
         "",
         &format!(
-            "    retry: {{attempts: 1}}
+            "    retry: {{attempts: 2, backoff: 1s}}
     notify: [hook, slack]
     alert_after: 3s
 notifications:
@@ -477,6 +483,16 @@ notifications:
     assert!(
         failed["message"].as_str().unwrap().contains("app.db"),
         "{failed}"
+    );
+    // Each failure was retried once before it counted.
+    let last = &failures["databases"]["app"]["kinds"]["physical"]["last_failure"];
+    assert_eq!(last["attempts"], 2, "{last}");
+    assert!(
+        last["error"]
+            .as_str()
+            .unwrap()
+            .ends_with("(after 2 attempt(s))"),
+        "{last}"
     );
     // Repeats of a failure within min_interval are not sent again.
     assert_eq!(
