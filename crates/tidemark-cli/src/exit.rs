@@ -90,6 +90,7 @@ fn repo(r: &RepoError) -> (i32, Option<String>) {
         }
         RepoError::Io { .. } | RepoError::Source(_) => (SOURCE, None),
         RepoError::LockLost(_) => (LOCKED, None),
+        RepoError::EveryLocationFailed(_) => (STORAGE, Some("no snapshot was written anywhere; fix one location (each is named above) and run the backup again".into())),
     }
 }
 

@@ -82,6 +82,9 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A backup to several locations failed at each of them (each named, with its error).
+    #[error("the backup failed at every location: {0}")]
+    EveryLocationFailed(String),
     /// An argument or option is invalid.
     #[error("{0}")]
     Invalid(String),

@@ -136,6 +136,49 @@ impl Repository {
         Ok(Repository::assemble(storage, keys, master, config, key_id))
     }
 
+    /// Make an empty location a second home of this repository (format §9a): copy its key
+    /// objects, then its config, byte for byte, so that every object is valid at both.
+    ///
+    /// # Errors
+    /// `AlreadyInitialized` naming the location when it holds a repository already (open it
+    /// and compare with `same_repository` instead); storage errors.
+    pub async fn add_location(&self, storage: Arc<dyn Storage>) -> Result<Repository> {
+        let location = storage.name().to_owned();
+        match storage.head("config").await {
+            Ok(_) => return Err(Error::AlreadyInitialized { location }),
+            Err(e) if e.kind == ErrorKind::NotFound => {}
+            Err(e) => return Err(e.into()),
+        }
+        // Keys first, the config last: the config is what makes a location a repository.
+        for meta in self.storage.list("keys/").await? {
+            copy_object(&*self.storage, &*storage, &meta.path).await?;
+        }
+        if copy_object(&*self.storage, &*storage, "config").await? == 0 {
+            // Another process made it a repository meanwhile.
+            return Err(Error::AlreadyInitialized { location });
+        }
+        Ok(self.at(storage))
+    }
+
+    /// This repository, reached through another location holding the same objects.
+    fn at(&self, storage: Arc<dyn Storage>) -> Repository {
+        Repository {
+            storage,
+            keys: self.keys.clone(),
+            master: self.master.clone(),
+            config: self.config.clone(),
+            key_id: self.key_id,
+            dicts: Arc::default(),
+        }
+    }
+
+    /// Whether `other` is the same repository (same id and same master key) at any location.
+    pub fn same_repository(&self, other: &Repository) -> bool {
+        const PROBE: &[u8] = b"tidemark: same repository?";
+        self.config.id == other.config.id
+            && self.keys.chunk_id(PROBE) == other.keys.chunk_id(PROBE)
+    }
+
     fn assemble(
         storage: Arc<dyn Storage>,
         keys: Keys,
@@ -203,20 +246,33 @@ impl Repository {
         aad: &[u8],
         value: &T,
     ) -> Result<[u8; 32]> {
+        let (id, sealed) = self.seal_json(dir, aad, value)?;
+        self.put_sealed(dir, id, sealed).await?;
+        Ok(id)
+    }
+
+    /// Seal `value` as zstd-compressed JSON: its id (the hash of the sealed bytes) and the bytes.
+    /// The same bytes are valid at every location of the repository (format §9a).
+    pub(crate) fn seal_json<T: Serialize>(
+        &self,
+        dir: &str,
+        aad: &[u8],
+        value: &T,
+    ) -> Result<([u8; 32], Bytes)> {
         let json = serde_json::to_vec(value).expect("repository objects serialize");
         let compressed =
             zstd::bulk::compress(&json, 3).map_err(|e| Error::io("compress", dir, e))?;
         let sealed = self.keys.seal(aad, &compressed);
-        let id = *blake3::hash(&sealed).as_bytes();
+        Ok((*blake3::hash(&sealed).as_bytes(), Bytes::from(sealed)))
+    }
+
+    /// Store sealed bytes under `dir/<id>`, create-if-absent.
+    pub(crate) async fn put_sealed(&self, dir: &str, id: [u8; 32], sealed: Bytes) -> Result<()> {
         let path = format!("{dir}/{}", hex::encode(id));
-        match self
-            .storage
-            .put(&path, Bytes::from(sealed), PutMode::CreateNew)
-            .await
-        {
+        match self.storage.put(&path, sealed, PutMode::CreateNew).await {
             // Same name means same bytes (the name is their hash).
-            Ok(()) => Ok(id),
-            Err(e) if e.kind == ErrorKind::AlreadyExists => Ok(id),
+            Ok(()) => Ok(()),
+            Err(e) if e.kind == ErrorKind::AlreadyExists => Ok(()),
             Err(e) => Err(e.into()),
         }
     }
@@ -466,6 +522,33 @@ async fn write_key(
         )
         .await?;
     Ok(id)
+}
+
+/// Copy one object between two locations of a repository, as stored (create-if-absent: the
+/// objects a copy moves are named by their content, or are the repository's fixed identity).
+/// Returns the bytes copied: 0 when the object was there already.
+///
+/// # Errors
+/// Storage errors at either location.
+pub(crate) async fn copy_object(from: &dyn Storage, to: &dyn Storage, path: &str) -> Result<u64> {
+    let bytes = from.get(path).await?;
+    // Objects named by the hash of their bytes are checked on the way (format §2).
+    let name = path.rsplit('/').next().unwrap_or(path);
+    if name.len() == 64
+        && name.bytes().all(|b| b.is_ascii_hexdigit())
+        && hex::encode(blake3::hash(&bytes).as_bytes()) != name
+    {
+        return Err(Error::corrupt(
+            format!("{path} at {}", from.name()),
+            "content does not match its name (hash mismatch); it was not copied",
+        ));
+    }
+    let n = bytes.len() as u64;
+    match to.put(path, bytes, PutMode::CreateNew).await {
+        Ok(()) => Ok(n),
+        Err(e) if e.kind == ErrorKind::AlreadyExists => Ok(0),
+        Err(e) => Err(e.into()),
+    }
 }
 
 async fn load_key(storage: &dyn Storage, path: &str) -> Result<KeyFile> {

@@ -1,5 +1,10 @@
 //! Backup: chunk, deduplicate, compress and seal streams in parallel, pack and upload the blobs,
 //! then write the index and, last, the snapshot (format §8.2).
+//!
+//! One backup can write to several locations of one repository from a single read (format
+//! §9a): each chunk is hashed, compressed and sealed once; each location has its own index for
+//! "already stored", its own packer and its own lock. A location that fails is dropped and the
+//! others go on; the snapshot is written, byte for byte the same, wherever nothing failed.
 
 use std::collections::{BTreeMap, HashSet};
 use std::io::Read;
@@ -10,7 +15,7 @@ use chrono::{DateTime, Utc};
 use tokio::task::JoinSet;
 
 use crate::chunker::{Chunker, Cutter};
-use crate::crypto::Keys;
+use crate::crypto::{aad, Keys};
 use crate::dict::{Dictionaries, Dictionary, Sampler};
 use crate::error::{Error, Result};
 use crate::id::{ChunkId, SnapshotId};
@@ -124,19 +129,39 @@ struct Blocks {
     sampler: Option<Arc<Sampler>>,
 }
 
-/// Hash a chunk, and seal it unless the repository or this backup already has it.
+/// What one location has already: its index, and the chunks this backup has given it.
+struct Dedup {
+    index: MasterIndex,
+    claimed: Mutex<HashSet<ChunkId>>,
+}
+
+/// The most locations one backup writes to (a bit each in a `u64`).
+pub const MAX_LOCATIONS: usize = 64;
+
+/// A sealed chunk and the locations (bits) that do not have it yet.
+type NewBlob = (Blob, u64);
+
+/// Hash a chunk, and seal it once unless every location already has it.
 fn process_chunk(
     keys: &Keys,
-    index: &MasterIndex,
-    claimed: &Mutex<HashSet<ChunkId>>,
+    dedup: &[Dedup],
     chunk: &[u8],
     level: i32,
     blocks: &Blocks,
-) -> (ChunkId, Option<Blob>) {
+) -> (ChunkId, Option<NewBlob>) {
     let id = keys.chunk_id(chunk);
-    let new =
-        !index.has_for_dedup(&id) && claimed.lock().unwrap_or_else(|p| p.into_inner()).insert(id);
-    if !new {
+    let mut wanted = 0u64;
+    for (i, d) in dedup.iter().enumerate() {
+        if !d.index.has_for_dedup(&id)
+            && d.claimed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(id)
+        {
+            wanted |= 1 << i;
+        }
+    }
+    if wanted == 0 {
         return (id, None);
     }
     if let Some(s) = &blocks.sampler {
@@ -144,17 +169,116 @@ fn process_chunk(
     }
     (
         id,
-        Some(Blob::seal(keys, id, chunk, level, blocks.dict.as_ref())),
+        Some((
+            Blob::seal(keys, id, chunk, level, blocks.dict.as_ref()),
+            wanted,
+        )),
     )
+}
+
+/// One location a backup writes to.
+struct Sink<'l> {
+    repo: Repository,
+    lock: &'l LockGuard,
+    /// `None` once the location failed.
+    packer: Option<Packer>,
+    new_chunks: u64,
+    new_stored_bytes: u64,
+    error: Option<Error>,
+}
+
+impl Sink<'_> {
+    fn live(&self) -> bool {
+        self.error.is_none()
+    }
+
+    /// Drop this location from the backup: it gets no snapshot, only unreferenced packs that
+    /// its prune removes.
+    fn fail(&mut self, e: Error) {
+        if self.error.is_none() {
+            tracing::warn!(
+                "location {} dropped from the backup: {e}",
+                self.repo.location()
+            );
+            self.packer = None;
+            self.error = Some(e);
+        }
+    }
+
+    async fn add(&mut self, blob: &Blob) {
+        if let Some(p) = &mut self.packer {
+            if let Err(e) = p.add(blob).await {
+                self.fail(e);
+                return;
+            }
+            self.new_chunks += 1;
+            self.new_stored_bytes += blob.data.len() as u64;
+        }
+    }
+
+    /// Flush and upload the last packs, then write the index of this backup's packs.
+    async fn finish_packs(&mut self) {
+        let Some(packer) = self.packer.take() else {
+            return;
+        };
+        let result = async {
+            let packs = packer.finish().await?;
+            self.lock.check()?;
+            if !packs.is_empty() {
+                self.repo
+                    .save_index(&IndexFile {
+                        version: 1,
+                        supersedes: Vec::new(),
+                        packs,
+                    })
+                    .await?;
+            }
+            self.lock.check()
+        }
+        .await;
+        if let Err(e) = result {
+            self.fail(e);
+        }
+    }
+}
+
+/// How one location fared in a backup.
+#[derive(Debug, Clone)]
+pub struct LocationOutcome {
+    /// The location's name (as `Repository::location`).
+    pub location: String,
+    /// Chunks this location did not have before.
+    pub new_chunks: u64,
+    /// Bytes those took, as stored.
+    pub new_stored_bytes: u64,
+    /// Why the location was dropped; `None` when it has the snapshot.
+    pub error: Option<String>,
+}
+
+/// A finished backup: the snapshot, and where it was written.
+#[derive(Debug, Clone)]
+pub struct Finished {
+    /// The snapshot's id: the same at every location that has it.
+    pub id: SnapshotId,
+    /// The snapshot.
+    pub snapshot: Snapshot,
+    /// One entry per location, in the order given to `start_at`.
+    pub locations: Vec<LocationOutcome>,
+}
+
+impl Finished {
+    /// The locations that missed the snapshot, with why.
+    pub fn missing(&self) -> impl Iterator<Item = &LocationOutcome> {
+        self.locations.iter().filter(|l| l.error.is_some())
+    }
 }
 
 /// A backup in progress: add streams, then `finish` to write the index and the snapshot.
 pub struct Backup<'l> {
+    /// The first location: the repository's keys and config (the same at every location).
     repo: Repository,
-    lock: &'l LockGuard,
-    index: Arc<MasterIndex>,
-    claimed: Arc<Mutex<HashSet<ChunkId>>>,
-    packer: Packer,
+    sinks: Vec<Sink<'l>>,
+    dedup: Arc<Vec<Dedup>>,
     streams: Vec<StreamEntry>,
     summary: Summary,
     opts: BackupOptions,
@@ -204,7 +328,7 @@ const BATCH_BYTES: usize = 2 << 20;
 /// A worker's results for one batch, in order.
 struct Done {
     seq: u64,
-    chunks: Vec<(ChunkId, u64, Option<Blob>)>,
+    chunks: Vec<(ChunkId, u64, Option<NewBlob>)>,
 }
 
 impl<'l> Backup<'l> {
@@ -218,21 +342,83 @@ impl<'l> Backup<'l> {
         opts: BackupOptions,
         progress: Arc<Progress>,
     ) -> Result<Backup<'l>> {
-        lock.check()?;
-        let index = Arc::new(repo.load_index().await?);
+        Backup::start_at(vec![(repo.clone(), lock)], opts, progress).await
+    }
+
+    /// Start one backup to several locations of one repository, each under its own shared
+    /// lock. A location that cannot start (unreachable, lock lost) is dropped now; the backup
+    /// starts if one location can.
+    ///
+    /// # Errors
+    /// `Invalid` for no locations, too many, or locations holding different repositories;
+    /// the location's own error when there is one location; `EveryLocationFailed` otherwise.
+    pub async fn start_at(
+        targets: Vec<(Repository, &'l LockGuard)>,
+        opts: BackupOptions,
+        progress: Arc<Progress>,
+    ) -> Result<Backup<'l>> {
+        let Some(first) = targets.first().map(|t| t.0.clone()) else {
+            return Err(Error::Invalid("a backup needs at least one location".into()));
+        };
+        if targets.len() > MAX_LOCATIONS {
+            return Err(Error::Invalid(format!(
+                "a backup writes to at most {MAX_LOCATIONS} locations, not {}",
+                targets.len()
+            )));
+        }
+        if let Some((other, _)) = targets.iter().find(|t| !first.same_repository(&t.0)) {
+            return Err(Error::Invalid(format!(
+                "locations {:?} and {:?} hold different repositories; add a location with `tidemark init --copy-from`",
+                first.location(),
+                other.location()
+            )));
+        }
+        let loaded = futures::future::join_all(targets.iter().map(|(repo, lock)| async move {
+            lock.check()?;
+            repo.load_index().await
+        }))
+        .await;
+        let mut sinks = Vec::with_capacity(targets.len());
+        let mut dedup = Vec::with_capacity(targets.len());
+        for ((repo, lock), index) in targets.into_iter().zip(loaded) {
+            let (index, error) = match index {
+                Ok(i) => (i, None),
+                Err(e) => (MasterIndex::new(), Some(e)),
+            };
+            dedup.push(Dedup {
+                index,
+                claimed: Mutex::new(HashSet::new()),
+            });
+            let mut sink = Sink {
+                packer: Some(Packer::new(repo.clone(), opts.uploads)),
+                repo,
+                lock,
+                new_chunks: 0,
+                new_stored_bytes: 0,
+                error: None,
+            };
+            if let Some(e) = error {
+                sink.fail(e);
+            }
+            sinks.push(sink);
+        }
+        sync_dictionaries(&mut sinks).await;
+        let repo = match sinks.iter().find(|s| s.live()) {
+            Some(s) => s.repo.clone(),
+            None => return Err(every_location_failed(&mut sinks)),
+        };
         let dicts = repo.dictionaries().await?;
         let sampler = dicts
             .for_blocks()
             .is_none()
             .then(|| Arc::new(Sampler::default()));
+        drop(first);
         Ok(Backup {
             dicts,
             sampler,
-            repo: repo.clone(),
-            lock,
-            index,
-            claimed: Arc::new(Mutex::new(HashSet::new())),
-            packer: Packer::new(repo.clone(), opts.uploads),
+            repo,
+            sinks,
+            dedup: Arc::new(dedup),
             streams: Vec::new(),
             summary: Summary::default(),
             started: Utc::now(),
@@ -290,7 +476,7 @@ impl<'l> Backup<'l> {
         mtime: Option<DateTime<Utc>>,
         cutting: Cutting,
     ) -> Result<StreamEntry> {
-        self.lock.check()?;
+        self.check_locks()?;
         cutting.check()?;
         let params = self.repo.config().chunker;
         let keys = self.repo.keys().clone();
@@ -349,7 +535,7 @@ impl<'l> Backup<'l> {
         let blocks = self.blocks(cutting);
         for _ in 0..self.opts.threads.max(1) {
             let (rx, tx, io_tx) = (work_rx.clone(), done_tx.clone(), io_tx.clone());
-            let (keys, index, claimed) = (keys.clone(), self.index.clone(), self.claimed.clone());
+            let (keys, dedup) = (keys.clone(), self.dedup.clone());
             let blocks = blocks.clone();
             workers.push(std::thread::spawn(move || loop {
                 let item = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
@@ -364,8 +550,7 @@ impl<'l> Backup<'l> {
                 let chunks = batch
                     .iter()
                     .map(|chunk| {
-                        let (id, blob) =
-                            process_chunk(&keys, &index, &claimed, chunk, level, &blocks);
+                        let (id, blob) = process_chunk(&keys, &dedup, chunk, level, &blocks);
                         (id, chunk.len() as u64, blob)
                     })
                     .collect();
@@ -385,7 +570,7 @@ impl<'l> Backup<'l> {
                 let mut ids = Vec::with_capacity(d.chunks.len());
                 for (id, raw, blob) in d.chunks {
                     size += raw;
-                    self.record(raw, blob.as_ref()).await?;
+                    self.record(raw, blob).await?;
                     ids.push(id);
                 }
                 pending.insert(d.seq, ids);
@@ -433,18 +618,45 @@ impl<'l> Backup<'l> {
         entry
     }
 
-    /// Count one chunk of a stream and pack it if it is new.
-    async fn record(&mut self, raw: u64, blob: Option<&Blob>) -> Result<()> {
+    /// Count one chunk of a stream and pack it at each location that lacks it.
+    async fn record(&mut self, raw: u64, blob: Option<NewBlob>) -> Result<()> {
         self.summary.chunks += 1;
         Progress::add(&self.progress.bytes, raw);
-        if let Some(blob) = blob {
+        if let Some((blob, wanted)) = blob {
             self.summary.new_chunks += 1;
             self.summary.new_raw_bytes += raw;
             self.summary.new_stored_bytes += blob.data.len() as u64;
             Progress::add(&self.progress.stored, blob.data.len() as u64);
-            self.packer.add(blob).await?;
+            let mut lost = false;
+            for (i, sink) in self.sinks.iter_mut().enumerate() {
+                if wanted & (1 << i) != 0 && sink.live() {
+                    sink.add(&blob).await;
+                    lost |= !sink.live();
+                }
+            }
+            if lost {
+                self.require_live()?;
+            }
         }
         Ok(())
+    }
+
+    /// Drop the locations whose lock was lost; an error once none is left.
+    fn check_locks(&mut self) -> Result<()> {
+        for sink in self.sinks.iter_mut().filter(|s| s.live()) {
+            if let Err(e) = sink.lock.check() {
+                sink.fail(e);
+            }
+        }
+        self.require_live()
+    }
+
+    fn require_live(&mut self) -> Result<()> {
+        if self.sinks.iter().any(Sink::live) {
+            Ok(())
+        } else {
+            Err(every_location_failed(&mut self.sinks))
+        }
     }
 
     /// Add a small stream held in memory (a small file of a tree) without starting the
@@ -477,13 +689,9 @@ impl<'l> Backup<'l> {
         mtime: Option<DateTime<Utc>>,
         cutting: Cutting,
     ) -> Result<StreamEntry> {
-        self.lock.check()?;
+        self.check_locks()?;
         cutting.check()?;
-        let (keys, index, claimed) = (
-            self.repo.keys().clone(),
-            self.index.clone(),
-            self.claimed.clone(),
-        );
+        let (keys, dedup) = (self.repo.keys().clone(), self.dedup.clone());
         let (params, level) = (
             self.repo.config().chunker,
             self.repo.config().compression.level,
@@ -491,7 +699,7 @@ impl<'l> Backup<'l> {
         let size = data.len() as u64;
         let blocks = self.blocks(cutting);
         let processed =
-            tokio::task::spawn_blocking(move || -> Vec<(ChunkId, u64, Option<Blob>)> {
+            tokio::task::spawn_blocking(move || -> Vec<(ChunkId, u64, Option<NewBlob>)> {
                 // Cut the buffer in place: a streaming chunker would allocate and zero 4 MiB per file.
                 let cutter = Cutter::new(params, keys.gear_seed());
                 let chunks: Box<dyn Iterator<Item = &[u8]>> = match cutting {
@@ -500,8 +708,7 @@ impl<'l> Backup<'l> {
                 };
                 chunks
                     .map(|chunk| {
-                        let (id, blob) =
-                            process_chunk(&keys, &index, &claimed, chunk, level, &blocks);
+                        let (id, blob) = process_chunk(&keys, &dedup, chunk, level, &blocks);
                         (id, chunk.len() as u64, blob)
                     })
                     .collect()
@@ -510,7 +717,7 @@ impl<'l> Backup<'l> {
             .map_err(|e| Error::Invalid(format!("chunking task failed: {e}")))?;
         let mut chunks = Vec::with_capacity(processed.len());
         for (id, raw, blob) in processed {
-            self.record(raw, blob.as_ref()).await?;
+            self.record(raw, blob).await?;
             chunks.push(id);
         }
         Ok(self.finish_stream(StreamEntry {
@@ -534,35 +741,44 @@ impl<'l> Backup<'l> {
     /// Flush packs, write the index, then the snapshot. Only now does the snapshot exist.
     ///
     /// # Errors
-    /// Storage errors, `LockLost`.
+    /// Storage errors, `LockLost`: at every location (see `finish_report`).
     pub async fn finish(
-        mut self,
+        self,
         positions: BTreeMap<String, serde_json::Value>,
     ) -> Result<(SnapshotId, Snapshot)> {
-        let packs = self.packer.finish().await?;
-        self.lock.check()?;
+        let f = self.finish_report(positions).await?;
+        Ok((f.id, f.snapshot))
+    }
+
+    /// `finish`, and how each location fared. The snapshot is written, the same bytes, at each
+    /// location where every step succeeded; the others get none (format §9a).
+    ///
+    /// # Errors
+    /// When no location has the snapshot: the location's error if there was one location,
+    /// `EveryLocationFailed` otherwise.
+    pub async fn finish_report(
+        mut self,
+        positions: BTreeMap<String, serde_json::Value>,
+    ) -> Result<Finished> {
+        futures::future::join_all(self.sinks.iter_mut().map(Sink::finish_packs)).await;
+        self.require_live()?;
         // The first backup of fixed blocks trains the dictionary later ones use. It is an
         // optimisation: failing to store it does not fail the backup.
         if let Some(sampler) = &self.sampler {
-            match crate::dict::train_and_store(&self.repo, &self.dicts, sampler).await {
-                Ok(Some(id)) => {
-                    tracing::debug!("stored zstd dictionary {id} for blocks");
-                    self.repo.reload_dictionaries();
+            let first = self.sinks.iter().find(|s| s.live()).map(|s| s.repo.clone());
+            if let Some(repo) = first {
+                match crate::dict::train_and_store(&repo, &self.dicts, sampler).await {
+                    Ok(Some(id)) => {
+                        tracing::debug!("stored zstd dictionary {id} for blocks");
+                        // The next backup copies it to the other locations (`sync_dictionaries`).
+                        repo.reload_dictionaries();
+                    }
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!("no zstd dictionary stored for later backups: {e}"),
                 }
-                Ok(None) => {}
-                Err(e) => tracing::warn!("no zstd dictionary stored for later backups: {e}"),
             }
         }
-        if !packs.is_empty() {
-            self.repo
-                .save_index(&IndexFile {
-                    version: 1,
-                    supersedes: Vec::new(),
-                    packs,
-                })
-                .await?;
-        }
-        self.lock.check()?;
+        self.check_locks()?;
         let now = Utc::now();
         self.summary.duration_seconds = (now - self.started).num_milliseconds() as f64 / 1000.0;
         let snapshot = Snapshot {
@@ -576,12 +792,116 @@ impl<'l> Backup<'l> {
             database: self.opts.database.clone(),
             tags: self.opts.tags.clone(),
             parent: None,
-            streams: self.streams,
+            streams: std::mem::take(&mut self.streams),
             positions,
-            summary: self.summary,
+            summary: self.summary.clone(),
         };
-        let id = self.repo.save_snapshot(&snapshot).await?;
-        Ok((id, snapshot))
+        let (id, sealed) = self
+            .repo
+            .seal_json("snapshots", aad::SNAPSHOT, &snapshot)?;
+        let puts = futures::future::join_all(self.sinks.iter().map(|s| {
+            let sealed = sealed.clone();
+            async move {
+                if s.live() {
+                    Some(s.repo.put_sealed("snapshots", id, sealed).await)
+                } else {
+                    None
+                }
+            }
+        }))
+        .await;
+        for (sink, put) in self.sinks.iter_mut().zip(puts) {
+            if let Some(Err(e)) = put {
+                sink.fail(e);
+            }
+        }
+        self.require_live()?;
+        let locations = self
+            .sinks
+            .iter()
+            .map(|s| LocationOutcome {
+                location: s.repo.location().to_owned(),
+                new_chunks: s.new_chunks,
+                new_stored_bytes: s.new_stored_bytes,
+                error: s.error.as_ref().map(|e| e.to_string()),
+            })
+            .collect();
+        Ok(Finished {
+            id: SnapshotId(id),
+            snapshot,
+            locations,
+        })
+    }
+}
+
+/// The error when no location is left: the location's own when there was one.
+fn every_location_failed(sinks: &mut [Sink<'_>]) -> Error {
+    if let [only] = sinks {
+        return only
+            .error
+            .take()
+            .unwrap_or_else(|| Error::Invalid("the backup's location failed".into()));
+    }
+    let each = sinks
+        .iter()
+        .map(|s| {
+            let why = s.error.as_ref().map(|e| e.to_string()).unwrap_or_default();
+            format!("{}: {why}", s.repo.location())
+        })
+        .collect::<Vec<_>>()
+        .join("; ");
+    Error::EveryLocationFailed(each)
+}
+
+/// Give every live location the dictionaries any of them has (plain copies: the objects are
+/// sealed with the repository's key), so that a blob compressed with one can go anywhere. A
+/// location that cannot be brought level is dropped.
+async fn sync_dictionaries(sinks: &mut [Sink<'_>]) {
+    if sinks.len() < 2 {
+        return;
+    }
+    let listed = futures::future::join_all(sinks.iter().map(|s| async move {
+        if s.live() {
+            Some(s.repo.list_objects("dicts").await)
+        } else {
+            None
+        }
+    }))
+    .await;
+    let mut have: Vec<Option<HashSet<String>>> = Vec::with_capacity(sinks.len());
+    for (sink, l) in sinks.iter_mut().zip(listed) {
+        match l {
+            Some(Ok(metas)) => have.push(Some(metas.into_iter().map(|m| m.path).collect())),
+            Some(Err(e)) => {
+                sink.fail(e);
+                have.push(None);
+            }
+            None => have.push(None),
+        }
+    }
+    let all: HashSet<&String> = have.iter().flatten().flatten().collect();
+    for path in all {
+        let Some(from) = have
+            .iter()
+            .position(|h| h.as_ref().is_some_and(|h| h.contains(path)))
+        else {
+            continue;
+        };
+        for i in 0..sinks.len() {
+            if have[i].as_ref().is_none_or(|h| h.contains(path)) || !sinks[i].live() {
+                continue;
+            }
+            let r = crate::repository::copy_object(
+                &**sinks[from].repo.storage(),
+                &**sinks[i].repo.storage(),
+                path,
+            )
+            .await;
+            match r {
+                Ok(_) => sinks[i].repo.reload_dictionaries(),
+                Err(e) => sinks[i].fail(e),
+            }
+        }
     }
 }
 
