@@ -278,9 +278,14 @@ pub struct DatabaseConfig {
     /// Retries of failed backups.
     #[serde(default)]
     pub retry: RetryConfig,
-    /// Retention, applied after each successful backup. None keeps everything.
+    /// Retention, applied after each successful backup at every location of the repository.
+    /// None keeps everything.
     #[serde(default)]
     pub retention: Option<RetentionPolicy>,
+    /// Retention for named locations of the repository, instead of `retention` (for example a
+    /// longer history offsite).
+    #[serde(default)]
+    pub location_retention: BTreeMap<String, RetentionPolicy>,
     /// Verification restores.
     #[serde(default)]
     pub verification: Option<VerificationConfig>,
@@ -398,9 +403,11 @@ impl Config {
                     p.push(format!("{at}.locations[{i}].limit_upload: {e}"));
                 }
             }
-            if r.locations.len() > 1 {
+            if r.locations.len() > tidemark_repo::ops::backup::MAX_LOCATIONS {
                 p.push(format!(
-                    "{at}.locations: writing one backup to several locations is not built yet; give one location per repository"
+                    "{at}.locations: {} given; at most {} are supported",
+                    r.locations.len(),
+                    tidemark_repo::ops::backup::MAX_LOCATIONS
                 ));
             }
             match (&r.password_file, &r.key_file) {
@@ -522,12 +529,33 @@ impl Config {
                     d.engine
                 ));
             }
-            let window = d.retention.as_ref().and_then(|r| r.pitr_window);
-            if window.is_some() && !c.point_in_time {
-                p.push(format!(
-                    "{at}.retention.pitr_window: the {:?} engine has no point-in-time recovery; remove it",
-                    d.engine
-                ));
+            let policies = d
+                .retention
+                .iter()
+                .map(|r| ("retention".to_owned(), r))
+                .chain(
+                    d.location_retention
+                        .iter()
+                        .map(|(l, r)| (format!("location_retention.{l}"), r)),
+                );
+            for (field, r) in policies {
+                if r.pitr_window.is_some() && !c.point_in_time {
+                    p.push(format!(
+                        "{at}.{field}.pitr_window: the {:?} engine has no point-in-time recovery; remove it",
+                        d.engine
+                    ));
+                }
+            }
+        }
+        if let Some(r) = self.repositories.get(&d.repository) {
+            for l in d.location_retention.keys() {
+                if !r.locations.iter().any(|x| &x.name == l) {
+                    p.push(format!(
+                        "{at}.location_retention.{l}: repository {:?} has no location {l:?}; use one of {}",
+                        d.repository,
+                        r.locations.iter().map(|x| format!("{:?}", x.name)).collect::<Vec<_>>().join(", ")
+                    ));
+                }
             }
         }
         if d.pitr.slot.is_some() && d.pitr.mode != PitrMode::Streaming {

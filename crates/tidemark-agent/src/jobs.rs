@@ -1,6 +1,7 @@
 //! The work a schedule starts: one backup of one database into its repository, then retention,
 //! then a fresh list of the database's snapshots for the status.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use chrono::Utc;
@@ -8,11 +9,13 @@ use tidemark_engine::postgres::physical::PhysicalOptions;
 use tidemark_engine::Engine;
 use tidemark_repo::lock::{LockGuard, LockKind, LockOptions};
 use tidemark_repo::ops::backup::{Backup, BackupOptions};
+use tidemark_repo::ops::retention::RetentionPolicy;
 use tidemark_repo::progress::Progress;
 use tidemark_repo::Repository;
 
 use crate::config::{BackupKind, DatabaseConfig, EngineKind};
-use crate::status::{RunRecord, SnapshotPoint, VerificationRecord};
+use crate::locations::Repo;
+use crate::status::{LocationRun, RunRecord, SnapshotPoint, VerificationRecord};
 
 /// The tag every snapshot of a database gets from the agent: how retention and the status
 /// find the database's own snapshots in a shared repository.
@@ -40,22 +43,49 @@ pub fn engine(db: &DatabaseConfig, kind: BackupKind) -> Result<Box<dyn Engine>, 
     }
 }
 
-/// Take one backup. The snapshot exists only if this returns Ok (the repository writes it
-/// last); a failure or an abandoned future leaves at most unreferenced packs for prune.
+/// Take one backup, written from one read to every location of the repository that can be
+/// reached and locked. The snapshot exists only where this reports it (the repository writes
+/// it last); a failure or an abandoned future leaves at most unreferenced packs for prune.
 ///
 /// # Errors
-/// A one-line message naming what failed.
+/// A one-line message naming what failed: the source, or every location.
 pub async fn backup(
     name: &str,
     db: &DatabaseConfig,
-    repo: &Repository,
+    repo: &Repo,
     kind: BackupKind,
 ) -> Result<RunRecord, String> {
     let started = Utc::now();
     let engine = engine(db, kind)?;
-    let lock = LockGuard::acquire(repo, LockKind::Shared, "backup", &LockOptions::default())
-        .await
-        .map_err(|e| format!("failed to lock the repository: {e}"))?;
+    let mut locations: BTreeMap<String, LocationRun> = BTreeMap::new();
+    let mut reached = Vec::new();
+    let mut locks = Vec::new();
+    for (site, r) in repo.reach_all().await {
+        let lock = match r {
+            Ok(rp) => LockGuard::acquire(&rp, LockKind::Shared, "backup", &LockOptions::default())
+                .await
+                .map(|l| (rp, l))
+                .map_err(|e| format!("failed to lock the repository: {e}")),
+            Err(e) => Err(e),
+        };
+        match lock {
+            Ok((rp, l)) => {
+                reached.push((site, rp));
+                locks.push(l);
+            }
+            Err(e) => {
+                tracing::warn!(database = %name, location = %site, "location left out of the backup: {e}");
+                locations.insert(site, missed(e));
+            }
+        }
+    }
+    if reached.is_empty() {
+        return Err(format!(
+            "no location of repository {:?} could be reached: {}",
+            repo.name(),
+            describe_missing(&locations)
+        ));
+    }
     let mut tags = db.tags.clone();
     tags.push(db_tag(name));
     let opts = BackupOptions {
@@ -63,8 +93,13 @@ pub async fn backup(
         tags,
         ..Default::default()
     };
+    let targets = reached
+        .iter()
+        .map(|(_, rp)| rp.clone())
+        .zip(locks.iter())
+        .collect();
     let result = async {
-        let b = Backup::start(repo, &lock, opts, Arc::new(Progress::default()))
+        let b = Backup::start_at(targets, opts, Arc::new(Progress::default()))
             .await
             .map_err(|e| e.to_string())?;
         tidemark_engine::run_backup(engine.as_ref(), b)
@@ -72,45 +107,98 @@ pub async fn backup(
             .map_err(|e| e.to_string())
     }
     .await;
-    let _ = lock.release().await;
-    let (id, snap) = result?;
-    if let Some(pages) = snap
+    for l in locks {
+        let _ = l.release().await;
+    }
+    let f = result?;
+    for ((site, _), outcome) in reached.into_iter().zip(&f.locations) {
+        let run = match &outcome.error {
+            None => LocationRun {
+                ok: true,
+                bytes_stored: outcome.new_stored_bytes,
+                error: None,
+            },
+            Some(e) => missed(e.clone()),
+        };
+        locations.insert(site, run);
+    }
+    if let Some(pages) = f
+        .snapshot
         .positions
         .get(tidemark_engine::postgres::physical::CHECKSUM_FAILURES)
     {
         return Err(format!(
             "{pages} page(s) failed their checksums while read; snapshot {} holds them as read and is not a base for the protected chain",
-            id.short()
+            f.id.short()
         ));
     }
     Ok(RunRecord {
         started,
         duration_seconds: (Utc::now() - started).num_milliseconds() as f64 / 1000.0,
         attempts: 1,
-        snapshot: Some(id.short()),
-        bytes_read: snap.summary.raw_bytes,
-        bytes_stored: snap.summary.new_stored_bytes,
+        snapshot: Some(f.id.short()),
+        bytes_read: f.snapshot.summary.raw_bytes,
+        bytes_stored: f.snapshot.summary.new_stored_bytes,
         error: None,
+        locations: if repo.several() {
+            locations
+        } else {
+            BTreeMap::new()
+        },
     })
+}
+
+fn missed(error: String) -> LocationRun {
+    LocationRun {
+        ok: false,
+        bytes_stored: 0,
+        error: Some(error),
+    }
+}
+
+fn describe_missing(locations: &BTreeMap<String, LocationRun>) -> String {
+    locations
+        .iter()
+        .map(|(l, r)| format!("{l}: {}", r.error.as_deref().unwrap_or("?")))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// Copy the log segments the first location holds to each other location that lacks them
+/// (the archiver writes the first; format §9a). Streamed pieces are left out: the whole
+/// segment follows once it is complete. Returns, per other location, the segments copied or
+/// why it failed.
+pub async fn copy_logs(repo: &Repo) -> Vec<(String, Result<u64, String>)> {
+    let mut out = Vec::new();
+    for (site, r) in repo.reach_all().await.into_iter().skip(1) {
+        let r = match r {
+            Ok(to) => tidemark_repo::ops::copy::copy_segments(repo.primary(), &to, |_, n| {
+                tidemark_engine::postgres::wal::parse_piece(n).is_none()
+            })
+            .await
+            .map(|c| c.segments)
+            .map_err(|e| format!("failed to copy log segments: {e}")),
+            Err(e) => Err(e),
+        };
+        out.push((site, r));
+    }
+    out
 }
 
 /// Plan the database's retention on its own snapshots (and the log they need), hand the plan to
 /// `publish` (what is kept and why, what would go, the PITR windows) and, with `apply`, carry
 /// out that same plan. One listing and one plan under one lock: what is shown is what is done.
-/// Returns what was removed.
+/// Returns what was removed, as lines, and the short ids of the snapshots removed.
 ///
 /// # Errors
 /// A message naming what failed.
 pub async fn retention(
     name: &str,
-    db: &DatabaseConfig,
+    policy: &RetentionPolicy,
     repo: &Repository,
     apply: bool,
     publish: impl FnOnce(Vec<String>),
-) -> Result<Vec<String>, String> {
-    let Some(policy) = &db.retention else {
-        return Ok(Vec::new());
-    };
+) -> Result<(Vec<String>, Vec<String>), String> {
     let mut policy = policy.clone();
     policy.keep.tags.push(db_tag(name));
     let lock = LockGuard::acquire(repo, LockKind::Shared, "forget", &LockOptions::default())
@@ -123,7 +211,7 @@ pub async fn retention(
         let plan = tidemark_repo::ops::retention::plan(&facts, &segments, &policy);
         publish(plan_lines(&plan));
         if !apply {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), Vec::new()));
         }
         tidemark_repo::ops::retention::apply(repo, &plan)
             .await
@@ -144,7 +232,7 @@ pub async fn retention(
                 plan.delete_segments.len()
             ));
         }
-        Ok(done)
+        Ok((done, plan.removed().map(|d| d.id.short()).collect()))
     }
     .await;
     let _ = lock.release().await;

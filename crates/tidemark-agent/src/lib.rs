@@ -5,6 +5,7 @@ pub mod config;
 pub mod cron;
 pub mod http;
 pub mod jobs;
+pub mod locations;
 pub mod notify;
 pub mod runtime;
 pub mod schedule;

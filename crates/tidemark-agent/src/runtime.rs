@@ -7,14 +7,13 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Utc};
-use tidemark_repo::key::Secret;
 use tidemark_repo::lock::{live_locks, LockGuard, LockKind, LockOptions};
 use tidemark_repo::Repository;
-use tidemark_storage::{Location, StorageOptions};
 use tokio::sync::{mpsc, watch};
 
-use crate::config::{BackupKind, Concurrency, Config, DatabaseConfig, RepositoryConfig};
+use crate::config::{BackupKind, Concurrency, Config, DatabaseConfig};
 use crate::http::Shared;
+use crate::locations::Repo;
 use crate::notify::{Event, EventKind, Notifier};
 use crate::schedule::{self, Planned};
 use crate::status::{state_file, RunRecord, Running, Status, VerificationRecord};
@@ -23,35 +22,6 @@ use crate::status::{state_file, RunRecord, Running, Status, VerificationRecord};
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct StartError(pub String);
-
-/// Open a repository from its config (its first location).
-///
-/// # Errors
-/// A message naming the repository and what to do.
-pub async fn open_repository(name: &str, r: &RepositoryConfig) -> Result<Repository, String> {
-    let secret = Secret::from_files(r.key_file.as_deref(), r.password_file.as_deref())?
-        .ok_or_else(|| format!("repository {name:?} has no password_file or key_file"))?;
-    let l = &r.locations[0];
-    let mut location = Location::parse(&l.url).map_err(|e| e.to_string())?;
-    for (k, v) in &l.options {
-        location.set_option(k, v);
-    }
-    let opts = StorageOptions {
-        limit_upload: l
-            .limit_upload
-            .as_deref()
-            .map(tidemark_storage::parse_rate)
-            .transpose()?,
-        ..Default::default()
-    };
-    let storage = location.open(&opts).map_err(|e| e.to_string())?;
-    Repository::open(storage, &secret).await.map_err(|e| {
-        format!(
-            "failed to open repository {name:?} at location {:?}: {e}",
-            l.name
-        )
-    })
-}
 
 /// Hold the state directory: an exclusive `flock` on `agent.lock`, so that a second agent
 /// with the same state directory refuses to start.
@@ -119,7 +89,7 @@ struct Worker {
     notifier: crate::notify::Notifier,
     name: String,
     db: DatabaseConfig,
-    repo: Repository,
+    repo: Repo,
     status: Shared,
     state: PathBuf,
     grace: std::time::Duration,
@@ -137,11 +107,110 @@ impl Worker {
         }
     }
 
+    /// List the database's snapshots at every location: the status shows all of them, and
+    /// per location how many it has and which it lacks.
     async fn refresh_snapshots(&self) {
-        match crate::jobs::snapshots(&self.name, &self.repo).await {
-            Ok(v) => self.update(|d| d.snapshots = v),
-            Err(e) => tracing::warn!(database = %self.name, "failed to list snapshots: {e}"),
+        let mut listed = Vec::new();
+        for (site, r) in self.repo.reach_all().await {
+            let r = match r {
+                Ok(rp) => crate::jobs::snapshots(&self.name, &rp).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = &r {
+                tracing::warn!(database = %self.name, location = %site, "failed to list snapshots: {e}");
+            }
+            listed.push((site, r));
         }
+        let several = self.repo.several();
+        self.update(|d| {
+            let mut all: BTreeMap<String, crate::status::SnapshotPoint> = BTreeMap::new();
+            for (_, r) in &listed {
+                for p in r.iter().flatten() {
+                    all.entry(p.id.clone()).or_insert_with(|| p.clone());
+                }
+            }
+            if listed.iter().any(|(_, r)| r.is_ok()) {
+                let mut v: Vec<_> = all.values().cloned().collect();
+                v.sort_by_key(|p| p.time);
+                d.snapshots = v;
+            }
+            if !several {
+                return;
+            }
+            for (site, r) in &listed {
+                let l = d.locations.entry(site.clone()).or_default();
+                match r {
+                    Ok(here) => {
+                        // A snapshot stays marked missing until this location has it (a
+                        // copy) or no location has it any more (retention).
+                        let have: BTreeSet<&str> = here.iter().map(|p| p.id.as_str()).collect();
+                        l.snapshots = here.len();
+                        l.missing
+                            .retain(|id| !have.contains(id.as_str()) && all.contains_key(id));
+                    }
+                    Err(e) => {
+                        l.ok = false;
+                        l.last_error = Some(format!("failed to list snapshots: {e}"));
+                    }
+                }
+            }
+        });
+    }
+
+    /// The retention policy at a location: its own, or the database's.
+    fn policy(&self, site: &str) -> Option<&tidemark_repo::ops::retention::RetentionPolicy> {
+        self.db
+            .location_retention
+            .get(site)
+            .or(self.db.retention.as_ref())
+    }
+
+    /// Plan retention at every location and, with `apply`, carry the plan out. The status
+    /// shows each plan before it is applied; with several locations each line names its own.
+    async fn retention(&self, apply: bool) {
+        let several = self.repo.several();
+        let mut plans = Vec::new();
+        let mut done = Vec::new();
+        let mut errors = Vec::new();
+        for (site, r) in self.repo.reach_all().await {
+            let Some(policy) = self.policy(&site) else {
+                continue;
+            };
+            let prefix = |l: String| if several { format!("[{site}] {l}") } else { l };
+            let rp = match r {
+                Ok(rp) => rp,
+                Err(e) => {
+                    errors.push(prefix(e));
+                    continue;
+                }
+            };
+            let mut shown = Vec::new();
+            let r = crate::jobs::retention(&self.name, policy, &rp, apply, |lines| {
+                shown = lines;
+            })
+            .await;
+            plans.extend(shown.into_iter().map(prefix));
+            self.update(|d| d.retention_plan = plans.clone());
+            match r {
+                Ok((lines, removed)) => {
+                    done.extend(lines.into_iter().map(prefix));
+                    // Retention here would have removed it: no longer missing here.
+                    self.update(|d| {
+                        if let Some(l) = d.locations.get_mut(&site) {
+                            l.missing.retain(|id| !removed.contains(id));
+                        }
+                    });
+                }
+                Err(e) => errors.push(prefix(e)),
+            }
+        }
+        self.update(|d| {
+            d.retention_plan = plans;
+            if apply {
+                d.retention = done;
+            }
+            d.retention_error = (!errors.is_empty()).then(|| errors.join("; "));
+        });
     }
 
     async fn run(self, mut stop: watch::Receiver<bool>) {
@@ -243,12 +312,7 @@ impl Worker {
 
     /// Show in the status what retention would do now (a dry run), before it does anything.
     async fn plan_retention(&self) {
-        let publish = |lines| self.update(|d| d.retention_plan = lines);
-        if let Err(e) =
-            crate::jobs::retention(&self.name, &self.db, &self.repo, false, publish).await
-        {
-            self.update(|d| d.retention_error = Some(e));
-        }
+        self.retention(false).await;
     }
 
     /// Restore the newest snapshot into the state directory's scratch space and check it;
@@ -261,7 +325,9 @@ impl Worker {
             .join("verify");
         tracing::info!(database = %self.name, "verification restore starting");
         let rec = match std::fs::create_dir_all(&scratch) {
-            Ok(()) => crate::jobs::verify(&self.name, &self.db, &self.repo, &scratch).await,
+            Ok(()) => {
+                crate::jobs::verify(&self.name, &self.db, self.repo.primary(), &scratch).await
+            }
             Err(e) => VerificationRecord {
                 started: Utc::now(),
                 error: Some(format!("failed to create {}: {e}", scratch.display())),
@@ -432,6 +498,19 @@ impl Worker {
                 tracing::info!(database = %self.name, kind = kind.as_str(), snapshot = ?rec.snapshot, "backup done in {:.1}s", rec.duration_seconds);
                 self.update(|d| {
                     d.running = None;
+                    for (site, run) in &rec.locations {
+                        let l = d.locations.entry(site.clone()).or_default();
+                        l.ok = run.ok;
+                        if run.ok {
+                            l.last_success = Some(rec.started);
+                            l.last_bytes_stored = run.bytes_stored;
+                            l.last_error = None;
+                        } else {
+                            l.last_failure = Some(rec.started);
+                            l.last_error = run.error.clone();
+                            l.missing.extend(rec.snapshot.clone());
+                        }
+                    }
                     let k = d.kinds.entry(kind.as_str().into()).or_default();
                     k.successes += 1;
                     k.last_success = Some(rec);
@@ -447,16 +526,11 @@ impl Worker {
                 });
             }
         }
-        if ok && self.db.retention.is_some() {
-            let publish = |lines| self.update(|d| d.retention_plan = lines);
-            let r = crate::jobs::retention(&self.name, &self.db, &self.repo, true, publish).await;
-            self.update(|d| match r {
-                Ok(lines) => {
-                    d.retention = lines;
-                    d.retention_error = None;
-                }
-                Err(e) => d.retention_error = Some(e),
-            });
+        if ok && self.repo.several() && self.db.pitr.mode != crate::config::PitrMode::Off {
+            crate::wal::copy_logs(&self.name, &self.repo, &self.status).await;
+        }
+        if ok && (self.db.retention.is_some() || !self.db.location_retention.is_empty()) {
+            self.retention(true).await;
         }
         self.refresh_snapshots().await;
     }
@@ -481,17 +555,18 @@ pub async fn run(config: Config, stop: watch::Receiver<bool>) -> Result<(), Star
     let http = crate::http::serve(config.listen(), status.clone(), stop.clone())
         .await
         .map_err(StartError)?;
-    let mut repos: BTreeMap<String, Repository> = BTreeMap::new();
+    let mut repos: BTreeMap<String, Repo> = BTreeMap::new();
     for (name, r) in &config.repositories {
-        repos.insert(
-            name.clone(),
-            open_repository(name, r).await.map_err(StartError)?,
-        );
+        let repo = Repo::open(name, r).await.map_err(StartError)?;
+        for (site, e) in repo.check_at_start().await.map_err(StartError)? {
+            tracing::warn!(repository = %name, location = %site, "location unreachable at start; backups go to the others until it is back: {e}");
+        }
+        repos.insert(name.clone(), repo);
     }
     let mut claims = Vec::new();
     for (name, db) in &config.databases {
         claims.push(
-            claim_database(&repos[&db.repository], name)
+            claim_database(repos[&db.repository].primary(), name)
                 .await
                 .map_err(StartError)?,
         );

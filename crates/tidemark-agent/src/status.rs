@@ -30,6 +30,48 @@ pub struct RunRecord {
     /// The error, on failure (never holding a secret: errors name things, not credentials).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Per location of the repository, on success: whether it got the snapshot.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub locations: BTreeMap<String, LocationRun>,
+}
+
+/// How one location fared in one backup.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct LocationRun {
+    /// Whether the location has the snapshot.
+    pub ok: bool,
+    /// Bytes this location stored that it did not have.
+    #[serde(default)]
+    pub bytes_stored: u64,
+    /// Why it missed the snapshot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// One location of a database's repository.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct LocationStatus {
+    /// Whether the last backup, listing or log copy here worked.
+    pub ok: bool,
+    /// Start of the last backup this location received.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_success: Option<DateTime<Utc>>,
+    /// Start of the last backup it missed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_failure: Option<DateTime<Utc>>,
+    /// What went wrong last.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// Bytes the last backup stored here.
+    #[serde(default)]
+    pub last_bytes_stored: u64,
+    /// The database's snapshots here.
+    #[serde(default)]
+    pub snapshots: usize,
+    /// Snapshots written elsewhere while this location failed, until it has them (`tidemark
+    /// copy` fills them), its own retention removes them, or no location has them any more.
+    #[serde(default)]
+    pub missing: Vec<String>,
 }
 
 /// Runs of one kind of backup of one database.
@@ -177,6 +219,9 @@ pub struct DatabaseStatus {
     /// Log archiving, for databases that archive a log.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wal: Option<WalStatus>,
+    /// Per location of the repository.
+    #[serde(default)]
+    pub locations: BTreeMap<String, LocationStatus>,
     /// Per schedule, the latest scheduled time accounted for by a finished run (itself, or
     /// skipped while it ran). A run killed with the agent leaves this behind `fired`.
     #[serde(default)]
@@ -446,6 +491,52 @@ pub fn metrics(s: &Status) -> String {
         for (db, d) in &s.databases {
             if let Some(v) = &d.verification {
                 f.sample(name, &[("database", db)], get(v));
+            }
+        }
+    }
+    type LocGet = fn(&LocationStatus) -> Option<f64>;
+    let per_location: [(&str, &str, LocGet); 5] = [
+        (
+            "tidemark_location_up",
+            "1 when the last backup, listing or log copy at the location worked.",
+            |l| Some(if l.ok { 1.0 } else { 0.0 }),
+        ),
+        (
+            "tidemark_location_last_success_timestamp_seconds",
+            "Start of the last backup the location received.",
+            |l| l.last_success.map(ts),
+        ),
+        (
+            "tidemark_location_last_stored_bytes",
+            "Bytes the last backup stored at the location.",
+            |l| Some(l.last_bytes_stored as f64),
+        ),
+        (
+            "tidemark_location_snapshots",
+            "Snapshots of the database at the location.",
+            |l| Some(l.snapshots as f64),
+        ),
+        (
+            "tidemark_location_snapshots_missing",
+            "Snapshots written elsewhere while the location failed, not copied here yet.",
+            |l| Some(l.missing.len() as f64),
+        ),
+    ];
+    for (name, help, get) in per_location {
+        f.head(name, "gauge", help);
+        for (db, d) in &s.databases {
+            for (loc, l) in &d.locations {
+                if let Some(v) = get(l) {
+                    f.sample(
+                        name,
+                        &[
+                            ("database", db),
+                            ("repository", &d.repository),
+                            ("location", loc),
+                        ],
+                        v,
+                    );
+                }
             }
         }
     }

@@ -4,10 +4,10 @@
 
 use std::time::Duration;
 
+use crate::locations::Repo;
 use chrono::Utc;
 use tidemark_engine::postgres::stream::{self, Progress, StreamOptions};
 use tidemark_engine::postgres::{wal, Postgres};
-use tidemark_repo::Repository;
 use tokio::sync::watch;
 
 use crate::config::{DatabaseConfig, PitrMode};
@@ -16,6 +16,35 @@ use crate::status::WalStatus;
 
 /// How often the lag is measured.
 const LAG_EVERY: Duration = Duration::from_secs(5);
+/// How often, in lag measurements, the other locations are brought level with the first.
+const COPY_EVERY_TICKS: u32 = 12;
+
+/// Bring the other locations' log segments level with the first's (where the archiver writes),
+/// and record in the status a location that failed.
+pub async fn copy_logs(name: &str, repo: &Repo, status: &Shared) {
+    for (site, r) in crate::jobs::copy_logs(repo).await {
+        match r {
+            Ok(n) => {
+                if n > 0 {
+                    tracing::debug!(database = %name, location = %site, "copied {n} log segment(s)");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(database = %name, location = %site, "{e}");
+                let mut s = status.lock().unwrap_or_else(|p| p.into_inner());
+                let l = s
+                    .databases
+                    .entry(name.to_owned())
+                    .or_default()
+                    .locations
+                    .entry(site)
+                    .or_default();
+                l.ok = false;
+                l.last_error = Some(e);
+            }
+        }
+    }
+}
 
 fn update(status: &Shared, name: &str, f: impl FnOnce(&mut WalStatus)) {
     let mut s = status.lock().unwrap_or_else(|p| p.into_inner());
@@ -27,7 +56,7 @@ fn update(status: &Shared, name: &str, f: impl FnOnce(&mut WalStatus)) {
 pub async fn run(
     name: String,
     db: DatabaseConfig,
-    repo: Repository,
+    repo: Repo,
     status: Shared,
     stop: watch::Receiver<bool>,
 ) {
@@ -47,8 +76,13 @@ pub async fn run(
     });
     let (progress_tx, progress_rx) = watch::channel(Progress::default());
     let streamer = (mode == PitrMode::Streaming).then(|| {
-        let (pg, repo, status, name, stop) =
-            (pg.clone(), repo.clone(), status.clone(), name.clone(), stop.clone());
+        let (pg, repo, status, name, stop) = (
+            pg.clone(),
+            repo.primary().clone(),
+            status.clone(),
+            name.clone(),
+            stop.clone(),
+        );
         let o = StreamOptions {
             slot: db.pitr.slot.clone().unwrap_or_else(|| "tidemark".into()),
             ..Default::default()
@@ -73,10 +107,15 @@ pub async fn run(
     let mut stop = stop;
     let mut tick = tokio::time::interval(LAG_EVERY);
     let mut seen = Progress::default();
+    let mut ticks = 0u32;
     loop {
         tokio::select! {
             _ = crate::until_stopped(&mut stop) => break,
             _ = tick.tick() => {}
+        }
+        ticks = ticks.wrapping_add(1);
+        if repo.several() && ticks.is_multiple_of(COPY_EVERY_TICKS) {
+            copy_logs(&name, &repo, &status).await;
         }
         let p = progress_rx.borrow().clone();
         if mode == PitrMode::Streaming && p.durable_lsn > seen.durable_lsn {

@@ -194,6 +194,31 @@ impl Context {
         Err(usage("no password or key given", "set TIDEMARK_PASSWORD_FILE (or --password-file), TIDEMARK_KEY_FILE, or TIDEMARK_PASSWORD"))
     }
 
+    /// Another location of the same repository, given by URL with its own storage options
+    /// (`KEY=VALUE`), reached with the same limits.
+    ///
+    /// # Errors
+    /// A usage error for a bad URL or option.
+    pub fn other_storage(&self, url: &str, options: &[String]) -> Result<Arc<dyn Storage>> {
+        let mut location = Location::parse(url)?;
+        for o in options {
+            let Some((k, v)) = o.split_once('=') else {
+                return Err(usage(
+                    format!("storage option {o:?} is not KEY=VALUE"),
+                    "write it as, for example, endpoint=http://127.0.0.1:9000",
+                ));
+            };
+            if tidemark_storage::is_secret(k) {
+                return Err(usage(
+                    format!("storage option {k:?} is a secret and is not taken on the command line, where process lists show it"),
+                    "set it in the environment (for S3: AWS_SECRET_ACCESS_KEY) or in the config file",
+                ));
+            }
+            location.set_option(k, v);
+        }
+        Ok(location.open(&self.storage_options)?)
+    }
+
     pub async fn open(&self) -> Result<Repository> {
         let secret = self.secret()?;
         Ok(Repository::open(self.storage()?, &secret).await?)

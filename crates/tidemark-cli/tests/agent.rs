@@ -759,3 +759,233 @@ fn a_wrong_repository_password_stops_the_agent_at_start_with_the_repository_name
         "{err}"
     );
 }
+
+fn add_rows(path: &Path, from: i64, to: i64) {
+    let c = rusqlite::Connection::open(path).unwrap();
+    for i in from..to {
+        c.execute(
+            "INSERT INTO t VALUES (?1, randomblob(200))",
+            rusqlite::params![i],
+        )
+        .unwrap();
+    }
+}
+
+fn location<'a>(s: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    &s["databases"]["app"]["locations"][name]
+}
+
+fn labelled(samples: &[common::Sample], name: &str, location: &str) -> Option<f64> {
+    samples
+        .iter()
+        .find(|s| s.0 == name && s.1.contains(&("location".into(), location.into())))
+        .map(|s| s.2)
+}
+
+#[test]
+fn one_read_goes_to_two_locations_a_dead_one_misses_snapshots_and_copy_fills_it() {
+    // A local directory and a real S3 server (moto). The S3 server is stopped mid-run, then a
+    // fresh, empty one takes its place.
+    let env = Env::new();
+    env.ok(&["init"]);
+    make_db(&env.path("app.db"), 300, 200);
+    let moto = tidemark_testkit::Moto::start();
+    let s3_port = moto.server.port;
+    moto.bucket("tm-offsite", "");
+    let endpoint = moto.server.url();
+    let text = format!(
+        "agent:
+  state_dir: {state}
+  listen: 127.0.0.1:{port}
+repositories:
+  main:
+    locations:
+      - {{name: local, url: {repo}}}
+      - name: offsite
+        url: s3://tm-offsite/repo
+        options: {{endpoint: '{endpoint}', region: us-east-1, access_key_id: testing, secret_access_key: testing}}
+    password_file: {pw}
+databases:
+  app:
+    engine: sqlite
+    repository: main
+    sqlite: {{path: {db}}}
+    schedules: [{{kind: physical, cron: '@every 3s'}}]
+    retention: {{keep_last: 50}}
+    location_retention:
+      offsite: {{keep_last: 2}}
+",
+        state = env.path("state").display(),
+        port = env.port,
+        repo = env.path("repo").display(),
+        pw = env.path("password").display(),
+        db = env.path("app.db").display(),
+    );
+    let config = env.path("agent.yaml");
+    std::fs::write(&config, text).unwrap();
+    let agent = env.start_agent(&config);
+
+    // 1. Both locations get every backup; each keeps its own retention.
+    let s = env.wait_for("three backups at both locations", 90, |s| {
+        location(s, "local")["snapshots"].as_u64() >= Some(3)
+            && location(s, "offsite")["ok"] == true
+    });
+    assert_eq!(location(&s, "local")["ok"], true, "{s:#}");
+    assert!(
+        location(&s, "offsite")["snapshots"].as_u64().unwrap() <= 2,
+        "offsite keeps 2: {s:#}"
+    );
+    let plan = s["databases"]["app"]["retention_plan"].to_string();
+    assert!(
+        plan.contains("[offsite] keep snapshot") && plan.contains("[local] keep snapshot"),
+        "{plan}"
+    );
+
+    // 2. The S3 server dies: backups go on locally, the offsite location is marked.
+    drop(moto);
+    add_rows(&env.path("app.db"), 300, 400);
+    let failures_before = s["databases"]["app"]["kinds"]["physical"]["failures"]
+        .as_u64()
+        .unwrap_or(0);
+    let s = env.wait_for("a backup that missed offsite", 90, |s| {
+        location(s, "offsite")["ok"] == false
+            && location(s, "offsite")["missing"]
+                .as_array()
+                .is_some_and(|m| !m.is_empty())
+    });
+    let missed: Vec<String> = location(&s, "offsite")["missing"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        s["databases"]["app"]["kinds"]["physical"]["failures"]
+            .as_u64()
+            .unwrap_or(0),
+        failures_before,
+        "a dead location does not fail the backup: {s:#}"
+    );
+    let error = location(&s, "offsite")["last_error"].as_str().unwrap();
+    assert!(
+        !error.contains("testing"),
+        "no secret in the status: {error}"
+    );
+    let samples = parse_prometheus(&env.get("/metrics").1);
+    assert_eq!(
+        labelled(&samples, "tidemark_location_up", "offsite"),
+        Some(0.0)
+    );
+    assert_eq!(
+        labelled(&samples, "tidemark_location_up", "local"),
+        Some(1.0)
+    );
+    assert!(labelled(&samples, "tidemark_location_snapshots_missing", "offsite").unwrap() >= 1.0);
+    let out = env.ok(&["status", "--config", config.to_str().unwrap()]);
+    assert!(
+        out.contains("location offsite: FAILING") && out.contains("MISSING"),
+        "{out}"
+    );
+    assert!(out.contains("location local: ok"), "{out}");
+
+    let exit = agent.stop(20);
+    assert!(exit.success(), "{exit:?}\n{}", env.log());
+
+    // 3. A fresh, empty S3 server at the same address. `init --copy-from` makes it a location
+    // of the repository again; `copy` fills what offsite missed, each object verified.
+    let _moto = tidemark_testkit::Moto::start_on(s3_port);
+    _moto.bucket("tm-offsite", "");
+    let cli_config = env.path("offsite.yaml");
+    std::fs::write(
+        &cli_config,
+        format!(
+            "repository: s3://tm-offsite/repo\noptions: {{endpoint: '{endpoint}', region: us-east-1}}\npassword_file: {}\n",
+            env.path("password").display()
+        ),
+    )
+    .unwrap();
+    let offsite = |args: &[&str]| {
+        let mut c = env.cmd(&["--config", cli_config.to_str().unwrap()]);
+        c.args(args)
+            .env_remove("TIDEMARK_REPOSITORY")
+            .env("AWS_ACCESS_KEY_ID", "testing")
+            .env("AWS_SECRET_ACCESS_KEY", "testing");
+        let o = c.output().unwrap();
+        assert!(
+            o.status.success(),
+            "tidemark {args:?} at offsite failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8(o.stdout).unwrap()
+    };
+    let local = env.path("repo");
+    let out = offsite(&["init", "--copy-from", local.to_str().unwrap()]);
+    assert!(out.contains("added a location of"), "{out}");
+    let mut copy = env.cmd(&[
+        "copy",
+        "--to",
+        "s3://tm-offsite/repo",
+        "--to-option",
+        &format!("endpoint={endpoint}"),
+        "--to-option",
+        "region=us-east-1",
+        "--json",
+    ]);
+    copy.args(&missed)
+        .env("AWS_ACCESS_KEY_ID", "testing")
+        .env("AWS_SECRET_ACCESS_KEY", "testing");
+    let o = copy.output().unwrap();
+    assert!(
+        o.status.success(),
+        "copy failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        report["snapshots"].as_array().unwrap().len(),
+        missed.len(),
+        "{report}"
+    );
+    assert!(report["packs"].as_u64().unwrap() > 0, "{report}");
+    // A secret on the command line is refused, and not echoed.
+    let o = env
+        .cmd(&[
+            "copy",
+            "--to",
+            "s3://tm-offsite/repo",
+            "--to-option",
+            "secret_access_key=hunter2",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("secret_access_key") && !err.contains("hunter2"),
+        "{err}"
+    );
+
+    // 4. The missed snapshot restores from the S3 location alone, with the rows it had.
+    let dest = env.path("from-offsite.db");
+    offsite(&["restore", &missed[0], "--target", dest.to_str().unwrap()]);
+    assert_eq!(count_rows(&dest), 400);
+    offsite(&["check", "--read-data"]);
+
+    // 5. A restarted agent finds offsite whole again and backs up to both.
+    let agent = env.start_agent(&config);
+    let before = successes(&s);
+    let s = env.wait_for("offsite back, missing nothing", 90, |s| {
+        successes(s) > before
+            && location(s, "offsite")["ok"] == true
+            && location(s, "offsite")["missing"]
+                .as_array()
+                .is_some_and(|m| m.is_empty())
+    });
+    assert_eq!(
+        s["databases"]["app"]["kinds"]["physical"]["last_success"]["locations"]["offsite"]["ok"],
+        true,
+        "{s:#}"
+    );
+    let exit = agent.stop(20);
+    assert!(exit.success(), "{exit:?}\n{}", env.log());
+}

@@ -7,8 +7,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use async_trait::async_trait;
-use tidemark_repo::id::SnapshotId;
-use tidemark_repo::ops::backup::Backup;
+use tidemark_repo::ops::backup::{Backup, Finished};
 use tidemark_repo::snapshot::{DatabaseIdentity, Snapshot, SnapshotKind};
 use tidemark_repo::Repository;
 
@@ -150,11 +149,8 @@ pub trait Engine: Send + Sync {
 ///
 /// # Errors
 /// The engine's error, or the repository's when writing the snapshot fails.
-pub async fn run_backup(
-    engine: &dyn Engine,
-    mut backup: Backup<'_>,
-) -> Result<(SnapshotId, Snapshot)> {
+pub async fn run_backup(engine: &dyn Engine, mut backup: Backup<'_>) -> Result<Finished> {
     let info = engine.backup(&mut backup).await?;
     backup.describe(info.kind, info.database);
-    Ok(backup.finish(info.positions).await?)
+    Ok(backup.finish_report(info.positions).await?)
 }

@@ -56,7 +56,7 @@ async fn backup(repo: &Repository, pg: &Postgres) -> tidemark_engine::Result<(St
         .unwrap();
     let out = tidemark_engine::run_backup(pg, b)
         .await
-        .map(|(id, snap)| (id.to_hex(), snap));
+        .map(|f| (f.id.to_hex(), f.snapshot));
     lock.release().await.unwrap();
     out
 }

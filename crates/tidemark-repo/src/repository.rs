@@ -160,6 +160,49 @@ impl Repository {
         Ok(self.at(storage))
     }
 
+    /// Reach this repository at another location without deriving the key again: the
+    /// location's config must open with this repository's key (format §9a). An empty location
+    /// is made a home of the repository first (`add_location`).
+    ///
+    /// # Errors
+    /// `Invalid` naming both locations when the location holds another repository, or objects
+    /// but no config; storage errors.
+    pub async fn attach(&self, storage: Arc<dyn Storage>) -> Result<Repository> {
+        let location = storage.name().to_owned();
+        let config = match storage.get("config").await {
+            Ok(b) => b,
+            Err(e) if e.kind == ErrorKind::NotFound => {
+                for dir in ["keys/", "snapshots/", "index/"] {
+                    if !storage.list(dir).await?.is_empty() {
+                        return Err(Error::Invalid(format!(
+                            "location {location:?} holds repository objects ({dir}) but no config: it is damaged or half-made; repair or empty it before using it as a location of {:?}",
+                            self.location()
+                        )));
+                    }
+                }
+                tracing::info!(
+                    "location {location:?} is empty: adding it as a location of the repository at {:?}",
+                    self.location()
+                );
+                return self.add_location(storage).await;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let same = self
+            .keys
+            .open(aad::CONFIG, &config)
+            .ok()
+            .and_then(|plain| serde_json::from_slice::<RepoConfig>(&plain).ok())
+            .is_some_and(|c| c.id == self.config.id);
+        if !same {
+            return Err(Error::Invalid(format!(
+                "location {location:?} holds a different repository than {:?} (its config does not open with this repository's key); give it its own empty location, or add one with `tidemark init --copy-from`",
+                self.location()
+            )));
+        }
+        Ok(self.at(storage))
+    }
+
     /// This repository, reached through another location holding the same objects.
     fn at(&self, storage: Arc<dyn Storage>) -> Repository {
         Repository {
@@ -175,8 +218,7 @@ impl Repository {
     /// Whether `other` is the same repository (same id and same master key) at any location.
     pub fn same_repository(&self, other: &Repository) -> bool {
         const PROBE: &[u8] = b"tidemark: same repository?";
-        self.config.id == other.config.id
-            && self.keys.chunk_id(PROBE) == other.keys.chunk_id(PROBE)
+        self.config.id == other.config.id && self.keys.chunk_id(PROBE) == other.keys.chunk_id(PROBE)
     }
 
     fn assemble(

@@ -36,8 +36,14 @@ async fn backup_to(repos: &[Repository], data: Vec<u8>) -> tidemark_repo::Result
     let targets = repos.iter().cloned().zip(locks.iter()).collect();
     let result = async {
         let mut b = Backup::start_at(targets, BackupOptions::default(), Default::default()).await?;
-        b.add_stream("dump", EntryType::Stream, std::io::Cursor::new(data), None, None)
-            .await?;
+        b.add_stream(
+            "dump",
+            EntryType::Stream,
+            std::io::Cursor::new(data),
+            None,
+            None,
+        )
+        .await?;
         b.finish_report(Default::default()).await
     }
     .await;
@@ -48,7 +54,9 @@ async fn backup_to(repos: &[Repository], data: Vec<u8>) -> tidemark_repo::Result
 }
 
 async fn clean(repo: &Repository) {
-    let r = check(repo, &CheckOptions { read_data: true }).await.unwrap();
+    let r = check(repo, &CheckOptions { read_data: true })
+        .await
+        .unwrap();
     assert!(r.errors.is_empty(), "{:?}", r.errors);
 }
 
@@ -70,9 +78,15 @@ async fn one_read_writes_two_locations_a_failing_one_misses_the_snapshot_and_cop
 
     // 1. Both locations take the backup; the snapshot has one id everywhere.
     let first = dump_like(200_000, 1);
-    let f = backup_to(&[a.clone(), b.clone()], first.clone()).await.unwrap();
+    let f = backup_to(&[a.clone(), b.clone()], first.clone())
+        .await
+        .unwrap();
     assert_eq!(f.missing().count(), 0);
-    assert!(f.locations.iter().all(|l| l.new_chunks > 0), "{:?}", f.locations);
+    assert!(
+        f.locations.iter().all(|l| l.new_chunks > 0),
+        "{:?}",
+        f.locations
+    );
     for repo in [&a, &b_opened] {
         let snap = repo.load_snapshot(f.id).await.unwrap();
         assert_eq!(restore_bytes(repo, &snap).await.unwrap(), first);
@@ -83,7 +97,9 @@ async fn one_read_writes_two_locations_a_failing_one_misses_the_snapshot_and_cop
     faulty.set_plan(FaultPlan::permanent_under("data/"));
     let mut second = dump_like(200_000, 1);
     second.extend(dump_like(50_000, 2));
-    let f2 = backup_to(&[a.clone(), b.clone()], second.clone()).await.unwrap();
+    let f2 = backup_to(&[a.clone(), b.clone()], second.clone())
+        .await
+        .unwrap();
     let missing: Vec<_> = f2.missing().collect();
     assert_eq!(missing.len(), 1, "{:?}", f2.locations);
     assert_eq!(missing[0].location, "b");
@@ -153,7 +169,25 @@ async fn different_repositories_are_refused_as_locations_of_one_backup_or_copy()
         .await
         .unwrap_err();
     let msg = e.to_string();
-    assert!(msg.contains("\"x\"") && msg.contains("\"y\"") && msg.contains("different repositories"), "{msg}");
+    assert!(
+        msg.contains("\"x\"") && msg.contains("\"y\"") && msg.contains("different repositories"),
+        "{msg}"
+    );
+    // attach: the same repository is reached without a password; another is refused, named;
+    // an empty location is added.
+    let e = x.attach(dir(tmp.path(), "y")).await.unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("\"y\" holds a different repository than \"x\""),
+        "{e}"
+    );
+    let z = x.attach(dir(tmp.path(), "z")).await.unwrap();
+    assert!(x.same_repository(&z));
+    assert!(x
+        .attach(dir(tmp.path(), "z"))
+        .await
+        .unwrap()
+        .same_repository(&x));
     let l = lock(&y).await;
     let e = copy_snapshots(&x, &y, &l, &[]).await.unwrap_err();
     l.release().await.unwrap();
@@ -169,7 +203,10 @@ async fn copy_refuses_a_damaged_pack_and_leaves_no_snapshot_at_the_target() {
     let (id, _) = backup_bytes(&a, "dump", dump_like(100_000, 6)).await;
     let b = a.add_location(dir(tmp.path(), "b")).await.unwrap();
     // Flip a byte in one pack at a.
-    let pack = walk_files(&tmp.path().join("a/data")).into_iter().next().unwrap();
+    let pack = walk_files(&tmp.path().join("a/data"))
+        .into_iter()
+        .next()
+        .unwrap();
     let mut bytes = std::fs::read(&pack).unwrap();
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0xff;
@@ -179,7 +216,10 @@ async fn copy_refuses_a_damaged_pack_and_leaves_no_snapshot_at_the_target() {
     l.release().await.unwrap();
     assert!(matches!(e, Error::Corrupt { .. }), "{e}");
     let name = pack.file_name().unwrap().to_str().unwrap();
-    assert!(e.to_string().contains(name) && e.to_string().contains("not copied"), "{e}");
+    assert!(
+        e.to_string().contains(name) && e.to_string().contains("not copied"),
+        "{e}"
+    );
     assert!(b.snapshots().await.unwrap().is_empty());
 }
 
@@ -198,18 +238,34 @@ async fn log_segments_are_copied_verified_by_name() {
             .unwrap();
     }
     // b already has the first one.
-    tidemark_repo::log::write_segment(&b, "pg/42", &format!("{:024}", 1), seg(1), serde_json::json!({"n": 1}))
-        .await
-        .unwrap();
-    let r = copy_segments(&a, &b).await.unwrap();
+    tidemark_repo::log::write_segment(
+        &b,
+        "pg/42",
+        &format!("{:024}", 1),
+        seg(1),
+        serde_json::json!({"n": 1}),
+    )
+    .await
+    .unwrap();
+    let r = copy_segments(&a, &b, |_, _| true).await.unwrap();
     assert_eq!(r.segments, 2);
     for n in 1..=3u64 {
         let name = format!("{n:024}");
-        assert_eq!(tidemark_repo::log::read_segment(&b, "pg/42", &name).await.unwrap(), seg(n));
-        let info = tidemark_repo::log::segment_info(&b, "pg/42", &name).await.unwrap();
+        assert_eq!(
+            tidemark_repo::log::read_segment(&b, "pg/42", &name)
+                .await
+                .unwrap(),
+            seg(n)
+        );
+        let info = tidemark_repo::log::segment_info(&b, "pg/42", &name)
+            .await
+            .unwrap();
         assert_eq!(info.meta, serde_json::json!({"n": n}));
     }
-    assert_eq!(copy_segments(&a, &b).await.unwrap().segments, 0);
+    assert_eq!(
+        copy_segments(&a, &b, |_, _| true).await.unwrap().segments,
+        0
+    );
     // A damaged segment at the source is named and not copied.
     let name = format!("{:024}", 4);
     tidemark_repo::log::write_segment(&a, "pg/42", &name, seg(4), serde_json::Value::Null)
@@ -219,9 +275,11 @@ async fn log_segments_are_copied_verified_by_name() {
     let mut bytes = std::fs::read(&path).unwrap();
     bytes[10] ^= 0xff;
     std::fs::write(&path, bytes).unwrap();
-    let e = copy_segments(&a, &b).await.unwrap_err();
+    let e = copy_segments(&a, &b, |_, _| true).await.unwrap_err();
     assert!(e.to_string().contains(&name), "{e}");
-    assert!(tidemark_repo::log::segment_info(&b, "pg/42", &name).await.is_err());
+    assert!(tidemark_repo::log::segment_info(&b, "pg/42", &name)
+        .await
+        .is_err());
 }
 
 fn walk_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {

@@ -17,6 +17,6 @@ mod storage;
 pub use error::{Error, ErrorKind, Result};
 pub use gcs::GcsStorage;
 pub use local::LocalStorage;
-pub use location::{parse_rate, Location, LocationError, StorageOptions};
+pub use location::{is_secret, parse_rate, Location, LocationError, StorageOptions};
 pub use object::ObjectStorage;
 pub use storage::{Capabilities, ObjectMeta, PutMode, Storage, Upload};

@@ -109,7 +109,9 @@ impl std::fmt::Debug for Location {
     }
 }
 
-fn is_secret(key: &str) -> bool {
+/// Whether a storage option holds a secret (which must not be passed on a command line or in a
+/// URL, where process lists and logs would show it).
+pub fn is_secret(key: &str) -> bool {
     let k = key.to_ascii_lowercase();
     [
         "secret",

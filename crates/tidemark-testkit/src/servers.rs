@@ -38,12 +38,16 @@ pub struct Moto {
 impl Moto {
     /// Start moto on a free port.
     pub fn start() -> Moto {
+        Moto::start_on(free_port())
+    }
+
+    /// Start moto on `port` (a fresh, empty server where an earlier one was stopped).
+    pub fn start_on(port: u16) -> Moto {
         let bin = find_binary(
             "TIDEMARK_MOTO_SERVER",
             "moto_server",
             "pip install 'moto[server]'",
         );
-        let port = free_port();
         let dir = tempfile::tempdir().expect("tempdir");
         let mut cmd = Command::new(bin);
         cmd.args(["-H", "127.0.0.1", "-p", &port.to_string()])

@@ -93,6 +93,7 @@ async fn backup(
             let b = Backup::start(repo, lock, opts, progress.clone()).await?;
             return tidemark_engine::run_backup(&engine, b)
                 .await
+                .map(|f| (f.id, f.snapshot))
                 .map_err(engine_error);
         }
         if a.stdin {

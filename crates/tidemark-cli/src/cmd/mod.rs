@@ -3,6 +3,7 @@
 mod agent;
 pub mod backup;
 mod check;
+mod copy;
 mod demo;
 mod forget;
 mod init;
@@ -49,6 +50,9 @@ pub enum Command {
     Forget(forget::Args),
     /// Delete data no snapshot needs, in two phases with a grace period.
     Prune(prune::Args),
+    /// Copy what another location of the repository lacks: snapshots (with their packs,
+    /// dictionaries and index) and log segments, each verified before it is written.
+    Copy(copy::Args),
     /// Verify the repository; --read-data reads and verifies every chunk.
     Check(check::Args),
     /// Manage the keys that open the repository.
@@ -115,6 +119,7 @@ pub async fn run(cli: Cli) -> Result<i32> {
         Command::Forget(a) => forget::run(&ctx, a).await,
         Command::Prune(a) => prune::run(&ctx, a).await,
         Command::Check(a) => check::run(&ctx, a).await,
+        Command::Copy(a) => copy::run(&ctx, a).await,
         Command::Key(c) => key::run(&ctx, c).await,
         Command::Stats(a) => stats::run(&ctx, a).await,
         Command::Pg(c) => pg::run(&ctx, c).await,

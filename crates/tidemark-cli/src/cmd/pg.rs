@@ -249,6 +249,7 @@ async fn backup(ctx: &Context, a: BackupArgs) -> Result<i32> {
         let b = Backup::start(&repo, &lock, opts, progress.clone()).await?;
         tidemark_engine::run_backup(&pg, b)
             .await
+            .map(|f| (f.id, f.snapshot))
             .map_err(super::backup::engine_error)
     }
     .await;

@@ -89,6 +89,32 @@ pub async fn run(g: &Global, a: Args) -> Result<i32> {
             ),
             None => println!("  recoverable: nothing yet"),
         }
+        for (loc, l) in &d.locations {
+            let state = if l.ok { "ok" } else { "FAILING" };
+            let last = l
+                .last_success
+                .map(|t| format!(", last backup {}", ago(t)))
+                .unwrap_or_default();
+            let missing = if l.missing.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    ", MISSING {} (fill with `tidemark copy`): {}",
+                    l.missing.len(),
+                    l.missing.join(" ")
+                )
+            };
+            let error = l
+                .last_error
+                .as_deref()
+                .filter(|_| !l.ok)
+                .map(|e| format!(": {e}"))
+                .unwrap_or_default();
+            println!(
+                "  location {loc}: {state}, {} snapshots{last}{missing}{error}",
+                l.snapshots
+            );
+        }
         if let Some(w) = &d.wal {
             let lag = w
                 .lag_bytes

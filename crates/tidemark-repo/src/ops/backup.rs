@@ -358,7 +358,9 @@ impl<'l> Backup<'l> {
         progress: Arc<Progress>,
     ) -> Result<Backup<'l>> {
         let Some(first) = targets.first().map(|t| t.0.clone()) else {
-            return Err(Error::Invalid("a backup needs at least one location".into()));
+            return Err(Error::Invalid(
+                "a backup needs at least one location".into(),
+            ));
         };
         if targets.len() > MAX_LOCATIONS {
             return Err(Error::Invalid(format!(
@@ -796,9 +798,7 @@ impl<'l> Backup<'l> {
             positions,
             summary: self.summary.clone(),
         };
-        let (id, sealed) = self
-            .repo
-            .seal_json("snapshots", aad::SNAPSHOT, &snapshot)?;
+        let (id, sealed) = self.repo.seal_json("snapshots", aad::SNAPSHOT, &snapshot)?;
         let puts = futures::future::join_all(self.sinks.iter().map(|s| {
             let sealed = sealed.clone();
             async move {

@@ -120,8 +120,12 @@ pub async fn copy_snapshots(
     }
     to_lock.check()?;
     for id in wanted {
-        report.bytes +=
-            copy_object(&**from.storage(), &**to.storage(), &format!("snapshots/{id}")).await?;
+        report.bytes += copy_object(
+            &**from.storage(),
+            &**to.storage(),
+            &format!("snapshots/{id}"),
+        )
+        .await?;
         report.snapshots.push(id.to_string());
     }
     Ok(report)
@@ -150,12 +154,17 @@ async fn copy_missing(
     Ok(n)
 }
 
-/// Copy every log segment `to` lacks, stream by stream. Each segment is read whole and
-/// verified at `from`, then written at `to` (sealed afresh; the same content).
+/// Copy every log segment `to` lacks, stream by stream, that `wanted(stream, name)` accepts
+/// (an engine leaves out pieces it will replace). Each segment is read whole and verified at
+/// `from`, then written at `to` (sealed afresh; the same content).
 ///
 /// # Errors
 /// `Corrupt` for a damaged source segment (naming it), storage errors.
-pub async fn copy_segments(from: &Repository, to: &Repository) -> Result<CopyReport> {
+pub async fn copy_segments(
+    from: &Repository,
+    to: &Repository,
+    wanted: impl Fn(&str, &str) -> bool,
+) -> Result<CopyReport> {
     same(from, to)?;
     let mut report = CopyReport::default();
     let names = |r: &Repository| {
@@ -179,6 +188,7 @@ pub async fn copy_segments(from: &Repository, to: &Repository) -> Result<CopyRep
             p.rsplit_once('/')
                 .map(|(s, n)| (s.to_owned(), n.to_owned()))
         })
+        .filter(|(s, n)| wanted(s, n))
         .collect();
     let sizes: Vec<u64> = futures::stream::iter(missing)
         .map(|(stream, name)| async move {
