@@ -398,6 +398,11 @@ fn configuration_errors_name_the_field_and_what_to_do() {
             "shutdown_grace: 2",
             "2 has no unit; write 2s",
         ),
+        (
+            "schedules: [",
+            "location_retention: {offsite: {keep_last: 2}}\n    schedules: [",
+            "databases.app.location_retention.offsite: repository \"main\" has no location \"offsite\"; use one of \"local\"",
+        ),
     ] {
         assert!(good.contains(from), "{from}");
         let o = check(&env, &good.replacen(from, to, 1));
