@@ -236,9 +236,13 @@ pub struct CheckQuery {
 pub struct VerificationConfig {
     /// When (as for schedules).
     pub cron: String,
-    /// Extra queries with expected results.
+    /// Extra queries with expected results (the first column of the first row, as text).
     #[serde(default)]
     pub queries: Vec<CheckQuery>,
+    /// PostgreSQL: the operating-system user that runs the scratch server (default `postgres`
+    /// when the agent runs as root, which PostgreSQL refuses; else the agent's own user).
+    #[serde(default)]
+    pub os_user: Option<String>,
 }
 
 /// An SQLite database.

@@ -15,7 +15,7 @@ use tidemark_repo::Repository;
 
 use crate::config::{BackupKind, DatabaseConfig, EngineKind};
 use crate::locations::Repo;
-use crate::status::{LocationRun, RunRecord, SnapshotPoint, VerificationRecord};
+use crate::status::{LocationRun, RunRecord, SnapshotPoint};
 
 /// The tag every snapshot of a database gets from the agent: how retention and the status
 /// find the database's own snapshots in a shared repository.
@@ -35,6 +35,8 @@ pub fn engine(db: &DatabaseConfig, kind: BackupKind) -> Result<Box<dyn Engine>, 
         }
         EngineKind::Postgres => {
             let mut pg = db.postgres.as_ref().expect("validated").engine()?;
+            // Verification compares a restore with the census taken in the dump's snapshot.
+            pg.logical.census = db.verification.is_some();
             if kind != BackupKind::Logical {
                 pg.physical = Some(PhysicalOptions::default());
             }
@@ -304,114 +306,4 @@ pub async fn snapshots(name: &str, repo: &Repository) -> Result<Vec<SnapshotPoin
         .collect();
     v.sort_by_key(|s| s.time);
     Ok(v)
-}
-
-/// Restore the database's newest snapshot into `scratch` and prove the data came back: the
-/// engine's own check, then each table's row count and checksum against the census the backup
-/// recorded, then the user's queries. The duration is the measured RTO.
-///
-/// # Errors
-/// Never: a failure is a record with `ok: false` and the reason.
-pub async fn verify(
-    name: &str,
-    db: &DatabaseConfig,
-    repo: &Repository,
-    scratch: &std::path::Path,
-) -> VerificationRecord {
-    let started = Utc::now();
-    let mut rec = VerificationRecord {
-        started,
-        ..Default::default()
-    };
-    let r = verify_inner(name, db, repo, scratch, &mut rec).await;
-    rec.rto_seconds = (Utc::now() - started).num_milliseconds() as f64 / 1000.0;
-    match r {
-        Ok(()) => rec.ok = true,
-        Err(e) => rec.error = Some(e),
-    }
-    rec
-}
-
-async fn verify_inner(
-    name: &str,
-    db: &DatabaseConfig,
-    repo: &Repository,
-    scratch: &std::path::Path,
-    rec: &mut VerificationRecord,
-) -> Result<(), String> {
-    if db.engine != EngineKind::Sqlite {
-        return Err("verification restores of this engine are not built yet".into());
-    }
-    let tag = [db_tag(name)];
-    let (id, snap) = repo
-        .snapshots()
-        .await
-        .map_err(|e| e.to_string())?
-        .into_iter()
-        .filter(|(_, s)| s.has_tags(&tag))
-        .max_by_key(|(_, s)| s.time)
-        .ok_or("the database has no snapshot to verify yet")?;
-    rec.snapshot = Some(id.short());
-    rec.point = Some(snap.time_end);
-    let target = scratch.join(format!("verify-{}.db", id.short()));
-    let _ = std::fs::remove_file(&target);
-    let engine = engine(db, BackupKind::Physical)?;
-    let report = engine
-        .restore(repo, &id.short(), &snap, &target)
-        .await
-        .map_err(|e| format!("the restore failed: {e}"))?;
-    rec.checks.extend(report.verified);
-    let result = check_restored(&snap, &target, db);
-    let _ = std::fs::remove_file(&target);
-    rec.checks.extend(result?);
-    Ok(())
-}
-
-fn check_restored(
-    snap: &tidemark_repo::snapshot::Snapshot,
-    target: &std::path::Path,
-    db: &DatabaseConfig,
-) -> Result<Vec<String>, String> {
-    use tidemark_engine::census;
-    let mut checks = Vec::new();
-    match snap.positions.get(census::POSITION) {
-        Some(v) => {
-            let recorded: census::Census = serde_json::from_value(v.clone())
-                .map_err(|e| format!("the snapshot's census is unreadable: {e}"))?;
-            let restored = census::sqlite(target)
-                .map_err(|e| format!("failed to read the restored tables: {e}"))?;
-            let diff = census::compare(&recorded, &restored);
-            if !diff.is_empty() {
-                return Err(format!(
-                    "the restored data differs from the backup: {}",
-                    diff.join("; ")
-                ));
-            }
-            let rows: u64 = recorded.values().map(|t| t.rows).sum();
-            checks.push(format!(
-                "{} tables, {rows} rows: counts and checksums match the backup",
-                recorded.len()
-            ));
-        }
-        None => checks.push("no census recorded by this backup: counts not compared".into()),
-    }
-    if let Some(v) = &db.verification {
-        if !v.queries.is_empty() {
-            let c = tidemark_engine::sqlite::ReadOnly::open(target)
-                .map_err(|e| format!("failed to open the restored database: {e}"))?;
-            for q in &v.queries {
-                let got = c
-                    .query_text(&q.sql)
-                    .map_err(|e| format!("query {:?} failed: {e}", q.sql))?;
-                if got != q.expect {
-                    return Err(format!(
-                        "query {:?} returned {got:?}, expected {:?}",
-                        q.sql, q.expect
-                    ));
-                }
-                checks.push(format!("query {:?} returned {got:?}", q.sql));
-            }
-        }
-    }
-    Ok(checks)
 }

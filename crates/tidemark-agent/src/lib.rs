@@ -11,6 +11,7 @@ pub mod runtime;
 pub mod schedule;
 pub mod status;
 pub mod timeline;
+pub mod verify;
 pub mod wal;
 
 /// Wait until the stop flag is true (or its sender is gone). Holds no borrow across an await,

@@ -326,7 +326,12 @@ impl Worker {
         tracing::info!(database = %self.name, "verification restore starting");
         let rec = match std::fs::create_dir_all(&scratch) {
             Ok(()) => {
-                crate::jobs::verify(&self.name, &self.db, self.repo.primary(), &scratch).await
+                match crate::verify::verify(&self.name, &self.db, self.repo.primary(), &scratch)
+                    .await
+                {
+                    Some(rec) => rec,
+                    None => return,
+                }
             }
             Err(e) => VerificationRecord {
                 started: Utc::now(),

@@ -637,25 +637,6 @@ fn the_timeline_page_draws_every_snapshot_in_a_real_headless_browser() {
 }
 
 /// Flip a byte in the middle of every pack file of the repository.
-fn corrupt_packs(repo: &Path) {
-    let mut n = 0;
-    let mut stack = vec![repo.join("data")];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap().flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                let mut b = std::fs::read(&p).unwrap();
-                let i = b.len() / 2;
-                b[i] ^= 0x40;
-                std::fs::write(&p, b).unwrap();
-                n += 1;
-            }
-        }
-    }
-    assert!(n > 0, "no pack to corrupt");
-}
 
 #[test]
 fn verification_restores_prove_the_data_and_catch_a_corrupted_backup() {
@@ -712,7 +693,7 @@ notifications:
     assert_eq!(metric(&samples, "tidemark_verification_success"), Some(1.0));
     assert!(metric(&samples, "tidemark_verification_rto_seconds").unwrap() > 0.0);
 
-    corrupt_packs(&env.path("repo"));
+    common::corrupt_packs(&env.path("repo"));
     let s = env.wait_for("a failed verification", 60, |s| {
         s["databases"]["app"]["verification"]["ok"] == false
     });

@@ -342,3 +342,88 @@ fn the_agent_streams_wal_restarts_the_streamer_after_a_failure_and_reports_the_l
     assert_eq!(count, "2000");
     cluster.stop("fast");
 }
+
+#[test]
+fn verification_restores_a_logical_backup_into_a_scratch_server_and_compares_every_table() {
+    let cluster = Postgres::start(&[]);
+    let (_, repo, password) = repository(&cluster);
+    // Types whose text depends on session settings, a second schema, NULLs, a wide table; the
+    // database's own time zone is not UTC.
+    cluster.psql(
+        "postgres",
+        "ALTER DATABASE postgres SET timezone TO 'Asia/Tokyo';
+         CREATE TABLE t(id int PRIMARY KEY, at timestamptz, d date, iv interval, f float8,
+                        n numeric, b bytea, j jsonb, s text);
+         INSERT INTO t SELECT i, '2026-01-01 00:00:00+00'::timestamptz + i * interval '1 hour',
+                date '2026-01-01' + i, i * interval '1 minute', i / 3.0, i * 1.5, sha256(i::text::bytea),
+                jsonb_build_object('i', i), CASE WHEN i % 7 = 0 THEN NULL ELSE repeat('x', i % 50) END
+           FROM generate_series(1, 1000) i;
+         CREATE SCHEMA other; CREATE TABLE other.\"Mixed Case\"(k text); INSERT INTO other.\"Mixed Case\" VALUES ('a'), (NULL);",
+    );
+    let port = free_port();
+    let agent_config = agent_yaml(
+        &cluster,
+        &repo,
+        &password,
+        port,
+        "    schedules: [{kind: logical, cron: '@every 3s'}]
+    verification:
+      cron: '@every 5s'
+      queries: [{sql: 'SELECT count(*) FROM t', expect: '1000'}]
+",
+    );
+    let log_path = cluster.dir.path().join("agent.log");
+    let agent = start_agent(&agent_config, &log_path);
+    let s = wait(port, &log_path, "a verification", |s| {
+        s["databases"]["pg"]["verification"]["ok"].is_boolean()
+    });
+    let v = &s["databases"]["pg"]["verification"];
+    assert_eq!(v["ok"], true, "{v:#}");
+    let checks = v["checks"].to_string();
+    assert!(
+        checks.contains("2 tables, 1002 rows: counts and checksums match the backup"),
+        "{checks}"
+    );
+    assert!(checks.contains("SELECT count(*) FROM t"), "{checks}");
+    assert!(v["rto_seconds"].as_f64().unwrap() > 0.0, "{v:#}");
+
+    let exit = agent.stop(60);
+    assert!(exit.success(), "{exit:?}");
+    wait_status_gone(port);
+
+    // Every pack damaged, and no new backup (each dump is one new chunk): the next
+    // verification fails, loudly, and the server is untouched.
+    let agent_config = agent_yaml(
+        &cluster,
+        &repo,
+        &password,
+        port,
+        "    schedules: [{kind: logical, cron: '@every 1h'}]
+    verification: {cron: '@every 2s'}
+",
+    );
+    common::corrupt_packs(&repo);
+    let agent = start_agent(&agent_config, &log_path);
+    let verified = v["started"].as_str().unwrap().to_owned();
+    let s = wait(port, &log_path, "a failed verification", |s| {
+        let v = &s["databases"]["pg"]["verification"];
+        v["ok"] == false && v["started"].as_str() != Some(&verified)
+    });
+    let err = s["databases"]["pg"]["verification"]["error"].to_string();
+    assert!(err.contains("restore"), "{err}");
+    let samples = parse_prometheus(&get(port, "/metrics").1);
+    assert_eq!(metric(&samples, "tidemark_verification_success"), Some(0.0));
+    assert_eq!(cluster.psql("postgres", "SELECT count(*) FROM t"), "1000");
+    let exit = agent.stop(60);
+    assert!(exit.success(), "{exit:?}");
+    // No scratch server is left running.
+    let left = Command::new("pgrep")
+        .args(["-f", "tidemark-verify-"])
+        .output()
+        .unwrap();
+    assert!(
+        left.stdout.is_empty(),
+        "a scratch server still runs: {}",
+        String::from_utf8_lossy(&left.stdout)
+    );
+}

@@ -15,7 +15,9 @@ pub const POSITION: &str = "census";
 pub struct TableCensus {
     /// Rows.
     pub rows: u64,
-    /// BLAKE3 (hex) over every row in key order: each value as a type tag and its bytes.
+    /// The content checksum. SQLite: BLAKE3 (hex) over every row in key order, each value as
+    /// a type tag and its bytes. PostgreSQL: `pg:` and the sum of `hashtextextended` over each
+    /// row's text (order-free, computed by the server), in fixed output settings.
     pub blake3: String,
 }
 
@@ -94,6 +96,56 @@ pub fn sqlite(path: &Path) -> rusqlite::Result<Census> {
             TableCensus {
                 rows: count,
                 blake3: h.finalize().to_hex().to_string(),
+            },
+        );
+    }
+    Ok(out)
+}
+
+/// Session settings that make a row's text the same on any server of one major version.
+const PG_SETTINGS: &str = "SET LOCAL TimeZone = 'UTC'; SET LOCAL DateStyle = 'ISO, YMD'; \
+     SET LOCAL IntervalStyle = 'postgres'; SET LOCAL extra_float_digits = 1; \
+     SET LOCAL bytea_output = 'hex'; SET LOCAL lc_monetary = 'C'";
+
+/// The census of the database `conn` is connected to, in its current transaction (which must
+/// be open: the settings are local to it). Every ordinary table outside the system schemas,
+/// named `schema.table` (quoted where needed); `prefix` is put before each name.
+///
+/// # Errors
+/// The server's error, naming the table.
+pub async fn postgres(
+    conn: &mut crate::postgres::wire::Connection,
+    prefix: &str,
+) -> Result<Census, String> {
+    conn.query(PG_SETTINGS).await.map_err(|e| e.to_string())?;
+    let tables = conn
+        .query(
+            "SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname) \
+             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE c.relkind = 'r' AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
+             AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp%' \
+             ORDER BY 1",
+        )
+        .await
+        .map_err(|e| format!("failed to list the tables: {e}"))?;
+    let mut out = Census::new();
+    for row in tables {
+        let Some(Some(t)) = row.into_iter().next() else {
+            continue;
+        };
+        let r = conn
+            .query(&format!(
+                "SELECT count(*)::text, coalesce(sum(hashtextextended(x::text, 0)::numeric), 0)::text FROM {t} x"
+            ))
+            .await
+            .map_err(|e| format!("failed to count table {t}: {e}"))?;
+        let get = |i: usize| r.first().and_then(|r| r.get(i).cloned().flatten());
+        let rows = get(0).and_then(|n| n.parse().ok()).unwrap_or(0);
+        out.insert(
+            format!("{prefix}{t}"),
+            TableCensus {
+                rows,
+                blake3: format!("pg:{}", get(1).unwrap_or_default()),
             },
         );
     }

@@ -103,7 +103,7 @@ pub struct RestoreArgs {
     snapshot: String,
     /// Restore a physical backup into this new (or empty) data directory and configure
     /// recovery from the WAL archive, instead of restoring a logical dump into a database.
-    #[arg(long, conflicts_with_all = ["database", "into", "clean", "schemas", "tables", "jobs", "no_owner"])]
+    #[arg(long, conflicts_with_all = ["database", "into", "clean", "schemas", "tables", "jobs", "no_owner", "no_privileges"])]
     pgdata: Option<PathBuf>,
     /// Recover up to this time ('2026-11-20 14:50:00+01').
     #[arg(long, requires = "pgdata", group = "target")]
@@ -177,6 +177,9 @@ pub struct RestoreArgs {
     /// Do not restore ownership (for a server without the original roles).
     #[arg(long)]
     no_owner: bool,
+    /// Do not restore grants (for a server without the original roles).
+    #[arg(long)]
+    no_privileges: bool,
 }
 
 pub async fn run(ctx: &Context, c: Command) -> Result<i32> {
@@ -318,6 +321,7 @@ async fn restore(ctx: &Context, a: RestoreArgs) -> Result<i32> {
             tables: a.tables,
             jobs: a.jobs,
             no_owner: a.no_owner,
+            no_privileges: a.no_privileges,
             temp_dir: None,
         };
         let progress = Arc::new(Progress::default());

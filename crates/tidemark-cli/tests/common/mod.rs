@@ -252,3 +252,24 @@ impl Receiver {
             .collect()
     }
 }
+
+/// Flip one byte in the middle of every pack of the repository at `repo`.
+pub fn corrupt_packs(repo: &std::path::Path) {
+    let mut n = 0;
+    let mut stack = vec![repo.join("data")];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                let mut b = std::fs::read(&p).unwrap();
+                let i = b.len() / 2;
+                b[i] ^= 0x40;
+                std::fs::write(&p, b).unwrap();
+                n += 1;
+            }
+        }
+    }
+    assert!(n > 0, "no pack to corrupt");
+}

@@ -31,6 +31,48 @@ pub struct DumpOptions {
     pub all: bool,
     /// Also roles and tablespaces (`pg_dumpall --globals-only`).
     pub globals: bool,
+    /// Record each table's row count and checksum (snapshot position `census`), taken in the
+    /// very snapshot pg_dump dumps (`--snapshot`), for verification restores to compare with.
+    /// Costs one more read of every table.
+    pub census: bool,
+}
+
+/// Open a repeatable-read transaction on `db`, export its snapshot for pg_dump and take the
+/// census in it. The connection must stay open until pg_dump has finished.
+async fn census_snapshot(
+    pg: &Postgres,
+    db: &str,
+) -> Result<(super::wire::Connection, String, crate::census::Census)> {
+    let mut on_db = pg.clone();
+    on_db.conn.dbname = db.to_owned();
+    let mut c = on_db.connect().await?;
+    let r = async {
+        c.query("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            .await
+            .map_err(|e| e.to_string())?;
+        let rows = c
+            .query("SELECT pg_export_snapshot()")
+            .await
+            .map_err(|e| e.to_string())?;
+        let id = rows
+            .first()
+            .and_then(|r| r.first().cloned().flatten())
+            .ok_or("pg_export_snapshot() returned nothing")?;
+        let census = crate::census::postgres(&mut c, &format!("{db}/")).await?;
+        Ok::<_, String>((id, census))
+    }
+    .await;
+    match r {
+        Ok((id, census)) => Ok((c, id, census)),
+        Err(e) => {
+            c.close().await;
+            Err(Error::Database {
+                action: "take the census of",
+                database: format!("{db} on {}", pg.conn.server()),
+                reason: e,
+            })
+        }
+    }
 }
 
 /// The stream name of a database's dump (`/` and `%` escaped so any name round-trips).
@@ -150,17 +192,37 @@ pub async fn backup(pg: &Postgres, backup: &mut Backup<'_>) -> Result<BackupInfo
         o.databases.clone()
     };
     let pg_dump = pg.program("pg_dump", info.version_num);
+    let mut census = crate::census::Census::new();
     for db in &databases {
         tracing::info!(database = %db, "pg_dump");
-        dump_into(
+        let mut args = vec![
+            "--format=custom".to_owned(),
+            "--no-password".into(),
+            "--compress=0".into(),
+        ];
+        let held = if o.census {
+            let (c, snapshot, tables) = census_snapshot(pg, db).await?;
+            census.extend(tables);
+            args.push(format!("--snapshot={snapshot}"));
+            Some(c)
+        } else {
+            None
+        };
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let r = dump_into(
             pg,
             backup,
             pg_dump.clone(),
-            &["--format=custom", "--no-password", "--compress=0"],
+            &args,
             Some(db),
             &dump_stream(db),
         )
-        .await?;
+        .await;
+        if let Some(mut c) = held {
+            let _ = c.query("COMMIT").await;
+            c.close().await;
+        }
+        r?;
     }
     if o.globals || o.all {
         let dumpall = pg.program("pg_dumpall", info.version_num);
@@ -178,6 +240,12 @@ pub async fn backup(pg: &Postgres, backup: &mut Backup<'_>) -> Result<BackupInfo
     positions.insert("pg.system_id".into(), info.system_id.clone().into());
     positions.insert("pg.server_version".into(), info.version.clone().into());
     positions.insert("pg.databases".into(), serde_json::json!(databases));
+    if o.census {
+        positions.insert(
+            crate::census::POSITION.into(),
+            serde_json::to_value(&census).expect("a census serializes"),
+        );
+    }
     Ok(BackupInfo {
         kind: SnapshotKind::Logical,
         database: tidemark_repo::snapshot::DatabaseIdentity {
@@ -208,6 +276,8 @@ pub struct RestoreOptions {
     pub jobs: u32,
     /// Skip ownership (`--no-owner`), for a server without the original roles.
     pub no_owner: bool,
+    /// Skip grants (`--no-privileges`), for a server without the original roles.
+    pub no_privileges: bool,
     /// Where the temporary file for `jobs > 1` goes.
     pub temp_dir: Option<PathBuf>,
 }
@@ -349,6 +419,9 @@ async fn run_pg_restore(
     }
     if o.no_owner {
         cmd.arg("--no-owner");
+    }
+    if o.no_privileges {
+        cmd.arg("--no-privileges");
     }
     for s in &o.schemas {
         cmd.arg("--schema").arg(s);

@@ -7,6 +7,7 @@ mod local;
 pub mod logical;
 mod page;
 pub mod physical;
+pub mod scratch;
 pub mod start;
 pub mod stream;
 pub mod tar;
