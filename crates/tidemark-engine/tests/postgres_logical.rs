@@ -285,3 +285,52 @@ async fn wrong_credentials_a_missing_database_and_a_stopped_server_are_clear_err
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_census_is_taken_in_the_dumps_snapshot_and_names_a_changed_table() {
+    use tidemark_engine::census;
+    let cluster = Cluster::start(&[]);
+    seed(&cluster);
+    let repo = repo().await;
+    let mut pg = engine(&cluster, "shop", SUPERUSER_PASSWORD);
+    pg.logical.census = true;
+    let (_, snap) = backup(&repo, &pg).await.unwrap();
+    let recorded: census::Census =
+        serde_json::from_value(snap.positions[census::POSITION].clone()).unwrap();
+    assert!(!recorded.is_empty(), "{recorded:?}");
+    assert!(
+        recorded.keys().all(|k| k.starts_with("shop/")),
+        "{recorded:?}"
+    );
+
+    let live = || async {
+        let mut c = pg.connect().await.unwrap();
+        c.query("BEGIN").await.unwrap();
+        let r = census::postgres(&mut c, "shop/").await.unwrap();
+        c.close().await;
+        r
+    };
+    assert!(census::compare(&recorded, &live().await).is_empty());
+    // A change of one value in one table is named; the others still agree.
+    let (table, _) = recorded.iter().next().unwrap();
+    let name = table.trim_start_matches("shop/");
+    cluster.psql(
+        "shop",
+        &format!("UPDATE {name} SET id = id WHERE false; DELETE FROM {name} WHERE ctid = (SELECT min(ctid) FROM {name})"),
+    );
+    let diff = census::compare(&recorded, &live().await);
+    assert_eq!(diff.len(), 1, "{diff:?}");
+    assert!(diff[0].contains(name), "{diff:?}");
+    // Same rows, one value changed: the checksum tells.
+    cluster.psql(
+        "shop",
+        "UPDATE orders SET total = total + 0.01 WHERE id = 5",
+    );
+    let diff = census::compare(&recorded, &live().await).join("; ");
+    assert!(
+        diff.contains(
+            "\"shop/public.orders\" has 20000 rows as recorded, but their content differs"
+        ),
+        "{diff}"
+    );
+}
