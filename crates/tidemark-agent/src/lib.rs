@@ -12,6 +12,7 @@ pub mod schedule;
 pub mod status;
 pub mod timeline;
 pub mod verify;
+mod verify_pg;
 pub mod wal;
 
 /// Wait until the stop flag is true (or its sender is gone). Holds no borrow across an await,

@@ -52,8 +52,11 @@ async fn verify_inner(
     rec: &mut VerificationRecord,
 ) -> Result<bool, String> {
     let tag = [db_tag(name)];
-    // PostgreSQL: the newest logical backup (physical verification is not built yet).
-    let wanted = |s: &Snapshot| db.engine == EngineKind::Sqlite || s.kind == SnapshotKind::Logical;
+    // A physical base backup that read damaged pages is not a base to trust.
+    let wanted = |s: &Snapshot| {
+        !s.positions
+            .contains_key(tidemark_engine::postgres::physical::CHECKSUM_FAILURES)
+    };
     let newest = repo
         .snapshots()
         .await
@@ -62,11 +65,7 @@ async fn verify_inner(
         .filter(|(_, s)| s.has_tags(&tag) && wanted(s))
         .max_by_key(|(_, s)| s.time);
     let Some((id, snap)) = newest else {
-        tracing::info!(
-            database = %name,
-            "nothing to verify yet: no {}backup of the database",
-            if db.engine == EngineKind::Postgres { "logical " } else { "" }
-        );
+        tracing::info!(database = %name, "nothing to verify yet: no backup of the database");
         return Ok(false);
     };
     rec.snapshot = Some(id.short());
@@ -91,7 +90,7 @@ async fn verify_inner(
 }
 
 /// A user's query against what it returned: the line for the record, or why it failed.
-fn check_query(
+pub(crate) fn check_query(
     q: &crate::config::CheckQuery,
     got: Result<String, String>,
 ) -> Result<String, String> {
@@ -106,7 +105,7 @@ fn check_query(
 }
 
 /// Compare the census the backup recorded with the restored tables': a line for the record.
-fn compare_census(
+pub(crate) fn compare_census(
     snap: &Snapshot,
     restored: impl FnOnce() -> Result<Census, String>,
 ) -> Result<String, String> {
@@ -164,6 +163,26 @@ async fn verify_postgres(
     snap: &Snapshot,
     rec: &mut VerificationRecord,
 ) -> Result<(), String> {
+    let o = scratch_options(db, snap, scratch)?;
+    if snap.kind == SnapshotKind::Physical {
+        return crate::verify_pg::physical(db, repo, o, id, snap, rec).await;
+    }
+    let server = tokio::task::spawn_blocking(move || Scratch::init(&o))
+        .await
+        .map_err(|e| format!("the scratch server task failed: {e}"))?
+        .map_err(|e| format!("failed to start a scratch server: {e}"))?;
+    let result = restore_and_check(db, repo, &server, id, snap, rec).await;
+    // Stopping runs pg_ctl: off the async workers.
+    let _ = tokio::task::spawn_blocking(move || drop(server)).await;
+    result
+}
+
+/// Where and as whom a scratch server of the backup's major version runs.
+fn scratch_options(
+    db: &DatabaseConfig,
+    snap: &Snapshot,
+    scratch: &std::path::Path,
+) -> Result<ScratchOptions, String> {
     let live = db.postgres.as_ref().expect("validated").engine()?;
     let major: u32 = snap
         .database
@@ -182,7 +201,7 @@ async fn verify_postgres(
         use std::os::unix::fs::MetadataExt;
         m.uid() == 0
     });
-    let o = ScratchOptions {
+    Ok(ScratchOptions {
         bin_dir,
         os_user: db
             .verification
@@ -190,16 +209,8 @@ async fn verify_postgres(
             .and_then(|v| v.os_user.clone())
             .or_else(|| root.then(|| "postgres".to_owned())),
         parent: scratch.to_path_buf(),
-        timeout: std::time::Duration::from_secs(120),
-    };
-    let server = tokio::task::spawn_blocking(move || Scratch::init(&o))
-        .await
-        .map_err(|e| format!("the scratch server task failed: {e}"))?
-        .map_err(|e| format!("failed to start a scratch server: {e}"))?;
-    let result = restore_and_check(db, repo, &server, id, snap, rec).await;
-    // Stopping runs pg_ctl: off the async workers.
-    let _ = tokio::task::spawn_blocking(move || drop(server)).await;
-    result
+        timeout: std::time::Duration::from_secs(600),
+    })
 }
 
 async fn restore_and_check(

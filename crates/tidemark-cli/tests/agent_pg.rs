@@ -427,3 +427,138 @@ fn verification_restores_a_logical_backup_into_a_scratch_server_and_compares_eve
         String::from_utf8_lossy(&left.stdout)
     );
 }
+
+/// A cluster archiving its WAL into a new repository with `wal-push`.
+fn archiving_cluster() -> (Postgres, PathBuf, PathBuf, PathBuf) {
+    let cluster = Postgres::start(&["archive_mode = on", "archive_command = ''"]);
+    let (config, repo, password) = repository(&cluster);
+    cluster.psql(
+        "postgres",
+        &format!(
+            "ALTER SYSTEM SET archive_command = 'TIDEMARK_CONFIG={} {BIN} wal-push -q %p'",
+            config.display()
+        ),
+    );
+    cluster.psql("postgres", "SELECT pg_reload_conf()");
+    (cluster, config, repo, password)
+}
+
+/// Switch to a new WAL segment and wait until the one written so far is archived.
+fn switch_and_archive(cluster: &Postgres) {
+    let last = cluster.psql("postgres", "SELECT pg_walfile_name(pg_current_wal_lsn())");
+    cluster.psql("postgres", "SELECT pg_switch_wal()");
+    cluster.wait_for(
+        "postgres",
+        &format!("SELECT last_archived_wal >= '{last}' FROM pg_stat_archiver"),
+        "t",
+        Duration::from_secs(60),
+    );
+}
+
+fn verification_rows(s: &serde_json::Value) -> Option<u64> {
+    let v = &s["databases"]["pg"]["verification"];
+    if v["ok"] != true {
+        return None;
+    }
+    v["checks"].as_array()?.iter().find_map(|c| {
+        let c = c.as_str()?;
+        let (head, _) = c.split_once(" rows of database \"postgres\" read in full")?;
+        head.rsplit(' ').next()?.parse().ok()
+    })
+}
+
+#[test]
+fn verification_restores_a_base_backup_and_the_archive_to_its_end_and_finds_a_gap() {
+    let (cluster, _, repo, password) = archiving_cluster();
+    cluster.psql(
+        "postgres",
+        "CREATE TABLE t(id int); INSERT INTO t SELECT generate_series(1, 100)",
+    );
+    let port = free_port();
+    let agent_config = agent_yaml(
+        &cluster,
+        &repo,
+        &password,
+        port,
+        "    schedules: [{kind: physical, cron: '@every 3s'}]
+    pitr: {mode: archive_command}
+    verification: {cron: '@every 4s', queries: [{sql: 'SELECT min(id) FROM t', expect: '1'}]}
+",
+    );
+    let log_path = cluster.dir.path().join("agent.log");
+    let agent = start_agent(&agent_config, &log_path);
+    wait(port, &log_path, "a base backup", |s| {
+        successes(s, "physical") >= 1
+    });
+    // Rows written after the base backup come back: the restore goes to the archive's end.
+    cluster.psql("postgres", "INSERT INTO t SELECT generate_series(101, 150)");
+    switch_and_archive(&cluster);
+    let s = wait(port, &log_path, "a verification that saw 150 rows", |s| {
+        verification_rows(s) == Some(150)
+    });
+    let v = &s["databases"]["pg"]["verification"];
+    let checks = v["checks"].to_string();
+    assert!(checks.contains("fetched and verified"), "{checks}");
+    assert!(
+        checks.contains("recovered to the end of the archived WAL"),
+        "{checks}"
+    );
+    assert!(checks.contains("SELECT min(id) FROM t"), "{checks}");
+    assert!(v["point"].is_string(), "{v:#}");
+    let exit = agent.stop(60);
+    assert!(exit.success(), "{exit:?}");
+    wait_status_gone(port);
+
+    // Three more segments after the newest base backup, and no new base backup: the
+    // verification replays them all.
+    for i in 0..3 {
+        cluster.psql("postgres", &format!("INSERT INTO t VALUES ({})", 1000 + i));
+        switch_and_archive(&cluster);
+    }
+    let agent_config = agent_yaml(
+        &cluster,
+        &repo,
+        &password,
+        port,
+        "    schedules: [{kind: physical, cron: '@every 1h'}]
+    pitr: {mode: archive_command}
+    verification: {cron: '@every 2s'}
+",
+    );
+    let agent = start_agent(&agent_config, &log_path);
+    wait(port, &log_path, "a verification that saw 153 rows", |s| {
+        verification_rows(s) == Some(153)
+    });
+    let exit = agent.stop(60);
+    assert!(exit.success(), "{exit:?}");
+    wait_status_gone(port);
+
+    // The middle one of those segments disappears from the archive. Recovery would stop
+    // there: the verification says so.
+    let system_id = cluster.psql(
+        "postgres",
+        "SELECT system_identifier FROM pg_control_system()",
+    );
+    let dir = repo.join(format!("logs/pg/{system_id}/wal"));
+    let mut segments: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.len() == 24)
+        .collect();
+    segments.sort();
+    let gone = &segments[segments.len() - 2];
+    std::fs::remove_file(dir.join(gone)).unwrap();
+    let agent = start_agent(&agent_config, &log_path);
+    let s = wait(port, &log_path, "a failed verification", |s| {
+        s["databases"]["pg"]["verification"]["ok"] == false
+    });
+    let err = s["databases"]["pg"]["verification"]["error"].to_string();
+    assert!(
+        err.contains("recovery stopped at") && err.contains("missing"),
+        "{err}"
+    );
+    let exit = agent.stop(60);
+    assert!(exit.success(), "{exit:?}");
+    assert_eq!(cluster.psql("postgres", "SELECT count(*) FROM t"), "153");
+}

@@ -167,8 +167,7 @@ impl Scratch {
         format!(
             "\n# tidemark verification (scratch server)\nlisten_addresses = '127.0.0.1'\nport = {}\n\
              unix_socket_directories = '{}'\nfsync = off\nsynchronous_commit = off\n\
-             full_page_writes = off\narchive_mode = off\nmax_wal_senders = 0\nwal_level = minimal\n\
-             hot_standby = on\n",
+             full_page_writes = off\narchive_mode = off\narchive_command = ''\n",
             self.port,
             self.dir.path().display()
         )
@@ -206,6 +205,38 @@ impl Scratch {
             ));
         }
         Ok(())
+    }
+
+    /// Start a data directory restored into `data_dir` (recovery configured by the caller,
+    /// WAL archiving off) and follow its recovery to the end.
+    ///
+    /// # Errors
+    /// As `start::start_and_wait`.
+    pub fn start_recovery(&mut self) -> Result<super::start::StartReport> {
+        let conf = self.data.join("postgresql.auto.conf");
+        let mut text = std::fs::read_to_string(&conf).unwrap_or_default();
+        text.push_str(&self.settings());
+        std::fs::write(&conf, text).map_err(|e| io("write", &conf, e))?;
+        self.give_to_user()?;
+        self.running = true;
+        super::start::start_and_wait(
+            &self.data,
+            &super::start::StartOptions {
+                pg_ctl: self.o.bin_dir.join("pg_ctl"),
+                os_user: self.o.os_user.clone(),
+                timeout: self.o.timeout,
+            },
+        )
+    }
+
+    /// The private directory the server lives in (for tablespaces of a restore).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The server's port on 127.0.0.1.
+    pub fn port(&self) -> u16 {
+        self.port
     }
 
     /// Reach the server: as the scratch role of a new cluster.
