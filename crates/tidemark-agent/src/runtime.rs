@@ -355,7 +355,21 @@ impl Worker {
                 ),
             );
         }
-        self.update(|d| d.verification = Some(rec));
+        self.update(|d| {
+            if let Some(point) = rec.point {
+                d.verified.push(crate::status::VerifiedPoint {
+                    point,
+                    ok: rec.ok,
+                    snapshot: rec.snapshot.clone(),
+                });
+                let extra = d
+                    .verified
+                    .len()
+                    .saturating_sub(crate::status::VERIFIED_POINTS);
+                d.verified.drain(..extra);
+            }
+            d.verification = Some(rec);
+        });
     }
 
     /// The dead man's switch: no successful backup (of any kind) for `alert_after`, counted from

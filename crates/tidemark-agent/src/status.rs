@@ -182,7 +182,39 @@ pub struct WalStatus {
     /// When that was measured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub measured: Option<DateTime<Utc>>,
+    /// Segments missing from the archive between ones it holds (recovery stops at a gap),
+    /// as of the last look (every minute).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gaps: Vec<WalGap>,
 }
+
+/// A run of WAL segments missing from the archive.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct WalGap {
+    /// The first segment missing.
+    pub first_missing: String,
+    /// The last segment missing.
+    pub last_missing: String,
+    /// When the segment before it reached the archive.
+    pub after: DateTime<Utc>,
+    /// When the segment after it did.
+    pub before: DateTime<Utc>,
+}
+
+/// A point a verification restore reached, and whether the data came back whole.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct VerifiedPoint {
+    /// The point in time restored and checked.
+    pub point: DateTime<Utc>,
+    /// Whether the checks passed.
+    pub ok: bool,
+    /// The snapshot restored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<String>,
+}
+
+/// Verified points kept per database for the timeline.
+pub const VERIFIED_POINTS: usize = 50;
 
 /// One database.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -216,6 +248,9 @@ pub struct DatabaseStatus {
     /// The last verification restore.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verification: Option<VerificationRecord>,
+    /// The points recent verification restores reached, oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub verified: Vec<VerifiedPoint>,
     /// Log archiving, for databases that archive a log.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wal: Option<WalStatus>,

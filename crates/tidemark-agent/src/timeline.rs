@@ -85,6 +85,35 @@ fn row(
             fmt(to)
         );
     }
+    for g in d.wal.iter().flat_map(|w| &w.gaps) {
+        let (x1, x2) = (x(g.after, span), x(g.before, span));
+        let _ = write!(
+            out,
+            r##"<rect class="gap" data-gap="{first}" x="{x1:.1}" y="{:.1}" width="{:.1}" height="12"><title>WAL missing from the archive: {first} to {last} (between {} and {}); recovery stops there</title></rect>"##,
+            y - 6.0,
+            (x2 - x1).max(3.0),
+            fmt(g.after),
+            fmt(g.before),
+            first = esc(&g.first_missing),
+            last = esc(&g.last_missing),
+        );
+    }
+    for v in &d.verified {
+        let vx = x(v.point, span);
+        let (class, what) = if v.ok {
+            ("verified ok", "verified: the data came back whole")
+        } else {
+            ("verified failed", "verification FAILED")
+        };
+        let _ = write!(
+            out,
+            r##"<path class="{class}" data-verified="{}" d="M{vx:.1} {:.1} l5 6 l-5 6 l-5 -6 z"><title>{what} at {} (snapshot {})</title></path>"##,
+            v.point.to_rfc3339(),
+            y - 22.0,
+            fmt(v.point),
+            esc(v.snapshot.as_deref().unwrap_or("-")),
+        );
+    }
     for s in &d.snapshots {
         let cx = x(s.time, span);
         let class = if s.kind == "logical" {
@@ -129,11 +158,11 @@ pub fn page(s: &Status, now: DateTime<Utc>) -> String {
 body{{font-family:sans-serif;margin:20px;color:#222}} h1{{font-size:20px}}
 table{{border-collapse:collapse;margin-top:16px}} td,th{{padding:4px 10px;border-bottom:1px solid #ddd;text-align:left}}
 .axis{{stroke:#999;stroke-width:1}} .wal{{fill:#7fb3e6}} .base{{fill:#1f5fa8}} .logical{{fill:#7a4fb0}}
-.failure{{fill:#d22}} .name{{font-weight:bold;font-size:14px}} .sub{{fill:#666;font-size:11px}} .tick{{fill:#666;font-size:11px}}
+.failure{{fill:#d22}} .gap{{fill:#d22;opacity:.85}} .verified.ok{{fill:#2a8a3a}} .verified.failed{{fill:#d22}} .name{{font-weight:bold;font-size:14px}} .sub{{fill:#666;font-size:11px}} .tick{{fill:#666;font-size:11px}}
 .legend span{{display:inline-block;margin-right:16px}} .sw{{display:inline-block;width:12px;height:12px;margin-right:4px;vertical-align:middle}}
 </style></head><body>
 <h1>Recoverable windows</h1>
-<div class="legend"><span><i class="sw" style="background:#1f5fa8"></i>base backup</span><span><i class="sw" style="background:#7a4fb0"></i>logical dump</span><span><i class="sw" style="background:#7fb3e6"></i>archived WAL</span><span><i class="sw" style="background:#d22"></i>failing backup</span></div>
+<div class="legend"><span><i class="sw" style="background:#1f5fa8"></i>base backup</span><span><i class="sw" style="background:#7a4fb0"></i>logical dump</span><span><i class="sw" style="background:#7fb3e6"></i>archived WAL</span><span><i class="sw" style="background:#d22"></i>failing backup, WAL gap, failed verification</span><span><i class="sw" style="background:#2a8a3a"></i>verified restore</span></div>
 <svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height}" viewBox="0 0 {WIDTH} {height}">
 <text class="tick" x="{LEFT}" y="20">{}</text><text class="tick" x="{}" y="20" text-anchor="end">{} (now)</text>
 "##,
@@ -144,7 +173,7 @@ table{{border-collapse:collapse;margin-top:16px}} td,th{{padding:4px 10px;border
     for (i, (name, d)) in s.databases.iter().enumerate() {
         row(&mut out, name, d, 60.0 + ROW * i as f64, span);
     }
-    out.push_str("</svg>\n<table><tr><th>database</th><th>recoverable</th><th>snapshots</th><th>WAL lag</th></tr>");
+    out.push_str("</svg>\n<table><tr><th>database</th><th>recoverable</th><th>snapshots</th><th>WAL lag</th><th>WAL gaps</th><th>last verification</th></tr>");
     for (name, d) in &s.databases {
         let window = match d.recoverable() {
             Some((a, b)) => format!("{} to {}", fmt(a), fmt(b)),
@@ -156,12 +185,19 @@ table{{border-collapse:collapse;margin-top:16px}} td,th{{padding:4px 10px;border
             .and_then(|w| w.lag_bytes)
             .map(|b| format!("{b} bytes"))
             .unwrap_or_else(|| "-".into());
+        let gaps = d.wal.as_ref().map_or(0, |w| w.gaps.len());
+        let verified = match &d.verification {
+            Some(v) if v.ok => format!("passed {} ({:.1}s)", fmt(v.started), v.rto_seconds),
+            Some(v) => format!("FAILED {}", fmt(v.started)),
+            None => "-".into(),
+        };
         let _ = write!(
             out,
-            r##"<tr data-row="{n}"><td>{n}</td><td class="window">{}</td><td>{}</td><td>{}</td></tr>"##,
+            r##"<tr data-row="{n}"><td>{n}</td><td class="window">{}</td><td>{}</td><td>{}</td><td class="gaps">{gaps}</td><td class="verification">{}</td></tr>"##,
             esc(&window),
             d.snapshots.len(),
             esc(&lag),
+            esc(&verified),
             n = esc(name),
         );
     }
@@ -191,5 +227,68 @@ mod tests {
         let html = page(&s, now);
         assert!(html.contains("a&lt;b") && !html.contains("a<b"));
         assert_eq!(html.matches("data-snapshot=").count(), 3);
+    }
+
+    #[test]
+    fn gaps_and_verified_points_are_drawn_where_they_are() {
+        use crate::status::{VerifiedPoint, WalGap, WalStatus};
+        let now = Utc::now();
+        let mut s = Status::default();
+        let d = s.databases.entry("pg".into()).or_default();
+        d.snapshots.push(SnapshotPoint {
+            id: "b1".into(),
+            kind: "physical".into(),
+            time: now - Duration::hours(4),
+            time_end: now - Duration::hours(4),
+        });
+        d.wal = Some(WalStatus {
+            measured: Some(now),
+            gaps: vec![WalGap {
+                first_missing: "000000010000000000000007".into(),
+                last_missing: "000000010000000000000008".into(),
+                after: now - Duration::hours(2),
+                before: now - Duration::hours(1),
+            }],
+            ..Default::default()
+        });
+        d.verified = vec![
+            VerifiedPoint {
+                point: now - Duration::hours(3),
+                ok: true,
+                snapshot: Some("b1".into()),
+            },
+            VerifiedPoint {
+                point: now - Duration::minutes(30),
+                ok: false,
+                snapshot: Some("b1".into()),
+            },
+        ];
+        let html = page(&s, now);
+        assert!(
+            html.contains(r#"data-gap="000000010000000000000007""#),
+            "{html}"
+        );
+        assert!(html.contains("recovery stops there"));
+        assert_eq!(html.matches(r#"class="verified ok""#).count(), 1);
+        assert_eq!(html.matches(r#"class="verified failed""#).count(), 1);
+        // The gap sits between its two times: right of the first verified point.
+        let at = |needle: &str| -> f64 {
+            let i = html.find(needle).unwrap();
+            let rest = &html[i..];
+            let j = rest
+                .find(" x=\"")
+                .map(|j| j + 4)
+                .or_else(|| rest.find(" d=\"M").map(|j| j + 5))
+                .unwrap();
+            rest[j..]
+                .split(|c: char| c != '.' && !c.is_ascii_digit())
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap()
+        };
+        assert!(at("data-gap=") > at("class=\"verified ok\""));
+        assert!(at("data-gap=") < at("class=\"verified failed\""));
+        assert!(html.contains(r#"<td class="gaps">1</td>"#));
     }
 }

@@ -7,12 +7,12 @@ use std::time::Duration;
 use crate::locations::Repo;
 use chrono::Utc;
 use tidemark_engine::postgres::stream::{self, Progress, StreamOptions};
-use tidemark_engine::postgres::{wal, Postgres};
+use tidemark_engine::postgres::{archive, wal, Postgres};
 use tokio::sync::watch;
 
 use crate::config::{DatabaseConfig, PitrMode};
 use crate::http::Shared;
-use crate::status::WalStatus;
+use crate::status::{WalGap, WalStatus};
 
 /// How often the lag is measured.
 const LAG_EVERY: Duration = Duration::from_secs(5);
@@ -114,8 +114,17 @@ pub async fn run(
             _ = tick.tick() => {}
         }
         ticks = ticks.wrapping_add(1);
-        if repo.several() && ticks.is_multiple_of(COPY_EVERY_TICKS) {
-            copy_logs(&name, &repo, &status).await;
+        if ticks % COPY_EVERY_TICKS == 1 {
+            // At the first tick and every minute: the archive's gaps, then the other locations.
+            match gaps(&pg, repo.primary()).await {
+                Ok(g) => update(&status, &name, |w| w.gaps = g),
+                Err(e) => {
+                    tracing::warn!(database = %name, "failed to look for gaps in the WAL archive: {e}")
+                }
+            }
+            if repo.several() {
+                copy_logs(&name, &repo, &status).await;
+            }
         }
         let p = progress_rx.borrow().clone();
         if mode == PitrMode::Streaming && p.durable_lsn > seen.durable_lsn {
@@ -142,6 +151,37 @@ pub async fn run(
     if let Some(s) = streamer {
         let _ = s.await;
     }
+}
+
+/// The runs of segments missing from the archive between ones it holds, on every timeline.
+async fn gaps(pg: &Postgres, repo: &tidemark_repo::Repository) -> Result<Vec<WalGap>, String> {
+    let info = pg.server_info().await.map_err(|e| e.to_string())?;
+    let mut c = pg.connect().await.map_err(|e| e.to_string())?;
+    let rows = c
+        .query("SELECT setting FROM pg_settings WHERE name = 'wal_segment_size'")
+        .await
+        .map_err(|e| e.to_string());
+    c.close().await;
+    let seg_size: u64 = rows?
+        .first()
+        .and_then(|r| r.first().cloned().flatten())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(16 << 20);
+    let system_id: u64 = info.system_id.parse().map_err(|_| "no system identifier")?;
+    let summary = archive::summarize(repo, system_id, seg_size)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(summary
+        .timelines
+        .iter()
+        .flat_map(|t| t.gaps.iter().zip(&t.gap_times))
+        .map(|((first, last), (after, before))| WalGap {
+            first_missing: first.clone(),
+            last_missing: last.clone(),
+            after: *after,
+            before: *before,
+        })
+        .collect())
 }
 
 /// The server's current WAL position, and the end of what the archive holds: what the

@@ -558,6 +558,24 @@ fn verification_restores_a_base_backup_and_the_archive_to_its_end_and_finds_a_ga
         err.contains("recovery stopped at") && err.contains("missing"),
         "{err}"
     );
+    // The gap is in the status and on the timeline page, with the verified points.
+    let s = wait(port, &log_path, "the gap in the status", |s| {
+        s["databases"]["pg"]["wal"]["gaps"]
+            .as_array()
+            .is_some_and(|g| !g.is_empty())
+    });
+    assert_eq!(
+        s["databases"]["pg"]["wal"]["gaps"][0]["first_missing"],
+        gone.as_str(),
+        "{s:#}"
+    );
+    let (code, page) = get(port, "/");
+    assert_eq!(code, 200);
+    assert!(page.contains(&format!("data-gap=\"{gone}\"")), "{page}");
+    assert!(
+        page.contains("class=\"verified ok\"") && page.contains("class=\"verified failed\""),
+        "{page}"
+    );
     let exit = agent.stop(60);
     assert!(exit.success(), "{exit:?}");
     assert_eq!(cluster.psql("postgres", "SELECT count(*) FROM t"), "153");

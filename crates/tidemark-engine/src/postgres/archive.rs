@@ -563,6 +563,10 @@ pub struct TimelineWal {
     pub segments: usize,
     /// Missing runs of segments between `first` and `last`: (first missing, last missing).
     pub gaps: Vec<(String, String)>,
+    /// For each gap, in order: when the segments on either side of it reached the archive
+    /// (what a timeline can draw).
+    #[serde(skip)]
+    pub gap_times: Vec<(chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>)>,
     /// When the last transaction in the timeline's archived WAL ended, read from the records
     /// of its newest segments; None when the newest WAL is a streamed piece or was archived
     /// without a scan (then only the upload time bounds it).
@@ -764,6 +768,8 @@ pub async fn summarize(repo: &Repository, system_id: u64, seg_size: u64) -> Resu
         Default::default();
     let mut latest_upload = None;
     let mut histories = Vec::new();
+    let mut uploaded: std::collections::BTreeMap<wal::SegmentName, chrono::DateTime<chrono::Utc>> =
+        Default::default();
     for m in &metas {
         let Some(name) = m.path.strip_prefix(&prefix) else {
             continue;
@@ -783,6 +789,8 @@ pub async fn summarize(repo: &Repository, system_id: u64, seg_size: u64) -> Resu
         match piece.or(whole) {
             Some(WalFile::Segment(s) | WalFile::Partial(s)) => {
                 by_tli.entry(s.timeline).or_default().push(s);
+                let t = uploaded.entry(s).or_insert(m.modified);
+                *t = (*t).max(m.modified);
                 latest_upload = latest_upload.max(Some(m.modified));
             }
             Some(WalFile::History(tli)) => histories.push((tli, m.modified)),
@@ -794,6 +802,7 @@ pub async fn summarize(repo: &Repository, system_id: u64, seg_size: u64) -> Resu
         segs.sort();
         segs.dedup();
         let mut gaps = Vec::new();
+        let mut gap_times = Vec::new();
         for w in segs.windows(2) {
             let expected = w[0].next(seg_size);
             if expected != w[1] {
@@ -803,6 +812,7 @@ pub async fn summarize(repo: &Repository, system_id: u64, seg_size: u64) -> Resu
                     seg_size,
                 );
                 gaps.push((expected.to_string(), last_missing.to_string()));
+                gap_times.push((uploaded[&w[0]], uploaded[&w[1]]));
             }
         }
         let last = segs[segs.len() - 1];
@@ -822,6 +832,7 @@ pub async fn summarize(repo: &Repository, system_id: u64, seg_size: u64) -> Resu
             last: last.to_string(),
             segments: segs.len(),
             gaps,
+            gap_times,
             last_xact: found.flatten(),
             scanned: found.is_some(),
         });
