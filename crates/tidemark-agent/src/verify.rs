@@ -104,6 +104,27 @@ pub(crate) fn check_query(
     Ok(format!("query {:?} returned {got:?}", q.sql))
 }
 
+/// Run the user's queries on a PostgreSQL connection: a line each, or the first failure.
+pub(crate) async fn pg_queries(
+    c: &mut tidemark_engine::postgres::wire::Connection,
+    queries: &[crate::config::CheckQuery],
+) -> Result<Vec<String>, String> {
+    let mut lines = Vec::new();
+    for q in queries {
+        let got = c
+            .query(&q.sql)
+            .await
+            .map_err(|e| e.to_string())
+            .map(|rows| {
+                rows.first()
+                    .and_then(|r| r.first().cloned().flatten())
+                    .unwrap_or_default()
+            });
+        lines.push(check_query(q, got)?);
+    }
+    Ok(lines)
+}
+
 /// Compare the census the backup recorded with the restored tables': a line for the record.
 pub(crate) fn compare_census(
     snap: &Snapshot,
@@ -281,27 +302,9 @@ async fn restore_and_check(
             .transpose()?
             .unwrap_or_else(|| "postgres".into());
         let mut c = on.connect().await.map_err(|e| e.to_string())?;
-        let mut result = Ok(());
-        for q in &queries {
-            let got = c
-                .query(&q.sql)
-                .await
-                .map_err(|e| e.to_string())
-                .map(|rows| {
-                    rows.first()
-                        .and_then(|r| r.first().cloned().flatten())
-                        .unwrap_or_default()
-                });
-            match check_query(q, got) {
-                Ok(line) => rec.checks.push(line),
-                Err(e) => {
-                    result = Err(e);
-                    break;
-                }
-            }
-        }
+        let result = pg_queries(&mut c, &queries).await;
         c.close().await;
-        result?;
+        rec.checks.extend(result?);
     }
     Ok(())
 }

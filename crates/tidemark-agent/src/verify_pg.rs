@@ -221,18 +221,7 @@ async fn check(
             tables.len(),
             pg.conn.dbname
         )];
-        for q in &queries {
-            let got = c
-                .query(&q.sql)
-                .await
-                .map_err(|e| e.to_string())
-                .map(|rows| {
-                    rows.first()
-                        .and_then(|r| r.first().cloned().flatten())
-                        .unwrap_or_default()
-                });
-            checks.push(crate::verify::check_query(q, got)?);
-        }
+        checks.extend(crate::verify::pg_queries(&mut c, &queries).await?);
         Ok::<_, String>(checks)
     }
     .await;

@@ -159,16 +159,7 @@ fn wait(
 
 #[test]
 fn an_agent_backs_up_postgres_on_schedule_prunes_the_wal_and_the_newest_backup_restores() {
-    let mut cluster = Postgres::start(&["archive_mode = on", "archive_command = ''"]);
-    let (config, repo, password) = repository(&cluster);
-    cluster.psql(
-        "postgres",
-        &format!(
-            "ALTER SYSTEM SET archive_command = 'TIDEMARK_CONFIG={} {BIN} wal-push -q %p'",
-            config.display()
-        ),
-    );
-    cluster.psql("postgres", "SELECT pg_reload_conf()");
+    let (mut cluster, config, repo, password) = archiving_cluster();
     cluster.psql(
         "postgres",
         "CREATE TABLE t(id int); INSERT INTO t SELECT generate_series(1, 100)",
@@ -255,14 +246,7 @@ fn an_agent_backs_up_postgres_on_schedule_prunes_the_wal_and_the_newest_backup_r
     // The newest base backup and the archive after it bring back every row.
     cluster.psql("postgres", "INSERT INTO t SELECT generate_series(1, 7)");
     rows += 7;
-    let last = cluster.psql("postgres", "SELECT pg_walfile_name(pg_current_wal_lsn())");
-    cluster.psql("postgres", "SELECT pg_switch_wal()");
-    cluster.wait_for(
-        "postgres",
-        &format!("SELECT last_archived_wal >= '{last}' FROM pg_stat_archiver"),
-        "t",
-        Duration::from_secs(60),
-    );
+    cluster.archive_now(Duration::from_secs(60));
     cluster.stop("fast");
     let count = restore_and_count(&mut cluster, &config, &[&base]);
     assert_eq!(count, rows.to_string());
@@ -443,18 +427,6 @@ fn archiving_cluster() -> (Postgres, PathBuf, PathBuf, PathBuf) {
     (cluster, config, repo, password)
 }
 
-/// Switch to a new WAL segment and wait until the one written so far is archived.
-fn switch_and_archive(cluster: &Postgres) {
-    let last = cluster.psql("postgres", "SELECT pg_walfile_name(pg_current_wal_lsn())");
-    cluster.psql("postgres", "SELECT pg_switch_wal()");
-    cluster.wait_for(
-        "postgres",
-        &format!("SELECT last_archived_wal >= '{last}' FROM pg_stat_archiver"),
-        "t",
-        Duration::from_secs(60),
-    );
-}
-
 fn verification_rows(s: &serde_json::Value) -> Option<u64> {
     let v = &s["databases"]["pg"]["verification"];
     if v["ok"] != true {
@@ -492,7 +464,7 @@ fn verification_restores_a_base_backup_and_the_archive_to_its_end_and_finds_a_ga
     });
     // Rows written after the base backup come back: the restore goes to the archive's end.
     cluster.psql("postgres", "INSERT INTO t SELECT generate_series(101, 150)");
-    switch_and_archive(&cluster);
+    cluster.archive_now(Duration::from_secs(60));
     let s = wait(port, &log_path, "a verification that saw 150 rows", |s| {
         verification_rows(s) == Some(150)
     });
@@ -513,7 +485,7 @@ fn verification_restores_a_base_backup_and_the_archive_to_its_end_and_finds_a_ga
     // verification replays them all.
     for i in 0..3 {
         cluster.psql("postgres", &format!("INSERT INTO t VALUES ({})", 1000 + i));
-        switch_and_archive(&cluster);
+        cluster.archive_now(Duration::from_secs(60));
     }
     let agent_config = agent_yaml(
         &cluster,

@@ -944,15 +944,7 @@ fn cluster_time(s: &str) -> chrono::DateTime<chrono::Utc> {
 
 /// Archive everything up to now and wait until the archiver has it; the last segment written.
 fn archive_now(cluster: &Postgres, timeout_secs: u64) -> String {
-    let last = cluster.psql("postgres", "SELECT pg_walfile_name(pg_current_wal_lsn())");
-    cluster.psql("postgres", "SELECT pg_switch_wal()");
-    cluster.wait_for(
-        "postgres",
-        &format!("SELECT last_archived_wal >= '{last}' FROM pg_stat_archiver"),
-        "t",
-        Duration::from_secs(timeout_secs),
-    );
-    last
+    cluster.archive_now(Duration::from_secs(timeout_secs))
 }
 
 #[test]

@@ -258,6 +258,20 @@ impl Postgres {
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
     }
 
+    /// Switch to a new WAL segment and wait until the archiver has archived the one written
+    /// so far; returns its name.
+    pub fn archive_now(&self, timeout: std::time::Duration) -> String {
+        let last = self.psql("postgres", "SELECT pg_walfile_name(pg_current_wal_lsn())");
+        self.psql("postgres", "SELECT pg_switch_wal()");
+        self.wait_for(
+            "postgres",
+            &format!("SELECT last_archived_wal >= '{last}' FROM pg_stat_archiver"),
+            "t",
+            timeout,
+        );
+        last
+    }
+
     /// Run SQL until it returns `want`, or panic after `timeout` with the last answer and the log.
     pub fn wait_for(&self, db: &str, sql: &str, want: &str, timeout: std::time::Duration) {
         let start = std::time::Instant::now();
