@@ -975,3 +975,40 @@ databases:
     let exit = agent.stop(20);
     assert!(exit.success(), "{exit:?}\n{}", env.log());
 }
+
+#[test]
+fn retries_back_off_doubling_and_stop_at_the_deadline() {
+    let env = Env::new();
+    env.ok(&["init"]);
+    // No database file: every attempt fails at once. Attempts at 0 s, 1 s and 3 s; the next
+    // would start at 7 s, past the 4 s deadline, although 10 attempts are allowed.
+    let config = env.config(
+        "agent.yaml",
+        "@every 1h",
+        "",
+        "    retry: {attempts: 10, backoff: 1s, deadline: 4s}\n",
+    );
+    // The first run comes from the catch-up of a schedule that fired while the agent was
+    // down: a state file that says it fired an hour ago and never finished.
+    std::fs::create_dir_all(env.path("state")).unwrap();
+    let fired = (chrono::Utc::now() - chrono::Duration::hours(2)).to_rfc3339();
+    std::fs::write(
+        env.path("state/state.json"),
+        format!(r#"{{"started": null, "ready": false, "databases": {{"app": {{"engine": "sqlite", "repository": "main", "kinds": {{}}, "fired": {{"physical@@every 1h": "{fired}"}}, "done": {{}}}}}}}}"#),
+    )
+    .unwrap();
+    let agent = env.start_agent(&config);
+    let s = env.wait_for("the failed run", 60, |s| {
+        s["databases"]["app"]["kinds"]["physical"]["failures"].as_u64() >= Some(1)
+    });
+    let f = &s["databases"]["app"]["kinds"]["physical"]["last_failure"];
+    assert_eq!(f["attempts"], 3, "{f:#}");
+    assert!(
+        f["error"].as_str().unwrap().contains("after 3 attempt(s)"),
+        "{f:#}"
+    );
+    let took = f["duration_seconds"].as_f64().unwrap();
+    assert!((2.5..6.0).contains(&took), "about 3 s of backoff: {f:#}");
+    let exit = agent.stop(20);
+    assert!(exit.success(), "{exit:?}\n{}", env.log());
+}
