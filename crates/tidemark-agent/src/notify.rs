@@ -26,6 +26,8 @@ pub enum EventKind {
     VerificationFailed,
     /// No backup of the database succeeded for longer than `alert_after`.
     NoRecentBackup,
+    /// A location of the repository missed a backup the others took.
+    LocationFailed,
 }
 
 /// One event.
@@ -68,6 +70,7 @@ impl Event {
             EventKind::BackupRecovered => ":large_green_circle: backup recovered",
             EventKind::VerificationFailed => ":red_circle: verification restore failed",
             EventKind::NoRecentBackup => ":warning: no recent backup",
+            EventKind::LocationFailed => ":warning: a backup location missed a backup",
         }
     }
 

@@ -512,6 +512,23 @@ impl Worker {
         if let Some(e) = event {
             self.notifier.send(&self.db.notify, e);
         }
+        for (site, run) in result.iter().flat_map(|r| &r.locations) {
+            if !run.ok {
+                self.notifier.send(
+                    &self.db.notify,
+                    Event::new(
+                        EventKind::LocationFailed,
+                        &self.name,
+                        Some(kind.as_str()),
+                        format!(
+                            "location {site} missed snapshot {} (the others have it; fill it with `tidemark copy`): {}",
+                            result.as_ref().ok().and_then(|r| r.snapshot.as_deref()).unwrap_or("?"),
+                            run.error.as_deref().unwrap_or("")
+                        ),
+                    ),
+                );
+            }
+        }
         match result {
             Ok(rec) => {
                 tracing::info!(database = %self.name, kind = kind.as_str(), snapshot = ?rec.snapshot, "backup done in {:.1}s", rec.duration_seconds);

@@ -779,6 +779,12 @@ fn one_read_goes_to_two_locations_a_dead_one_misses_snapshots_and_copy_fills_it(
     let s3_port = moto.server.port;
     moto.bucket("tm-offsite", "");
     let endpoint = moto.server.url();
+    let hooks = common::Receiver::start(0);
+    std::fs::write(
+        env.path("hook-url"),
+        format!("http://127.0.0.1:{}/hook\n", hooks.port),
+    )
+    .unwrap();
     let text = format!(
         "agent:
   state_dir: {state}
@@ -800,7 +806,11 @@ databases:
     retention: {{keep_last: 50}}
     location_retention:
       offsite: {{keep_last: 2}}
+    notify: [hook]
+notifications:
+  hook: {{kind: webhook, url_file: {hook}}}
 ",
+        hook = env.path("hook-url").display(),
         state = env.path("state").display(),
         port = env.port,
         repo = env.path("repo").display(),
@@ -873,6 +883,22 @@ databases:
         "{out}"
     );
     assert!(out.contains("location local: ok"), "{out}");
+    // Notified, naming the location and the snapshot it missed.
+    let end = Instant::now() + Duration::from_secs(30);
+    loop {
+        let sent = hooks.bodies("/hook");
+        if let Some(b) = sent.iter().find(|b| b["event"] == "location_failed") {
+            let m = b["message"].as_str().unwrap();
+            assert!(m.contains("location offsite missed snapshot"), "{m}");
+            assert!(missed.iter().any(|id| m.contains(id.as_str())), "{m}");
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "no location_failed notification: {sent:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 
     let exit = agent.stop(20);
     assert!(exit.success(), "{exit:?}\n{}", env.log());
