@@ -581,6 +581,7 @@ pub async fn run(config: Config, stop: watch::Receiver<bool>) -> Result<(), Star
     let dir = &config.agent.state_dir;
     let _held = lock_state_dir(dir).map_err(StartError)?;
     let state = state_file(dir);
+    crate::verify::clean_leftovers(&dir.join("verify"));
     let mut initial = Status::load(&state).map_err(StartError)?;
     initial.started = Some(Utc::now());
     initial.ready = false;

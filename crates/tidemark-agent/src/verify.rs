@@ -89,6 +89,50 @@ async fn verify_inner(
     Ok(true)
 }
 
+/// Stop and remove scratch servers a verification left behind when the agent was killed in
+/// the middle of one: a `tidemark-verify-*` directory under `scratch`, whose postmaster (if it
+/// still runs from that very data directory) gets an immediate shutdown.
+pub fn clean_leftovers(scratch: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(scratch) else {
+        return;
+    };
+    for e in entries.flatten() {
+        if !e
+            .file_name()
+            .to_string_lossy()
+            .starts_with("tidemark-verify-")
+        {
+            continue;
+        }
+        let dir = e.path();
+        let data = dir.join("data");
+        let pid = std::fs::read_to_string(data.join("postmaster.pid"))
+            .ok()
+            .and_then(|t| t.lines().next().and_then(|l| l.trim().parse::<i32>().ok()));
+        if let Some(pid) = pid {
+            // Only a postmaster running in this data directory (not a reused pid).
+            let ours = std::fs::read_link(format!("/proc/{pid}/cwd")).ok()
+                == std::fs::canonicalize(&data).ok();
+            if let (true, Some(p)) = (ours, rustix::process::Pid::from_raw(pid)) {
+                let _ = rustix::process::kill_process(p, rustix::process::Signal::QUIT);
+                let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+                while std::path::Path::new(&format!("/proc/{pid}")).exists()
+                    && std::time::Instant::now() < end
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+            }
+        }
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => tracing::warn!(
+                "removed {}, a verification's scratch server left by an agent that stopped abruptly",
+                dir.display()
+            ),
+            Err(err) => tracing::error!("failed to remove {}: {err}", dir.display()),
+        }
+    }
+}
+
 /// A user's query against what it returned: the line for the record, or why it failed.
 pub(crate) fn check_query(
     q: &crate::config::CheckQuery,

@@ -552,3 +552,58 @@ fn verification_restores_a_base_backup_and_the_archive_to_its_end_and_finds_a_ga
     assert!(exit.success(), "{exit:?}");
     assert_eq!(cluster.psql("postgres", "SELECT count(*) FROM t"), "153");
 }
+
+#[test]
+fn a_scratch_server_left_by_a_killed_agent_is_stopped_and_removed_at_the_next_start() {
+    let cluster = Postgres::start(&[]);
+    let (_, repo, password) = repository(&cluster);
+    // What a verification leaves when the agent is killed in mid-restore: a running scratch
+    // server in state_dir/verify (made here with the same code, then never stopped).
+    let root = std::fs::metadata("/proc/self").is_ok_and(|m| {
+        use std::os::unix::fs::MetadataExt;
+        m.uid() == 0
+    });
+    let verify_dir = cluster.dir.path().join("agent-state/verify");
+    let o = tidemark_engine::postgres::scratch::ScratchOptions {
+        bin_dir: tidemark_testkit::pg_bin(),
+        os_user: root.then(|| "postgres".to_owned()),
+        parent: verify_dir.clone(),
+        timeout: Duration::from_secs(60),
+    };
+    let leftover = tidemark_engine::postgres::scratch::Scratch::init(&o).unwrap();
+    let data = leftover.data_dir().to_path_buf();
+    let pid: u32 = std::fs::read_to_string(data.join("postmaster.pid"))
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    std::mem::forget(leftover);
+    assert!(Path::new(&format!("/proc/{pid}")).exists());
+
+    let port = free_port();
+    let agent_config = agent_yaml(
+        &cluster,
+        &repo,
+        &password,
+        port,
+        "    schedules: [{kind: logical, cron: '@every 1h'}]\n",
+    );
+    let log_path = cluster.dir.path().join("agent.log");
+    let agent = start_agent(&agent_config, &log_path);
+    wait(port, &log_path, "the agent ready", |s| s["ready"] == true);
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists(),
+        "the leftover server still runs"
+    );
+    assert!(!data.exists(), "the leftover directory is still there");
+    let exit = agent.stop(30);
+    assert!(exit.success(), "{exit:?}");
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(
+        log.contains("left by an agent that stopped abruptly"),
+        "{log}"
+    );
+}
