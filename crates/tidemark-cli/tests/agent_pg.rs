@@ -86,6 +86,21 @@ fn start_agent(config: &Path, log_path: &Path) -> Agent {
     Agent(Some(child))
 }
 
+/// Write the agent config with the database section `db` and start the agent: its log file
+/// (the same each time) and the process.
+fn launch(
+    cluster: &Postgres,
+    repo: &Path,
+    password: &Path,
+    port: u16,
+    db: &str,
+) -> (PathBuf, Agent) {
+    let config = agent_yaml(cluster, repo, password, port, db);
+    let log = cluster.dir.path().join("agent.log");
+    let agent = start_agent(&config, &log);
+    (log, agent)
+}
+
 fn agent_yaml(cluster: &Postgres, repo: &Path, password: &Path, port: u16, db: &str) -> PathBuf {
     let pg_pw = cluster.write_private("pg-password", tidemark_testkit::SUPERUSER_PASSWORD);
     let state: PathBuf = cluster.dir.path().join("agent-state");
@@ -170,7 +185,7 @@ fn an_agent_backs_up_postgres_on_schedule_prunes_the_wal_and_the_newest_backup_r
     );
 
     let port = free_port();
-    let agent_config = agent_yaml(
+    let (log_path, agent) = launch(
         &cluster,
         &repo,
         &password,
@@ -183,8 +198,6 @@ fn an_agent_backs_up_postgres_on_schedule_prunes_the_wal_and_the_newest_backup_r
     retention: {keep_last: 1}
 ",
     );
-    let log_path = cluster.dir.path().join("agent.log");
-    let agent = start_agent(&agent_config, &log_path);
 
     // Writes between backups, so that each base backup starts in a later WAL segment.
     let mut rows = 100;
@@ -269,7 +282,7 @@ fn the_agent_streams_wal_restarts_the_streamer_after_a_failure_and_reports_the_l
     let (config, repo, password) = repository(&cluster);
     cluster.psql("postgres", "CREATE TABLE t(id int)");
     let port = free_port();
-    let agent_config = agent_yaml(
+    let (log, agent) = launch(
         &cluster,
         &repo,
         &password,
@@ -278,8 +291,6 @@ fn the_agent_streams_wal_restarts_the_streamer_after_a_failure_and_reports_the_l
     pitr: {mode: streaming, slot: agent_slot}
 ",
     );
-    let log = cluster.dir.path().join("agent.log");
-    let agent = start_agent(&agent_config, &log);
     wait(port, &log, "a base backup and a measured lag", |s| {
         let d = &s["databases"]["pg"];
         d["kinds"]["physical"]["successes"].as_u64().unwrap_or(0) >= 1
@@ -345,7 +356,7 @@ fn verification_restores_a_logical_backup_into_a_scratch_server_and_compares_eve
          CREATE SCHEMA other; CREATE TABLE other.\"Mixed Case\"(k text); INSERT INTO other.\"Mixed Case\" VALUES ('a'), (NULL);",
     );
     let port = free_port();
-    let agent_config = agent_yaml(
+    let (log_path, agent) = launch(
         &cluster,
         &repo,
         &password,
@@ -356,8 +367,6 @@ fn verification_restores_a_logical_backup_into_a_scratch_server_and_compares_eve
       queries: [{sql: 'SELECT count(*) FROM t', expect: '1000'}]
 ",
     );
-    let log_path = cluster.dir.path().join("agent.log");
-    let agent = start_agent(&agent_config, &log_path);
     let s = wait(port, &log_path, "a verification", |s| {
         s["databases"]["pg"]["verification"]["ok"].is_boolean()
     });
@@ -377,7 +386,8 @@ fn verification_restores_a_logical_backup_into_a_scratch_server_and_compares_eve
 
     // Every pack damaged, and no new backup (each dump is one new chunk): the next
     // verification fails, loudly, and the server is untouched.
-    let agent_config = agent_yaml(
+    common::corrupt_packs(&repo);
+    let (_, agent) = launch(
         &cluster,
         &repo,
         &password,
@@ -386,8 +396,6 @@ fn verification_restores_a_logical_backup_into_a_scratch_server_and_compares_eve
     verification: {cron: '@every 2s'}
 ",
     );
-    common::corrupt_packs(&repo);
-    let agent = start_agent(&agent_config, &log_path);
     let verified = v["started"].as_str().unwrap().to_owned();
     let s = wait(port, &log_path, "a failed verification", |s| {
         let v = &s["databases"]["pg"]["verification"];
@@ -447,7 +455,7 @@ fn verification_restores_a_base_backup_and_the_archive_to_its_end_and_finds_a_ga
         "CREATE TABLE t(id int); INSERT INTO t SELECT generate_series(1, 100)",
     );
     let port = free_port();
-    let agent_config = agent_yaml(
+    let (log_path, agent) = launch(
         &cluster,
         &repo,
         &password,
@@ -457,8 +465,6 @@ fn verification_restores_a_base_backup_and_the_archive_to_its_end_and_finds_a_ga
     verification: {cron: '@every 4s', queries: [{sql: 'SELECT min(id) FROM t', expect: '1'}]}
 ",
     );
-    let log_path = cluster.dir.path().join("agent.log");
-    let agent = start_agent(&agent_config, &log_path);
     wait(port, &log_path, "a base backup", |s| {
         successes(s, "physical") >= 1
     });
@@ -584,15 +590,13 @@ fn a_scratch_server_left_by_a_killed_agent_is_stopped_and_removed_at_the_next_st
     assert!(Path::new(&format!("/proc/{pid}")).exists());
 
     let port = free_port();
-    let agent_config = agent_yaml(
+    let (log_path, agent) = launch(
         &cluster,
         &repo,
         &password,
         port,
         "    schedules: [{kind: logical, cron: '@every 1h'}]\n",
     );
-    let log_path = cluster.dir.path().join("agent.log");
-    let agent = start_agent(&agent_config, &log_path);
     wait(port, &log_path, "the agent ready", |s| s["ready"] == true);
     assert!(
         !Path::new(&format!("/proc/{pid}")).exists(),
