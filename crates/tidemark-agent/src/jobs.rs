@@ -14,7 +14,7 @@ use tidemark_repo::progress::Progress;
 use tidemark_repo::Repository;
 
 use crate::config::{BackupKind, DatabaseConfig, EngineKind};
-use crate::locations::Repo;
+use crate::locations::{Reached, Repo};
 use crate::status::{LocationRun, RunRecord, SnapshotPoint};
 
 /// The tag every snapshot of a database gets from the agent: how retention and the status
@@ -170,19 +170,19 @@ fn describe_missing(locations: &BTreeMap<String, LocationRun>) -> String {
 /// (the archiver writes the first; format §9a). Streamed pieces are left out: the whole
 /// segment follows once it is complete. Returns, per other location, the segments copied or
 /// why it failed.
-pub async fn copy_logs(repo: &Repo) -> Vec<(String, Result<u64, String>)> {
+pub async fn copy_logs(repo: &Repo, reached: &Reached) -> Vec<(String, Result<u64, String>)> {
     let mut out = Vec::new();
-    for (site, r) in repo.reach_all().await.into_iter().skip(1) {
+    for (site, r) in reached.iter().skip(1) {
         let r = match r {
-            Ok(to) => tidemark_repo::ops::copy::copy_segments(repo.primary(), &to, |_, n| {
+            Ok(to) => tidemark_repo::ops::copy::copy_segments(repo.primary(), to, |_, n| {
                 tidemark_engine::postgres::wal::parse_piece(n).is_none()
             })
             .await
             .map(|c| c.segments)
             .map_err(|e| format!("failed to copy log segments: {e}")),
-            Err(e) => Err(e),
+            Err(e) => Err(e.clone()),
         };
-        out.push((site, r));
+        out.push((site.clone(), r));
     }
     out
 }

@@ -12,6 +12,10 @@ use tidemark_storage::{Location, Storage, StorageOptions};
 
 use crate::config::{LocationConfig, RepositoryConfig};
 
+/// Each location of a repository, in config order, as reached at one moment: the repository
+/// there, or why it could not be reached. Reached once and used for the steps that follow.
+pub type Reached = Vec<(String, Result<Repository, String>)>;
+
 /// One location of a repository, as configured.
 #[derive(Debug)]
 struct Site {
@@ -106,7 +110,7 @@ impl Repo {
 
     /// Every location now, in config order: the first as opened, the others reached through
     /// it (their config checked every time, an empty one added).
-    pub async fn reach_all(&self) -> Vec<(String, Result<Repository, String>)> {
+    pub async fn reach_all(&self) -> Reached {
         let mut out = Vec::with_capacity(self.sites.len());
         out.push((self.sites[0].name.clone(), Ok(self.primary.clone())));
         let others = futures::future::join_all(self.sites[1..].iter().map(|s| self.reach(s))).await;

@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::config::{BackupKind, Concurrency, Config, DatabaseConfig};
 use crate::http::Shared;
-use crate::locations::Repo;
+use crate::locations::{Reached, Repo};
 use crate::notify::{Event, EventKind, Notifier};
 use crate::schedule::{self, Planned};
 use crate::status::{state_file, RunRecord, Running, Status, VerificationRecord};
@@ -109,12 +109,13 @@ impl Worker {
 
     /// List the database's snapshots at every location: the status shows all of them, and
     /// per location how many it has and which it lacks.
-    async fn refresh_snapshots(&self) {
+    async fn refresh_snapshots(&self, reached: &Reached) {
         let mut listed = Vec::new();
-        for (site, r) in self.repo.reach_all().await {
+        for (site, r) in reached {
+            let site = site.clone();
             let r = match r {
-                Ok(rp) => crate::jobs::snapshots(&self.name, &rp).await,
-                Err(e) => Err(e),
+                Ok(rp) => crate::jobs::snapshots(&self.name, rp).await,
+                Err(e) => Err(e.clone()),
             };
             if let Err(e) = &r {
                 tracing::warn!(database = %self.name, location = %site, "failed to list snapshots: {e}");
@@ -167,25 +168,25 @@ impl Worker {
 
     /// Plan retention at every location and, with `apply`, carry the plan out. The status
     /// shows each plan before it is applied; with several locations each line names its own.
-    async fn retention(&self, apply: bool) {
+    async fn retention(&self, reached: &Reached, apply: bool) {
         let several = self.repo.several();
         let mut plans = Vec::new();
         let mut done = Vec::new();
         let mut errors = Vec::new();
-        for (site, r) in self.repo.reach_all().await {
-            let Some(policy) = self.policy(&site) else {
+        for (site, r) in reached {
+            let Some(policy) = self.policy(site) else {
                 continue;
             };
             let prefix = |l: String| if several { format!("[{site}] {l}") } else { l };
             let rp = match r {
                 Ok(rp) => rp,
                 Err(e) => {
-                    errors.push(prefix(e));
+                    errors.push(prefix(e.clone()));
                     continue;
                 }
             };
             let mut shown = Vec::new();
-            let r = crate::jobs::retention(&self.name, policy, &rp, apply, |lines| {
+            let r = crate::jobs::retention(&self.name, policy, rp, apply, |lines| {
                 shown = lines;
             })
             .await;
@@ -196,7 +197,7 @@ impl Worker {
                     done.extend(lines.into_iter().map(prefix));
                     // Retention here would have removed it: no longer missing here.
                     self.update(|d| {
-                        if let Some(l) = d.locations.get_mut(&site) {
+                        if let Some(l) = d.locations.get_mut(site) {
                             l.missing.retain(|id| !removed.contains(id));
                         }
                     });
@@ -227,8 +228,10 @@ impl Worker {
         for i in &missed {
             tracing::info!(database = %self.name, schedule = %planned[*i].key, "catching up a run missed while the agent was down");
         }
-        self.refresh_snapshots().await;
-        self.plan_retention().await;
+        // What retention would do now (a dry run), in the status before it does anything.
+        let reached = self.repo.reach_all().await;
+        self.refresh_snapshots(&reached).await;
+        self.retention(&reached, false).await;
         let (tx, mut rx) = mpsc::channel::<Told>(4);
         let mut running: Option<(BackupKind, tokio::task::JoinHandle<()>)> = None;
         let mut wake: Option<(usize, DateTime<Utc>)> = None;
@@ -308,11 +311,6 @@ impl Worker {
             }
         }
         self.update(|d| d.running = None);
-    }
-
-    /// Show in the status what retention would do now (a dry run), before it does anything.
-    async fn plan_retention(&self) {
-        self.retention(false).await;
     }
 
     /// Restore the newest snapshot into the state directory's scratch space and check it;
@@ -562,13 +560,15 @@ impl Worker {
                 });
             }
         }
+        // The locations reached once for what follows the backup.
+        let reached = self.repo.reach_all().await;
         if ok && self.repo.several() && self.db.pitr.mode != crate::config::PitrMode::Off {
-            crate::wal::copy_logs(&self.name, &self.repo, &self.status).await;
+            crate::wal::copy_logs(&self.name, &self.repo, &reached, &self.status).await;
         }
         if ok && (self.db.retention.is_some() || !self.db.location_retention.is_empty()) {
-            self.retention(true).await;
+            self.retention(&reached, true).await;
         }
-        self.refresh_snapshots().await;
+        self.refresh_snapshots(&reached).await;
     }
 }
 

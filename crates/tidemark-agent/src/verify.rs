@@ -249,30 +249,23 @@ fn scratch_options(
     scratch: &std::path::Path,
 ) -> Result<ScratchOptions, String> {
     let live = db.postgres.as_ref().expect("validated").engine()?;
-    let major: u32 = snap
-        .database
-        .version
-        .as_deref()
-        .and_then(|v| v.split(|c: char| !c.is_ascii_digit()).next())
-        .and_then(|m| m.parse().ok())
-        .unwrap_or(0);
-    let initdb = live.program("initdb", major * 10_000);
+    let version = snap.database.version.clone().unwrap_or_default();
+    let initdb = live.program(
+        "initdb",
+        tidemark_engine::postgres::major_version_num(&version),
+    );
     let bin_dir = initdb
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
-        .ok_or_else(|| format!("PostgreSQL {major}'s initdb was not found; set postgres.pg_bin"))?
+        .ok_or_else(|| {
+            format!("the initdb of PostgreSQL {version:?} was not found; set postgres.pg_bin")
+        })?
         .to_path_buf();
-    let root = std::fs::metadata("/proc/self").is_ok_and(|m| {
-        use std::os::unix::fs::MetadataExt;
-        m.uid() == 0
-    });
     Ok(ScratchOptions {
         bin_dir,
-        os_user: db
-            .verification
-            .as_ref()
-            .and_then(|v| v.os_user.clone())
-            .or_else(|| root.then(|| "postgres".to_owned())),
+        os_user: tidemark_engine::postgres::start::server_os_user(
+            db.verification.as_ref().and_then(|v| v.os_user.clone()),
+        ),
         parent: scratch.to_path_buf(),
         timeout: std::time::Duration::from_secs(600),
     })

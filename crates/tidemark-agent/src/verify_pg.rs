@@ -158,13 +158,21 @@ async fn check(
         .find_map(|l| l.split("redo done at ").nth(1))
         .and_then(|r| r.split_whitespace().next())
         .and_then(wal::parse_lsn);
-    if let (Some(redo), Some(last)) = (redo, last) {
-        if redo < last.start_lsn(seg_size) {
+    match (redo, last) {
+        (Some(redo), Some(last)) if redo < last.start_lsn(seg_size) => {
             return Err(format!(
                 "recovery stopped at {} but the archive holds WAL up to segment {last}: a segment between is missing or unreadable",
                 wal::lsn_string(redo)
             ));
         }
+        // Not claimed when it cannot be told.
+        (None, Some(_)) => {
+            return Err(format!(
+                "the server log does not say where recovery ended, so whether it reached the archive's end is unknown: {}",
+                started.recovery_log.join(" | ")
+            ));
+        }
+        _ => {}
     }
     if let Some(t) = started
         .recovery_log

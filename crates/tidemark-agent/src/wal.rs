@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use crate::locations::Repo;
+use crate::locations::{Reached, Repo};
 use chrono::Utc;
 use tidemark_engine::postgres::stream::{self, Progress, StreamOptions};
 use tidemark_engine::postgres::{archive, wal, Postgres};
@@ -21,8 +21,8 @@ const COPY_EVERY_TICKS: u32 = 12;
 
 /// Bring the other locations' log segments level with the first's (where the archiver writes),
 /// and record in the status a location that failed.
-pub async fn copy_logs(name: &str, repo: &Repo, status: &Shared) {
-    for (site, r) in crate::jobs::copy_logs(repo).await {
+pub async fn copy_logs(name: &str, repo: &Repo, reached: &Reached, status: &Shared) {
+    for (site, r) in crate::jobs::copy_logs(repo, reached).await {
         match r {
             Ok(n) => {
                 if n > 0 {
@@ -123,7 +123,7 @@ pub async fn run(
                 }
             }
             if repo.several() {
-                copy_logs(&name, &repo, &status).await;
+                copy_logs(&name, &repo, &repo.reach_all().await, &status).await;
             }
         }
         let p = progress_rx.borrow().clone();

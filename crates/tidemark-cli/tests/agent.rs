@@ -1038,3 +1038,32 @@ fn retries_back_off_doubling_and_stop_at_the_deadline() {
     let exit = agent.stop(20);
     assert!(exit.success(), "{exit:?}\n{}", env.log());
 }
+
+#[test]
+fn a_location_holding_another_repository_stops_the_agent_at_start_named() {
+    let env = Env::new();
+    env.ok(&["init"]);
+    let other = env.path("other");
+    env.ok(&["--repo", other.to_str().unwrap(), "init"]);
+    make_db(&env.path("app.db"), 10, 10);
+    let second = format!("}}\n      - {{name: elsewhere, url: {}", other.display());
+    let config = env.config("agent.yaml", "@every 1h", &second, "");
+    let o = env
+        .cmd(&["agent", "--config", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("location \"elsewhere\"") && err.contains("holds a different repository"),
+        "{err}"
+    );
+    // Nothing was written there.
+    assert!(
+        !other.join("snapshots").exists()
+            || std::fs::read_dir(other.join("snapshots"))
+                .unwrap()
+                .next()
+                .is_none()
+    );
+}

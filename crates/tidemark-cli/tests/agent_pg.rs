@@ -6,24 +6,13 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{free_port, get, metric, parse_prometheus, try_get, Agent};
+use common::{free_port, get, metric, parse_prometheus, tidemark, try_get, Agent};
 use tidemark_testkit::Postgres;
 
 const BIN: &str = env!("CARGO_BIN_EXE_tidemark");
-
-fn tidemark(config: &Path, args: &[&str]) -> Output {
-    Command::new(BIN)
-        .args(args)
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("TIDEMARK_CONFIG", config)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap()
-}
 
 fn ok(config: &Path, args: &[&str]) -> String {
     let o = tidemark(config, args);
@@ -565,14 +554,10 @@ fn a_scratch_server_left_by_a_killed_agent_is_stopped_and_removed_at_the_next_st
     let (_, repo, password) = repository(&cluster);
     // What a verification leaves when the agent is killed in mid-restore: a running scratch
     // server in state_dir/verify (made here with the same code, then never stopped).
-    let root = std::fs::metadata("/proc/self").is_ok_and(|m| {
-        use std::os::unix::fs::MetadataExt;
-        m.uid() == 0
-    });
     let verify_dir = cluster.dir.path().join("agent-state/verify");
     let o = tidemark_engine::postgres::scratch::ScratchOptions {
         bin_dir: tidemark_testkit::pg_bin(),
-        os_user: root.then(|| "postgres".to_owned()),
+        os_user: tidemark_engine::postgres::start::server_os_user(None),
         parent: verify_dir.clone(),
         timeout: Duration::from_secs(60),
     };

@@ -5,8 +5,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
+use common::tidemark;
 use tidemark_engine::postgres::wal::SegmentName;
 use tidemark_testkit::Postgres;
+
+mod common;
 
 const BIN: &str = env!("CARGO_BIN_EXE_tidemark");
 
@@ -15,17 +18,6 @@ const BIN: &str = env!("CARGO_BIN_EXE_tidemark");
 struct Archive {
     config: PathBuf,
     repo: PathBuf,
-}
-
-fn tidemark(config: &Path, args: &[&str]) -> Output {
-    Command::new(BIN)
-        .args(args)
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("TIDEMARK_CONFIG", config)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap()
 }
 
 /// `tidemark <command…> --url <url> --pg-password-file <pw> <extra…>`.

@@ -221,6 +221,18 @@ pub async fn read_segment_range(
 /// # Errors
 /// As for `read_segment_range`, and `Corrupt` when the checksum differs.
 pub async fn read_segment(repo: &Repository, stream: &str, name: &str) -> Result<Bytes> {
+    Ok(read_segment_whole(repo, stream, name).await?.1)
+}
+
+/// `read_segment`, with the segment's footer (its metadata).
+///
+/// # Errors
+/// As for `read_segment`.
+pub async fn read_segment_whole(
+    repo: &Repository,
+    stream: &str,
+    name: &str,
+) -> Result<(SegmentInfo, Bytes)> {
     let info = segment_info(repo, stream, name).await?;
     let data = read_frames(repo, stream, name, &info, 0..info.raw_size).await?;
     if blake3::hash(&data).to_hex().as_str() != info.blake3 {
@@ -229,7 +241,7 @@ pub async fn read_segment(repo: &Repository, stream: &str, name: &str) -> Result
             "content does not match its checksum",
         ));
     }
-    Ok(data)
+    Ok((info, data))
 }
 
 async fn read_frames(

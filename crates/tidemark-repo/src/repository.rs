@@ -114,25 +114,7 @@ impl Repository {
             return Err(Error::WrongPassword { location });
         };
         let keys = Keys::derive(&master);
-        let plain = keys
-            .open(aad::CONFIG, &config_bytes)
-            .map_err(|AuthFailed| {
-                Error::corrupt(
-                    "config",
-                    "authentication failed (the config object was modified or replaced)",
-                )
-            })?;
-        let value: serde_json::Value = serde_json::from_slice(&plain)
-            .map_err(|e| Error::corrupt("config", format!("not valid JSON: {e}")))?;
-        let version = value.get("version").and_then(|v| v.as_u64()).unwrap_or(0) as u32;
-        if version != 1 {
-            return Err(Error::UnsupportedVersion {
-                object: "config".into(),
-                version,
-            });
-        }
-        let config: RepoConfig =
-            serde_json::from_value(value).map_err(|e| Error::corrupt("config", e.to_string()))?;
+        let config = read_config(&keys, &config_bytes)?;
         Ok(Repository::assemble(storage, keys, master, config, key_id))
     }
 
@@ -188,12 +170,7 @@ impl Repository {
             }
             Err(e) => return Err(e.into()),
         };
-        let same = self
-            .keys
-            .open(aad::CONFIG, &config)
-            .ok()
-            .and_then(|plain| serde_json::from_slice::<RepoConfig>(&plain).ok())
-            .is_some_and(|c| c.id == self.config.id);
+        let same = read_config(&self.keys, &config).is_ok_and(|c| c.id == self.config.id);
         if !same {
             return Err(Error::Invalid(format!(
                 "location {location:?} holds a different repository than {:?} (its config does not open with this repository's key); give it its own empty location, or add one with `tidemark init --copy-from`",
@@ -443,13 +420,6 @@ impl Repository {
         Ok(IndexPack::new(id, size, &entries))
     }
 
-    /// Store a snapshot: the last write of a backup (format §8.2).
-    pub async fn save_snapshot(&self, s: &Snapshot) -> Result<SnapshotId> {
-        Ok(SnapshotId(
-            self.save_json("snapshots", aad::SNAPSHOT, s).await?,
-        ))
-    }
-
     /// Load one snapshot.
     pub async fn load_snapshot(&self, id: SnapshotId) -> Result<Snapshot> {
         self.load_json(&format!("snapshots/{id}"), aad::SNAPSHOT)
@@ -591,6 +561,29 @@ pub(crate) async fn copy_object(from: &dyn Storage, to: &dyn Storage, path: &str
         Err(e) if e.kind == ErrorKind::AlreadyExists => Ok(0),
         Err(e) => Err(e.into()),
     }
+}
+
+/// Authenticate and decode a `config` object with `keys`.
+///
+/// # Errors
+/// `Corrupt` when it does not open with these keys or is not a config; `UnsupportedVersion`.
+fn read_config(keys: &Keys, bytes: &[u8]) -> Result<RepoConfig> {
+    let plain = keys.open(aad::CONFIG, bytes).map_err(|AuthFailed| {
+        Error::corrupt(
+            "config",
+            "authentication failed (the config object was modified or replaced)",
+        )
+    })?;
+    let value: serde_json::Value = serde_json::from_slice(&plain)
+        .map_err(|e| Error::corrupt("config", format!("not valid JSON: {e}")))?;
+    let version = value.get("version").and_then(|v| v.as_u64()).unwrap_or(0) as u32;
+    if version != 1 {
+        return Err(Error::UnsupportedVersion {
+            object: "config".into(),
+            version,
+        });
+    }
+    serde_json::from_value(value).map_err(|e| Error::corrupt("config", e.to_string()))
 }
 
 async fn load_key(storage: &dyn Storage, path: &str) -> Result<KeyFile> {

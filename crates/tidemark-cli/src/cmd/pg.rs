@@ -615,26 +615,17 @@ async fn restore_physical(ctx: &Context, a: RestoreArgs) -> Result<i32> {
     let restore_seconds = started.elapsed().as_secs_f64();
     let started_server = if a.start {
         let version = snap.database.version.clone().unwrap_or_default();
-        let major: u32 = version
-            .split(|c: char| !c.is_ascii_digit())
-            .next()
-            .and_then(|m| m.parse().ok())
-            .unwrap_or(0);
         let pg_ctl = a
             .conn
             .engine()
             .map_err(|m| usage(m, "see `tidemark pg backup --help`"))?
-            .program("pg_ctl", major * 10_000);
-        let root = std::fs::metadata("/proc/self").is_ok_and(|m| {
-            use std::os::unix::fs::MetadataExt;
-            m.uid() == 0
-        });
+            .program(
+                "pg_ctl",
+                tidemark_engine::postgres::major_version_num(&version),
+            );
         let o = tidemark_engine::postgres::start::StartOptions {
             pg_ctl,
-            os_user: a
-                .os_user
-                .clone()
-                .or_else(|| root.then(|| "postgres".to_owned())),
+            os_user: tidemark_engine::postgres::start::server_os_user(a.os_user.clone()),
             timeout: std::time::Duration::from_secs(a.start_timeout),
         };
         let dir = target.clone();

@@ -273,3 +273,16 @@ pub fn corrupt_packs(repo: &std::path::Path) {
     }
     assert!(n > 0, "no pack to corrupt");
 }
+
+/// Run the tidemark binary with nothing from the environment but PATH, and the CLI config file
+/// `config` (repository and password file).
+pub fn tidemark(config: &std::path::Path, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_tidemark"))
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("TIDEMARK_CONFIG", config)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap()
+}

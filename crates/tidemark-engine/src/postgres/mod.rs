@@ -54,6 +54,17 @@ pub struct Postgres {
     pub physical: Option<physical::PhysicalOptions>,
 }
 
+/// The `server_version_num` of a major version from a version string such as `15.4 (Debian …)`
+/// (what snapshots record): enough for `Postgres::program` to find that major's tools; 0 when
+/// the string names none.
+pub fn major_version_num(version: &str) -> u32 {
+    version
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .and_then(|m| m.parse::<u32>().ok())
+        .map_or(0, |m| m * 10_000)
+}
+
 /// Quote an identifier for SQL.
 pub fn quote_ident(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
@@ -220,5 +231,15 @@ impl Engine for Postgres {
             Default::default(),
         )
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_major_version_is_read_from_a_version_string() {
+        assert_eq!(super::major_version_num("15.4 (Debian 15.4-1)"), 150_000);
+        assert_eq!(super::major_version_num("9.6.24"), 90_000);
+        assert_eq!(super::major_version_num(""), 0);
     }
 }

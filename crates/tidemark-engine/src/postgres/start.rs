@@ -37,6 +37,16 @@ pub struct StartReport {
     pub recovery_log: Vec<String>,
 }
 
+/// The operating-system user a server started by tidemark runs as: `explicit`, else
+/// `postgres` when tidemark runs as root (which PostgreSQL refuses), else the current user.
+pub fn server_os_user(explicit: Option<String>) -> Option<String> {
+    let root = std::fs::metadata("/proc/self").is_ok_and(|m| {
+        use std::os::unix::fs::MetadataExt;
+        m.uid() == 0
+    });
+    explicit.or_else(|| root.then(|| "postgres".to_owned()))
+}
+
 fn fail(data: &Path, reason: String) -> Error {
     Error::Database {
         action: "start the restored server in",

@@ -275,7 +275,8 @@ impl Finished {
 
 /// A backup in progress: add streams, then `finish` to write the index and the snapshot.
 pub struct Backup<'l> {
-    /// The first location: the repository's keys and config (the same at every location).
+    /// The first location that started: the repository's keys and config (the same at every
+    /// location), and what `repository()` answers.
     repo: Repository,
     sinks: Vec<Sink<'l>>,
     dedup: Arc<Vec<Dedup>>,
@@ -357,7 +358,7 @@ impl<'l> Backup<'l> {
         opts: BackupOptions,
         progress: Arc<Progress>,
     ) -> Result<Backup<'l>> {
-        let Some(first) = targets.first().map(|t| t.0.clone()) else {
+        let Some((first, _)) = targets.first() else {
             return Err(Error::Invalid(
                 "a backup needs at least one location".into(),
             ));
@@ -414,7 +415,6 @@ impl<'l> Backup<'l> {
             .for_blocks()
             .is_none()
             .then(|| Arc::new(Sampler::default()));
-        drop(first);
         Ok(Backup {
             dicts,
             sampler,

@@ -192,8 +192,7 @@ pub async fn copy_segments(
         .collect();
     let sizes: Vec<u64> = futures::stream::iter(missing)
         .map(|(stream, name)| async move {
-            let info = log::segment_info(from, &stream, &name).await?;
-            let data = log::read_segment(from, &stream, &name).await?;
+            let (info, data) = log::read_segment_whole(from, &stream, &name).await?;
             let n = data.len() as u64;
             log::write_segment(to, &stream, &name, data, info.meta).await?;
             Ok::<_, Error>(n)
