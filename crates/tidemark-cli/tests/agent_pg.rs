@@ -397,9 +397,11 @@ fn verification_restores_a_logical_backup_into_a_scratch_server_and_compares_eve
     assert_eq!(cluster.psql("postgres", "SELECT count(*) FROM t"), "1000");
     let exit = agent.stop(60);
     assert!(exit.success(), "{exit:?}");
-    // No scratch server is left running.
+    // No scratch server of this agent is left running (other tests run their own at the same
+    // time, so the pattern names this agent's state directory).
+    let scratch = cluster.dir.path().join("agent-state");
     let left = Command::new("pgrep")
-        .args(["-f", "tidemark-verify-"])
+        .args(["-f", &format!("{}/.*tidemark-verify-", scratch.display())])
         .output()
         .unwrap();
     assert!(
