@@ -1,7 +1,8 @@
 //! `tidemark agent` against a real PostgreSQL 15 that archives its WAL with `wal-push`:
 //! physical and logical schedules every few seconds (queued, not skipped, when they meet),
 //! retention that prunes the WAL no kept backup needs, and a restore of the newest backup to
-//! the end of the archive that brings back every row.
+//! the end of the archive that brings back every row; the archive copied to a second location
+//! that restores alone; verification restores (logical and physical) in scratch servers.
 
 mod common;
 
@@ -84,13 +85,22 @@ fn launch(
     port: u16,
     db: &str,
 ) -> (PathBuf, Agent) {
-    let config = agent_yaml(cluster, repo, password, port, db);
+    let config = agent_yaml(cluster, repo, "", password, port, db);
     let log = cluster.dir.path().join("agent.log");
     let agent = start_agent(&config, &log);
     (log, agent)
 }
 
-fn agent_yaml(cluster: &Postgres, repo: &Path, password: &Path, port: u16, db: &str) -> PathBuf {
+/// The agent config: the repository at `repo`, then the locations in `more` (YAML list items,
+/// each starting with a comma), and the database section `db`.
+fn agent_yaml(
+    cluster: &Postgres,
+    repo: &Path,
+    more: &str,
+    password: &Path,
+    port: u16,
+    db: &str,
+) -> PathBuf {
     let pg_pw = cluster.write_private("pg-password", tidemark_testkit::SUPERUSER_PASSWORD);
     let state: PathBuf = cluster.dir.path().join("agent-state");
     cluster.write_private(
@@ -99,7 +109,7 @@ fn agent_yaml(cluster: &Postgres, repo: &Path, password: &Path, port: u16, db: &
             "agent: {{state_dir: {state}, listen: '127.0.0.1:{port}', shutdown_grace: 60s}}
 repositories:
   main:
-    locations: [{{name: local, url: {repo}}}]
+    locations: [{{name: local, url: {repo}}}{more}]
     password_file: {password}
 databases:
   pg:
@@ -252,6 +262,97 @@ fn an_agent_backs_up_postgres_on_schedule_prunes_the_wal_and_the_newest_backup_r
     cluster.stop("fast");
     let count = restore_and_count(&mut cluster, &config, &[&base]);
     assert_eq!(count, rows.to_string());
+    cluster.stop("fast");
+}
+
+#[test]
+fn the_wal_archive_is_copied_to_the_second_location_which_restores_alone_to_its_end() {
+    let (mut cluster, _, repo, password) = archiving_cluster();
+    cluster.psql(
+        "postgres",
+        "CREATE TABLE t(id int); INSERT INTO t SELECT generate_series(1, 100)",
+    );
+    let system_id = cluster.psql(
+        "postgres",
+        "SELECT system_identifier FROM pg_control_system()",
+    );
+    let second = cluster.dir.path().join("second");
+    let port = free_port();
+    let config = agent_yaml(
+        &cluster,
+        &repo,
+        &format!(", {{name: second, url: {}}}", second.display()),
+        &password,
+        port,
+        "    schedules: [{kind: physical, cron: '@every 3s'}]
+    pitr: {mode: archive_command}
+",
+    );
+    let log_path = cluster.dir.path().join("agent.log");
+    let agent = start_agent(&config, &log_path);
+    wait(port, &log_path, "a base backup", |s| {
+        successes(s, "physical") >= 1
+    });
+    // wal-push archives to the first location only; the agent copies the segment over.
+    cluster.psql("postgres", "INSERT INTO t SELECT generate_series(101, 150)");
+    let last = cluster.archive_now(Duration::from_secs(60));
+    let segments = |repo: &Path| -> std::collections::BTreeSet<String> {
+        std::fs::read_dir(repo.join(format!("logs/pg/{system_id}/wal")))
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| !n.starts_with('.'))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let end = Instant::now() + Duration::from_secs(120);
+    while !segments(&second).iter().any(|n| n.starts_with(&last)) {
+        assert!(
+            Instant::now() < end,
+            "segment {last} never reached the second location: {:?}\n{}",
+            segments(&second),
+            std::fs::read_to_string(&log_path).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert!(agent.stop(120).success());
+    // Every segment up to that one is there (the archive may have grown since the last copy).
+    let upto = |repo: &Path| -> Vec<String> {
+        segments(repo)
+            .into_iter()
+            .filter(|n| n.len() == 24 && *n <= last)
+            .collect()
+    };
+    assert_eq!(upto(&second), upto(&repo));
+    assert!(upto(&repo).len() >= 2, "{:?}", segments(&repo));
+
+    // The second location alone brings back every row: its base backup and its copied WAL.
+    cluster.stop("fast");
+    std::fs::remove_dir_all(&repo).unwrap();
+    let cli = cluster.write_private(
+        "second.yaml",
+        &format!(
+            "repository: {}\npassword_file: {}\n",
+            second.display(),
+            password.display()
+        ),
+    );
+    ok(&cli, &["check", "--read-data"]);
+    // The first base backup, from before rows 101 to 150: they come from the copied WAL.
+    let snaps: serde_json::Value =
+        serde_json::from_str(&ok(&cli, &["snapshots", "--json"])).unwrap();
+    let first = snaps
+        .as_array()
+        .unwrap()
+        .iter()
+        .min_by_key(|s| s["time"].as_str().unwrap().to_owned())
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let count = restore_and_count(&mut cluster, &cli, &[&first, "--latest"]);
+    assert_eq!(count, "150");
     cluster.stop("fast");
 }
 
@@ -487,6 +588,7 @@ fn verification_restores_a_base_backup_and_the_archive_to_its_end_and_finds_a_ga
     let agent_config = agent_yaml(
         &cluster,
         &repo,
+        "",
         &password,
         port,
         "    schedules: [{kind: physical, cron: '@every 1h'}]
