@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{free_port, get, metric, parse_prometheus, try_get, Agent};
+use common::{get, metric, parse_prometheus, try_get, Agent};
+use tidemark_testkit::free_port;
 
 struct Env {
     dir: tempfile::TempDir,

@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{free_port, get, metric, parse_prometheus, tidemark, try_get, Agent};
-use tidemark_testkit::Postgres;
+use common::{get, metric, parse_prometheus, tidemark, try_get, Agent};
+use tidemark_testkit::{free_port, Postgres};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tidemark");
 
@@ -31,14 +31,23 @@ fn successes(s: &serde_json::Value, kind: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// The names of the files in a repository's WAL archive (none if it has no archive yet).
+fn archived(repo: &Path, system_id: &str) -> std::collections::BTreeSet<String> {
+    std::fs::read_dir(repo.join(format!("logs/pg/{system_id}/wal")))
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| !n.starts_with('.'))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// The first position (log and segment number, 16 hex digits) of the WAL segments archived.
 fn first_archived(repo: &Path, system_id: &str) -> String {
-    let dir = repo.join(format!("logs/pg/{system_id}/wal"));
-    std::fs::read_dir(&dir)
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.len() >= 24 && !n.starts_with('.') && !n.ends_with(".history"))
+    archived(repo, system_id)
+        .into_iter()
+        .filter(|n| n.len() >= 24 && !n.ends_with(".history"))
         .map(|n| n[8..24].to_owned())
         .min()
         .unwrap()
@@ -178,10 +187,7 @@ fn an_agent_backs_up_postgres_on_schedule_prunes_the_wal_and_the_newest_backup_r
         "postgres",
         "CREATE TABLE t(id int); INSERT INTO t SELECT generate_series(1, 100)",
     );
-    let system_id = cluster.psql(
-        "postgres",
-        "SELECT system_identifier FROM pg_control_system()",
-    );
+    let system_id = cluster.system_id();
 
     let port = free_port();
     let (log_path, agent) = launch(
@@ -272,10 +278,7 @@ fn the_wal_archive_is_copied_to_the_second_location_which_restores_alone_to_its_
         "postgres",
         "CREATE TABLE t(id int); INSERT INTO t SELECT generate_series(1, 100)",
     );
-    let system_id = cluster.psql(
-        "postgres",
-        "SELECT system_identifier FROM pg_control_system()",
-    );
+    let system_id = cluster.system_id();
     let second = cluster.dir.path().join("second");
     let port = free_port();
     let config = agent_yaml(
@@ -296,16 +299,7 @@ fn the_wal_archive_is_copied_to_the_second_location_which_restores_alone_to_its_
     // wal-push archives to the first location only; the agent copies the segment over.
     cluster.psql("postgres", "INSERT INTO t SELECT generate_series(101, 150)");
     let last = cluster.archive_now(Duration::from_secs(60));
-    let segments = |repo: &Path| -> std::collections::BTreeSet<String> {
-        std::fs::read_dir(repo.join(format!("logs/pg/{system_id}/wal")))
-            .map(|d| {
-                d.flatten()
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .filter(|n| !n.starts_with('.'))
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
+    let segments = |repo: &Path| archived(repo, &system_id);
     let end = Instant::now() + Duration::from_secs(120);
     while !segments(&second).iter().any(|n| n.starts_with(&last)) {
         assert!(
@@ -606,10 +600,7 @@ fn verification_restores_a_base_backup_and_the_archive_to_its_end_and_finds_a_ga
 
     // The middle one of those segments disappears from the archive. Recovery would stop
     // there: the verification says so.
-    let system_id = cluster.psql(
-        "postgres",
-        "SELECT system_identifier FROM pg_control_system()",
-    );
+    let system_id = cluster.system_id();
     let dir = repo.join(format!("logs/pg/{system_id}/wal"));
     let mut segments: Vec<String> = std::fs::read_dir(&dir)
         .unwrap()

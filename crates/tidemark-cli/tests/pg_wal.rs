@@ -155,10 +155,7 @@ fn archived_names(a: &Archive, system_id: &str) -> Vec<String> {
 #[test]
 fn archived_wal_recovers_every_committed_row_and_fetch_failures_stop_recovery() {
     let (mut cluster, a) = archiving_cluster(&[]);
-    let system_id = cluster.psql(
-        "postgres",
-        "SELECT system_identifier FROM pg_control_system()",
-    );
+    let system_id = cluster.system_id();
 
     let base = cluster.dir.path().join("base");
     cluster.base_backup(&base);
@@ -328,10 +325,7 @@ fn wal_push_killed_mid_upload_is_retried_and_leaves_no_gap_or_damaged_segment() 
         ),
     );
     cluster.psql("postgres", "SELECT pg_reload_conf()");
-    let system_id = cluster.psql(
-        "postgres",
-        "SELECT system_identifier FROM pg_control_system()",
-    );
+    let system_id = cluster.system_id();
     let first = cluster.psql("postgres", "SELECT pg_walfile_name(pg_current_wal_lsn())");
     cluster.psql("postgres", "CREATE TABLE t (id int, note text)");
     for round in 0..6 {
@@ -1254,10 +1248,7 @@ fn unix_now() -> f64 {
 fn streamed_wal_recovers_everything_committed_more_than_a_second_before_a_crash() {
     let mut cluster = Postgres::start(&["track_commit_timestamp = on"]);
     let a = archive(&cluster);
-    let system_id = cluster.psql(
-        "postgres",
-        "SELECT system_identifier FROM pg_control_system()",
-    );
+    let system_id = cluster.system_id();
     let log = cluster.dir.path().join("receive.log");
     let mut receiver = start_receiver(&cluster, &a, &log);
     wait_for_receiver(&cluster);
@@ -1398,10 +1389,7 @@ fn a_standby_is_backed_up_and_streamed_across_its_promotion() {
         "1000",
         Duration::from_secs(60),
     );
-    let system_id = standby.psql(
-        "postgres",
-        "SELECT system_identifier FROM pg_control_system()",
-    );
+    let system_id = standby.system_id();
     let mut receiver = start_receiver(&standby, &a, &standby.dir.path().join("receive.log"));
     wait_for_receiver(&standby);
     let v = physical_backup(&standby, &a, "auto");

@@ -258,6 +258,14 @@ impl Postgres {
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
     }
 
+    /// The cluster's system identifier, as the WAL archive's paths name it.
+    pub fn system_id(&self) -> String {
+        self.psql(
+            "postgres",
+            "SELECT system_identifier FROM pg_control_system()",
+        )
+    }
+
     /// Switch to a new WAL segment and wait until the archiver has archived the one written
     /// so far; returns its name.
     pub fn archive_now(&self, timeout: std::time::Duration) -> String {
