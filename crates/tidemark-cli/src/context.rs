@@ -200,6 +200,15 @@ impl Context {
     /// # Errors
     /// A usage error for a bad URL or option.
     pub fn other_storage(&self, url: &str, options: &[String]) -> Result<Arc<dyn Storage>> {
+        Ok(Self::other_location(url, options)?.open(&self.storage_options)?)
+    }
+
+    /// Another location given by URL with its own storage options (`KEY=VALUE`), not yet
+    /// opened.
+    ///
+    /// # Errors
+    /// A usage error for a bad URL or option, or a secret among the options.
+    pub fn other_location(url: &str, options: &[String]) -> Result<Location> {
         let mut location = Location::parse(url)?;
         for o in options {
             let Some((k, v)) = o.split_once('=') else {
@@ -216,7 +225,7 @@ impl Context {
             }
             location.set_option(k, v);
         }
-        Ok(location.open(&self.storage_options)?)
+        Ok(location)
     }
 
     pub async fn open(&self) -> Result<Repository> {

@@ -21,6 +21,8 @@ pub const DAMAGED: i32 = 6;
 pub const STORAGE: i32 = 7;
 /// The source of a backup (stdin, a command, a database) failed; no snapshot was written.
 pub const SOURCE: i32 = 8;
+/// The snapshot was saved, but not at every location asked for (`--also`); each is named.
+pub const PARTIAL: i32 = 9;
 
 /// An error's exit code and hint.
 pub fn classify(e: &anyhow::Error) -> (i32, Option<String>) {

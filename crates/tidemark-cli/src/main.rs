@@ -4,6 +4,7 @@ mod cmd;
 mod context;
 mod exit;
 mod output;
+mod targets;
 
 use clap::Parser;
 

@@ -623,7 +623,10 @@ fn pg_backup_and_restore_round_trip_without_the_password_in_any_command_line() {
         pwfile.to_str().unwrap(),
     ];
 
-    let mut backup = env.cmd(&[&["pg", "backup", "--json", "--globals"][..], &conn[..]].concat());
+    // Written to a second location from the same dump, too.
+    let second = env.path("second");
+    let head = ["pg", "backup", "--json", "--globals", "--also"];
+    let mut backup = env.cmd(&[&head[..], &[second.to_str().unwrap()], &conn[..]].concat());
     let mut child = backup
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -653,6 +656,7 @@ fn pg_backup_and_restore_round_trip_without_the_password_in_any_command_line() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["snapshot"]["engine"], "postgres");
     assert_eq!(v["snapshot"]["kind"], "logical");
+    assert_eq!(v["locations"][1]["ok"], true, "{v:#}");
 
     let restore = |extra: &[&str]| {
         env.run(
@@ -674,6 +678,20 @@ fn pg_backup_and_restore_round_trip_without_the_password_in_any_command_line() {
     assert_eq!(code(&o), 8, "{}", stderr(&o));
     assert!(stderr(&o).contains("--clean"), "{}", stderr(&o));
     assert_eq!(code(&restore(&["--clean"])), 0);
+    // The second location alone restores the same data.
+    let o = env
+        .cmd(
+            &[
+                &["pg", "restore", "latest", "--into", "app_second"][..],
+                &conn[..],
+            ]
+            .concat(),
+        )
+        .env("TIDEMARK_REPOSITORY", &second)
+        .output()
+        .unwrap();
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_eq!(cluster.psql("app_second", fp), cluster.psql("app", fp));
 
     // Wrong password: one line naming the server and the user, exit 8, no snapshot.
     std::fs::write(&pwfile, "wrong").unwrap();
@@ -693,4 +711,90 @@ fn pg_backup_and_restore_round_trip_without_the_password_in_any_command_line() {
     ]);
     assert_eq!(code(&o), 2, "{}", stderr(&o));
     assert!(!stderr(&o).contains("hunter2"));
+}
+
+#[test]
+fn one_backup_goes_to_several_locations_and_one_that_fails_is_named_with_exit_code_9() {
+    let env = Env::new();
+    env.init();
+    let data = env.path("data.txt");
+    dump_like(&data, 20_000, 1);
+    let data = data.to_str().unwrap();
+    let second = env.path("second");
+    let at_second = |args: &[&str]| {
+        let o = env
+            .cmd(args)
+            .env("TIDEMARK_REPOSITORY", &second)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{args:?} at second: {}", stderr(&o));
+        String::from_utf8(o.stdout).unwrap()
+    };
+
+    // An empty location is made a location of the repository and gets the same snapshot,
+    // from one read.
+    let out = env.ok(&["backup", "--json", "--also", second.to_str().unwrap(), data]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let locations = v["locations"].as_array().unwrap();
+    assert_eq!(locations.len(), 2, "{v:#}");
+    assert!(locations.iter().all(|l| l["ok"] == true), "{v:#}");
+    let id = v["id"].as_str().unwrap().to_owned();
+    let ids: serde_json::Value =
+        serde_json::from_str(&at_second(&["snapshots", "--json"])).unwrap();
+    assert_eq!(ids.as_array().unwrap().len(), 1);
+    assert!(id.starts_with(ids[0]["id"].as_str().unwrap()), "{ids:#}");
+    // The second location alone restores it, whole.
+    std::fs::remove_dir_all(env.path("repo")).unwrap();
+    let out_dir = env.path("restored");
+    at_second(&["restore", &id, "--target", out_dir.to_str().unwrap()]);
+    assert_eq!(
+        std::fs::read(out_dir.join("data.txt")).unwrap(),
+        std::fs::read(data).unwrap()
+    );
+    at_second(&["check", "--read-data"]);
+
+    // From now on the second location is the repository. A location that cannot be reached
+    // (a path under a regular file) is left out and named: the snapshot is saved, exit code 9.
+    std::fs::write(env.path("blocker"), "").unwrap();
+    let blocked = env.path("blocker/third");
+    let o = env
+        .cmd(&["backup", "--also", blocked.to_str().unwrap(), data])
+        .env("TIDEMARK_REPOSITORY", &second)
+        .output()
+        .unwrap();
+    let err = stderr(&o);
+    assert_eq!(code(&o), 9, "{err}");
+    assert!(
+        err.contains(&format!("location {} missed snapshot", blocked.display()))
+            && err.contains("tidemark copy --to"),
+        "{err}"
+    );
+    let ids: serde_json::Value =
+        serde_json::from_str(&at_second(&["snapshots", "--json"])).unwrap();
+    assert_eq!(ids.as_array().unwrap().len(), 2);
+
+    // A location holding another repository stops the command before anything is read.
+    let other = env.path("other");
+    let o = env
+        .cmd(&["init"])
+        .env("TIDEMARK_REPOSITORY", &other)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    for (also, says) in [
+        (&other, "holds a different repository"),
+        (&second, "is given twice"),
+    ] {
+        let o = env
+            .cmd(&["backup", "--also", also.to_str().unwrap(), data])
+            .env("TIDEMARK_REPOSITORY", &second)
+            .output()
+            .unwrap();
+        let err = stderr(&o);
+        assert_eq!(code(&o), 2, "{err}");
+        assert!(err.contains(says), "{err}");
+    }
+    let ids: serde_json::Value =
+        serde_json::from_str(&at_second(&["snapshots", "--json"])).unwrap();
+    assert_eq!(ids.as_array().unwrap().len(), 2, "nothing was written");
 }

@@ -7,13 +7,14 @@ use std::sync::Arc;
 use anyhow::{Context as _, Result};
 use chrono::{DateTime, Utc};
 use tidemark_engine::Engine;
-use tidemark_repo::lock::{LockGuard, LockKind, LockOptions};
-use tidemark_repo::ops::backup::{Backup, BackupOptions};
+use tidemark_repo::lock::LockOptions;
+use tidemark_repo::ops::backup::{Backup, BackupOptions, Finished};
 use tidemark_repo::progress::Progress;
 use tidemark_repo::snapshot::{EntryType, SnapshotKind, StreamEntry};
 
 use crate::context::{usage, Context};
 use crate::output::{size, Bar};
+use crate::targets::{locations_json, AlsoArgs, Targets};
 
 /// The source of a backup failed; nothing was written as a snapshot.
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +41,8 @@ pub struct Args {
     /// Seconds to wait for a conflicting lock.
     #[arg(long, default_value_t = 0)]
     lock_wait: u64,
+    #[command(flatten)]
+    also: AlsoArgs,
     /// Files and directories to back up.
     paths: Vec<PathBuf>,
 }
@@ -65,18 +68,13 @@ pub async fn run(ctx: &Context, a: Args) -> Result<i32> {
         wait: std::time::Duration::from_secs(a.lock_wait),
         ..Default::default()
     };
-    let lock = LockGuard::acquire(&repo, LockKind::Shared, "backup", &lock_opts).await?;
-    let result = backup(ctx, &repo, &lock, a).await;
-    lock.release().await?;
+    let mut targets = Targets::acquire(ctx, repo, &a.also, &lock_opts).await?;
+    let result = backup(ctx, &targets, a).await;
+    targets.release().await;
     result
 }
 
-async fn backup(
-    ctx: &Context,
-    repo: &tidemark_repo::Repository,
-    lock: &LockGuard,
-    a: Args,
-) -> Result<i32> {
+async fn backup(ctx: &Context, targets: &Targets, a: Args) -> Result<i32> {
     let progress = Arc::new(Progress::default());
     let mut opts = BackupOptions {
         tags: a.tags.clone(),
@@ -90,15 +88,14 @@ async fn backup(
             opts.engine = engine.name().into();
             opts.kind = SnapshotKind::Physical;
             opts.database = engine.identity().await?;
-            let b = Backup::start(repo, lock, opts, progress.clone()).await?;
+            let b = targets.start(opts, progress.clone()).await?;
             return tidemark_engine::run_backup(&engine, b)
                 .await
-                .map(|f| (f.id, f.snapshot))
                 .map_err(engine_error);
         }
         if a.stdin {
             opts.engine = "stdin".into();
-            let mut b = Backup::start(repo, lock, opts, progress.clone()).await?;
+            let mut b = targets.start(opts, progress.clone()).await?;
             b.add_stream(
                 &a.stream_name,
                 EntryType::Stream,
@@ -107,7 +104,7 @@ async fn backup(
                 None,
             )
             .await?;
-            return Ok(b.finish(positions).await?);
+            return Ok(b.finish_report(positions).await?);
         }
         if let Some(cmd) = &a.command {
             opts.engine = "command".into();
@@ -120,7 +117,7 @@ async fn backup(
                 .spawn()
                 .map_err(|e| SourceFailed(format!("failed to start the backup command: {e}")))?;
             let stdout = child.stdout.take().expect("piped stdout");
-            let mut b = Backup::start(repo, lock, opts, progress.clone()).await?;
+            let mut b = targets.start(opts, progress.clone()).await?;
             let added = b
                 .add_stream(&a.stream_name, EntryType::Stream, stdout, None, None)
                 .await;
@@ -132,11 +129,11 @@ async fn backup(
                 ))
                 .into());
             }
-            return Ok(b.finish(positions).await?);
+            return Ok(b.finish_report(positions).await?);
         }
         opts.engine = "files".into();
         opts.kind = SnapshotKind::Files;
-        let mut b = Backup::start(repo, lock, opts, progress.clone()).await?;
+        let mut b = targets.start(opts, progress.clone()).await?;
         for p in &a.paths {
             let base = p
                 .file_name()
@@ -144,25 +141,30 @@ async fn backup(
                 .unwrap_or_else(|| "root".into());
             add_path(&mut b, p, &base).await?;
         }
-        Ok::<_, anyhow::Error>(b.finish(positions).await?)
+        Ok::<Finished, anyhow::Error>(b.finish_report(positions).await?)
     }
     .await;
     bar.finish();
-    let (id, snap) = result?;
+    let f = result?;
+    let snap = &f.snapshot;
     if ctx.json {
-        super::print_json(&serde_json::json!({"id": id.to_hex(), "snapshot": snap}))?;
+        super::print_json(&serde_json::json!({
+            "id": f.id.to_hex(),
+            "snapshot": snap,
+            "locations": locations_json(&targets.outcomes(&f)),
+        }))?;
     } else if !ctx.quiet {
         let s = &snap.summary;
         println!(
             "snapshot {} saved: {} read, {} new ({} stored) in {:.1}s",
-            id.short(),
+            f.id.short(),
             size(s.raw_bytes),
             size(s.new_raw_bytes),
             size(s.new_stored_bytes),
             s.duration_seconds
         );
     }
-    Ok(crate::exit::OK)
+    Ok(targets.report_missing(&f))
 }
 
 /// A repository failure keeps its own exit code; anything else failed at the source.

@@ -9,7 +9,7 @@ use tidemark_engine::postgres::physical::{PhysicalOptions, ReadMode};
 use tidemark_engine::postgres::ConnSpec;
 use tidemark_engine::Engine;
 use tidemark_repo::lock::{LockGuard, LockKind, LockOptions};
-use tidemark_repo::ops::backup::{Backup, BackupOptions};
+use tidemark_repo::ops::backup::BackupOptions;
 use tidemark_repo::progress::Progress;
 
 use crate::context::{usage, Context};
@@ -92,6 +92,8 @@ pub struct BackupArgs {
     /// Tag the snapshot (repeatable).
     #[arg(long = "tag")]
     tags: Vec<String>,
+    #[command(flatten)]
+    also: crate::targets::AlsoArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -239,8 +241,8 @@ async fn backup(ctx: &Context, a: BackupArgs) -> Result<i32> {
         });
     }
     let repo = ctx.open().await?;
-    let lock =
-        LockGuard::acquire(&repo, LockKind::Shared, "backup", &LockOptions::default()).await?;
+    let mut targets =
+        crate::targets::Targets::acquire(ctx, repo, &a.also, &LockOptions::default()).await?;
     let progress = Arc::new(Progress::default());
     let bar = Bar::start("pg backup", None, progress.clone(), ctx.quiet || ctx.json);
     let result = async {
@@ -249,22 +251,26 @@ async fn backup(ctx: &Context, a: BackupArgs) -> Result<i32> {
             tags: a.tags,
             ..Default::default()
         };
-        let b = Backup::start(&repo, &lock, opts, progress.clone()).await?;
+        let b = targets.start(opts, progress.clone()).await?;
         tidemark_engine::run_backup(&pg, b)
             .await
-            .map(|f| (f.id, f.snapshot))
             .map_err(super::backup::engine_error)
     }
     .await;
     bar.finish();
-    lock.release().await?;
-    let (id, snap) = result?;
+    targets.release().await;
+    let f = result?;
+    let (id, snap) = (f.id, &f.snapshot);
     let damaged = snap
         .positions
         .get(tidemark_engine::postgres::physical::CHECKSUM_FAILURES)
         .and_then(serde_json::Value::as_u64);
     if ctx.json {
-        super::print_json(&serde_json::json!({"id": id.to_hex(), "snapshot": snap}))?;
+        super::print_json(&serde_json::json!({
+            "id": id.to_hex(),
+            "snapshot": snap,
+            "locations": crate::targets::locations_json(&targets.outcomes(&f)),
+        }))?;
     } else if !ctx.quiet {
         let s = &snap.summary;
         println!(
@@ -294,9 +300,10 @@ async fn backup(ctx: &Context, a: BackupArgs) -> Result<i32> {
             eprintln!("  {line}");
         }
         eprintln!("hint: find the damaged relations (their files are named above), check the storage, and restore them from an earlier backup or repair them");
+        targets.report_missing(&f);
         return Ok(crate::exit::DAMAGED);
     }
-    Ok(crate::exit::OK)
+    Ok(targets.report_missing(&f))
 }
 
 async fn restore(ctx: &Context, a: RestoreArgs) -> Result<i32> {
