@@ -730,6 +730,15 @@ fn one_backup_goes_to_several_locations_and_one_that_fails_is_named_with_exit_co
         assert!(o.status.success(), "{args:?} at second: {}", stderr(&o));
         String::from_utf8(o.stdout).unwrap()
     };
+    let ids_at_second = || -> Vec<String> {
+        let v: serde_json::Value =
+            serde_json::from_str(&at_second(&["snapshots", "--json"])).unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["id"].as_str().unwrap().to_owned())
+            .collect()
+    };
 
     // An empty location is made a location of the repository and gets the same snapshot,
     // from one read.
@@ -739,10 +748,9 @@ fn one_backup_goes_to_several_locations_and_one_that_fails_is_named_with_exit_co
     assert_eq!(locations.len(), 2, "{v:#}");
     assert!(locations.iter().all(|l| l["ok"] == true), "{v:#}");
     let id = v["id"].as_str().unwrap().to_owned();
-    let ids: serde_json::Value =
-        serde_json::from_str(&at_second(&["snapshots", "--json"])).unwrap();
-    assert_eq!(ids.as_array().unwrap().len(), 1);
-    assert!(id.starts_with(ids[0]["id"].as_str().unwrap()), "{ids:#}");
+    let ids = ids_at_second();
+    assert_eq!(ids.len(), 1);
+    assert!(id.starts_with(&ids[0]), "{ids:?}");
     // The second location alone restores it, whole.
     std::fs::remove_dir_all(env.path("repo")).unwrap();
     let out_dir = env.path("restored");
@@ -757,11 +765,13 @@ fn one_backup_goes_to_several_locations_and_one_that_fails_is_named_with_exit_co
     // (a path under a regular file) is left out and named: the snapshot is saved, exit code 9.
     std::fs::write(env.path("blocker"), "").unwrap();
     let blocked = env.path("blocker/third");
-    let o = env
-        .cmd(&["backup", "--also", blocked.to_str().unwrap(), data])
-        .env("TIDEMARK_REPOSITORY", &second)
-        .output()
-        .unwrap();
+    let backup_also = |also: &Path| {
+        env.cmd(&["backup", "--also", also.to_str().unwrap(), data])
+            .env("TIDEMARK_REPOSITORY", &second)
+            .output()
+            .unwrap()
+    };
+    let o = backup_also(&blocked);
     let err = stderr(&o);
     assert_eq!(code(&o), 9, "{err}");
     assert!(
@@ -769,9 +779,7 @@ fn one_backup_goes_to_several_locations_and_one_that_fails_is_named_with_exit_co
             && err.contains("tidemark copy --to"),
         "{err}"
     );
-    let ids: serde_json::Value =
-        serde_json::from_str(&at_second(&["snapshots", "--json"])).unwrap();
-    assert_eq!(ids.as_array().unwrap().len(), 2);
+    assert_eq!(ids_at_second().len(), 2);
 
     // A location holding another repository stops the command before anything is read.
     let other = env.path("other");
@@ -785,16 +793,10 @@ fn one_backup_goes_to_several_locations_and_one_that_fails_is_named_with_exit_co
         (&other, "holds a different repository"),
         (&second, "is given twice"),
     ] {
-        let o = env
-            .cmd(&["backup", "--also", also.to_str().unwrap(), data])
-            .env("TIDEMARK_REPOSITORY", &second)
-            .output()
-            .unwrap();
+        let o = backup_also(also);
         let err = stderr(&o);
         assert_eq!(code(&o), 2, "{err}");
         assert!(err.contains(says), "{err}");
     }
-    let ids: serde_json::Value =
-        serde_json::from_str(&at_second(&["snapshots", "--json"])).unwrap();
-    assert_eq!(ids.as_array().unwrap().len(), 2, "nothing was written");
+    assert_eq!(ids_at_second().len(), 2, "nothing was written");
 }
