@@ -181,3 +181,45 @@ pub fn locations_json(outcomes: &[(String, Option<String>)]) -> serde_json::Valu
         .map(|(l, e)| serde_json::json!({"location": l, "ok": e.is_none(), "error": e}))
         .collect()
 }
+
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct FallbackArgs {
+    /// Another location of the repository to read a chunk from when --repo's copy is missing or
+    /// damaged (repeatable; options in the URL's query). Every chunk is verified wherever it
+    /// is read from; nothing is written there.
+    #[arg(long = "fallback", value_name = "URL")]
+    pub fallback: Vec<String>,
+}
+
+/// The repository at `--repo`, with each `--fallback` location opened (read only: a location
+/// without the repository is an error, not made a home) to fall back on.
+///
+/// # Errors
+/// Opening any of them; a fallback holding another repository.
+pub async fn open_with_fallbacks(ctx: &Context, f: &FallbackArgs) -> Result<Repository> {
+    let repo = ctx.open().await?;
+    if f.fallback.is_empty() {
+        return Ok(repo);
+    }
+    let secret = ctx.secret()?;
+    let mut others = Vec::with_capacity(f.fallback.len());
+    for url in &f.fallback {
+        others.push(Repository::open(ctx.other_storage(url, &[])?, &secret).await?);
+    }
+    Ok(repo.with_fallbacks(others)?)
+}
+
+/// After a restore: say on stderr when chunks had to be read from a fallback location.
+pub fn report_fallbacks(repo: &Repository) {
+    let n = repo.chunks_read_elsewhere();
+    if n > 0 {
+        eprintln!(
+            "tidemark: {n} chunk(s) were missing or damaged at {} and were read, verified, from another location; the restore is whole",
+            repo.location()
+        );
+        eprintln!(
+            "hint: run `tidemark check --read-data` at {} to find the damage",
+            repo.location()
+        );
+    }
+}

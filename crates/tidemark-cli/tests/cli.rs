@@ -1,6 +1,8 @@
 //! The `tidemark` binary end to end: exit codes, one-line errors, round trips, damage, and
 //! backups killed with SIGKILL.
 
+mod common;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -714,7 +716,7 @@ fn pg_backup_and_restore_round_trip_without_the_password_in_any_command_line() {
 }
 
 #[test]
-fn one_backup_goes_to_several_locations_and_one_that_fails_is_named_with_exit_code_9() {
+fn one_backup_goes_to_several_locations_a_failing_one_is_named_and_a_restore_falls_back_on_another() {
     let env = Env::new();
     env.init();
     let data = env.path("data.txt");
@@ -751,6 +753,32 @@ fn one_backup_goes_to_several_locations_and_one_that_fails_is_named_with_exit_co
     let ids = ids_at_second();
     assert_eq!(ids.len(), 1);
     assert!(id.starts_with(&ids[0]), "{ids:?}");
+    // A damaged pack at the first location: the restore fails there alone, and with the
+    // second location to fall back on it is whole, and says where the damage is.
+    common::corrupt_packs(&env.path("repo"));
+    let out_dir = env.path("restored-first");
+    let o = env.run(&["restore", &id, "--target", out_dir.to_str().unwrap()]);
+    assert_eq!(code(&o), 6, "{}", stderr(&o));
+    let o = env.run(&[
+        "restore",
+        &id,
+        "--target",
+        out_dir.to_str().unwrap(),
+        "--fallback",
+        second.to_str().unwrap(),
+    ]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("read, verified, from another location")
+            && stderr(&o).contains("tidemark check --read-data"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(
+        std::fs::read(out_dir.join("data.txt")).unwrap(),
+        std::fs::read(data).unwrap()
+    );
+
     // The second location alone restores it, whole.
     std::fs::remove_dir_all(env.path("repo")).unwrap();
     let out_dir = env.path("restored");

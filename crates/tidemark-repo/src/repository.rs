@@ -36,6 +36,9 @@ pub struct Repository {
     key_id: KeyId,
     /// The zstd dictionaries, loaded on first use and shared by clones.
     dicts: Arc<std::sync::RwLock<Option<Arc<Dictionaries>>>>,
+    /// Other locations of this repository that restores read a chunk from when this
+    /// location's copy is missing or damaged (format §9a).
+    fallbacks: Arc<crate::ops::restore::Fallbacks>,
 }
 
 impl Repository {
@@ -189,7 +192,36 @@ impl Repository {
             config: self.config.clone(),
             key_id: self.key_id,
             dicts: Arc::default(),
+            fallbacks: Arc::default(),
         }
+    }
+
+    /// This repository, with `others` (the same repository at other locations, from `attach`)
+    /// to read a chunk from when a restore finds this location's copy missing or damaged.
+    ///
+    /// # Errors
+    /// `Invalid` naming a location that holds another repository.
+    pub fn with_fallbacks(mut self, others: Vec<Repository>) -> Result<Repository> {
+        if let Some(o) = others.iter().find(|o| !self.same_repository(o)) {
+            return Err(Error::Invalid(format!(
+                "location {:?} holds a different repository than {:?}",
+                o.location(),
+                self.location()
+            )));
+        }
+        self.fallbacks = Arc::new(crate::ops::restore::Fallbacks::new(others));
+        Ok(self)
+    }
+
+    /// The other locations restores fall back to.
+    pub(crate) fn fallbacks(&self) -> &crate::ops::restore::Fallbacks {
+        &self.fallbacks
+    }
+
+    /// Chunks restores have read from another location because this one's copy was missing or
+    /// damaged (each also logged as a warning, naming the pack).
+    pub fn chunks_read_elsewhere(&self) -> u64 {
+        self.fallbacks.read_elsewhere()
     }
 
     /// Whether `other` is the same repository (same id and same master key) at any location.
@@ -212,6 +244,7 @@ impl Repository {
             config: Arc::new(config),
             key_id,
             dicts: Arc::default(),
+            fallbacks: Arc::default(),
         }
     }
 

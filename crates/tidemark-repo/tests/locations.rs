@@ -295,3 +295,67 @@ fn walk_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     out.sort();
     out
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restore_reads_chunks_of_a_damaged_or_lost_pack_from_another_location() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Small packs, so that the stream lies in several.
+    let init = tidemark_repo::config::InitOptions {
+        pack_size: tidemark_repo::config::PackSize {
+            min: 64 << 10,
+            max: 128 << 10,
+        },
+        ..small_init()
+    };
+    let a = Repository::init(dir(tmp.path(), "a"), &Secret::password("pw"), &init)
+        .await
+        .unwrap();
+    let b = a.add_location(dir(tmp.path(), "b")).await.unwrap();
+    let data = dump_like(200_000, 7);
+    let f = backup_to(&[a.clone(), b.clone()], data.clone())
+        .await
+        .unwrap();
+    let snap = a.load_snapshot(f.id).await.unwrap();
+    // At a: one pack with a flipped byte, another gone.
+    let packs = walk_files(&tmp.path().join("a/data"));
+    assert!(packs.len() >= 2, "{packs:?}");
+    let mut bytes = std::fs::read(&packs[0]).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&packs[0], bytes).unwrap();
+    std::fs::remove_file(&packs[1]).unwrap();
+
+    // Alone, a fails the restore, naming the damage.
+    let e = restore_bytes(&a, &snap).await.unwrap_err();
+    assert!(
+        matches!(e, Error::Corrupt { .. } | Error::Storage(_)),
+        "{e}"
+    );
+    // With b to fall back on, every byte comes back, verified, and the count says so.
+    let with_b = a.clone().with_fallbacks(vec![b.clone()]).unwrap();
+    assert_eq!(restore_bytes(&with_b, &snap).await.unwrap(), data);
+    assert!(with_b.chunks_read_elsewhere() > 0);
+    let whole = a.clone().with_fallbacks(vec![b.clone()]).unwrap();
+    // Damage at b too, in every pack: the restore fails again instead of writing bad bytes.
+    for p in walk_files(&tmp.path().join("b/data")) {
+        let mut bytes = std::fs::read(&p).unwrap();
+        let n = bytes.len();
+        for i in (64..n).step_by(4096) {
+            bytes[i] ^= 0xff;
+        }
+        std::fs::write(&p, bytes).unwrap();
+    }
+    let e = restore_bytes(&whole, &snap).await.unwrap_err();
+    assert!(
+        matches!(e, Error::Corrupt { .. } | Error::Storage(_)),
+        "{e}"
+    );
+    assert_eq!(whole.chunks_read_elsewhere(), 0);
+
+    // Another repository is refused as a fallback.
+    let other = Repository::init(dir(tmp.path(), "c"), &Secret::password("pw"), &small_init())
+        .await
+        .unwrap();
+    let e = a.clone().with_fallbacks(vec![other]).unwrap_err();
+    assert!(e.to_string().contains("different repository"), "{e}");
+}

@@ -158,6 +158,10 @@ pub struct RestoreArgs {
     /// With --start: give up waiting for recovery after this many seconds.
     #[arg(long, requires = "start", default_value_t = 86_400)]
     start_timeout: u64,
+    /// Read chunks whose copy at --repo is missing or damaged from here (the base backup or
+    /// dump; with --pgdata, the WAL is still fetched from --repo).
+    #[command(flatten)]
+    fallback: crate::targets::FallbackArgs,
     /// The database in the snapshot to restore (needed when it holds several).
     #[arg(long)]
     database: Option<String>,
@@ -314,7 +318,7 @@ async fn restore(ctx: &Context, a: RestoreArgs) -> Result<i32> {
         .conn
         .engine()
         .map_err(|m| usage(m, "see `tidemark pg backup --help`"))?;
-    let repo = ctx.open().await?;
+    let repo = crate::targets::open_with_fallbacks(ctx, &a.fallback).await?;
     let lock =
         LockGuard::acquire(&repo, LockKind::Shared, "restore", &LockOptions::default()).await?;
     let started = std::time::Instant::now();
@@ -347,6 +351,7 @@ async fn restore(ctx: &Context, a: RestoreArgs) -> Result<i32> {
     }
     .await;
     lock.release().await?;
+    crate::targets::report_fallbacks(&repo);
     let (id, report) = result?;
     if ctx.json {
         super::print_json(&report)?;
@@ -473,7 +478,7 @@ async fn restore_physical(ctx: &Context, a: RestoreArgs) -> Result<i32> {
         tablespace_map.push((from.to_owned(), std::path::absolute(to)?));
     }
     let env = ctx.child_env()?;
-    let repo = ctx.open().await?;
+    let repo = crate::targets::open_with_fallbacks(ctx, &a.fallback).await?;
     let lock =
         LockGuard::acquire(&repo, LockKind::Shared, "restore", &LockOptions::default()).await?;
     let started = std::time::Instant::now();
@@ -618,6 +623,7 @@ async fn restore_physical(ctx: &Context, a: RestoreArgs) -> Result<i32> {
     }
     .await;
     lock.release().await?;
+    crate::targets::report_fallbacks(&repo);
     let (id, snap, report, settings) = result?;
     let restore_seconds = started.elapsed().as_secs_f64();
     let started_server = if a.start {

@@ -16,6 +16,7 @@ use tidemark_repo::Repository;
 
 use crate::context::{usage, Context};
 use crate::output::{size, Bar};
+use crate::targets::{open_with_fallbacks, report_fallbacks, FallbackArgs};
 
 #[derive(Debug, clap::Args)]
 pub struct RestoreArgs {
@@ -27,6 +28,8 @@ pub struct RestoreArgs {
     /// Restore only this stream or path.
     #[arg(long)]
     stream: Option<String>,
+    #[command(flatten)]
+    fallback: FallbackArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -35,14 +38,17 @@ pub struct DumpArgs {
     snapshot: String,
     /// The stream to write; the first one when omitted.
     stream: Option<String>,
+    #[command(flatten)]
+    fallback: FallbackArgs,
 }
 
 pub async fn run_restore(ctx: &Context, a: RestoreArgs) -> Result<i32> {
-    let repo = ctx.open().await?;
+    let repo = open_with_fallbacks(ctx, &a.fallback).await?;
     let lock =
         LockGuard::acquire(&repo, LockKind::Shared, "restore", &LockOptions::default()).await?;
     let r = restore(ctx, &repo, &a).await;
     lock.release().await?;
+    report_fallbacks(&repo);
     r
 }
 
@@ -164,10 +170,11 @@ fn raw_stdout() -> Result<std::fs::File> {
 }
 
 pub async fn run_dump(ctx: &Context, a: DumpArgs) -> Result<i32> {
-    let repo = ctx.open().await?;
+    let repo = open_with_fallbacks(ctx, &a.fallback).await?;
     let lock = LockGuard::acquire(&repo, LockKind::Shared, "dump", &LockOptions::default()).await?;
     let r = dump(&repo, &a).await;
     lock.release().await?;
+    report_fallbacks(&repo);
     r
 }
 

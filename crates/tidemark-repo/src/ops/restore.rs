@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use futures::{StreamExt, TryStreamExt};
 
+use crate::dict::Dictionaries;
 use crate::error::{Error, Result};
 use crate::id::PackId;
 use crate::index::MasterIndex;
@@ -147,32 +148,16 @@ pub async fn restore_stream<W: Write + Send + 'static>(
         .map(|g| {
             let (repo, pool, dicts) = (repo.clone(), pool.clone(), dicts.clone());
             async move {
-                let path = g.pack.path();
-                let data = repo.storage().get_range(&path, g.start..g.end).await?;
-                let keys = repo.keys().clone();
-                tokio::task::spawn_blocking(move || {
-                    SCRATCH.with_borrow_mut(|scratch| {
-                        g.entries
-                            .iter()
-                            .map(|e| {
-                                let off = (e.offset as u64 - g.start) as usize;
-                                let mut out = pool.take();
-                                open_blob_into(
-                                    &keys,
-                                    &dicts,
-                                    e,
-                                    &data[off..off + e.length as usize],
-                                    &path,
-                                    scratch,
-                                    &mut out,
-                                )?;
-                                Ok(out)
-                            })
-                            .collect::<Result<Vec<Vec<u8>>>>()
-                    })
-                })
-                .await
-                .map_err(|e| Error::Invalid(format!("decode task failed: {e}")))?
+                if repo.fallbacks().is_empty() {
+                    return fetch_group(&repo, g, pool, dicts).await;
+                }
+                let (pack, entries) = (g.pack, g.entries.clone());
+                match fetch_group(&repo, g, pool, dicts).await {
+                    Err(e) if matches!(e, Error::Corrupt { .. } | Error::Storage(_)) => {
+                        repo.fallbacks().group(&repo, pack, &entries, e).await
+                    }
+                    r => r,
+                }
             }
         })
         .buffered(opts.concurrency.max(1));
@@ -206,6 +191,160 @@ pub async fn restore_stream<W: Write + Send + 'static>(
     }
     Progress::add(&progress.items, 1);
     Ok(n)
+}
+
+/// One ranged read of a pack, each chunk in it opened and verified.
+async fn fetch_group(
+    repo: &Repository,
+    g: Group,
+    pool: Arc<BufferPool>,
+    dicts: Arc<Dictionaries>,
+) -> Result<Vec<Vec<u8>>> {
+    let path = g.pack.path();
+    let data = repo.storage().get_range(&path, g.start..g.end).await?;
+    let keys = repo.keys().clone();
+    tokio::task::spawn_blocking(move || {
+        SCRATCH.with_borrow_mut(|scratch| {
+            g.entries
+                .iter()
+                .map(|e| {
+                    let off = (e.offset as u64 - g.start) as usize;
+                    let mut out = pool.take();
+                    open_blob_into(
+                        &keys,
+                        &dicts,
+                        e,
+                        &data[off..off + e.length as usize],
+                        &path,
+                        scratch,
+                        &mut out,
+                    )?;
+                    Ok(out)
+                })
+                .collect::<Result<Vec<Vec<u8>>>>()
+        })
+    })
+    .await
+    .map_err(|e| Error::Invalid(format!("decode task failed: {e}")))?
+}
+
+/// A location's index, loaded on first need (or why it could not be).
+type LazyIndex = tokio::sync::OnceCell<std::result::Result<Arc<MasterIndex>, String>>;
+
+/// Other locations of a repository that a restore reads chunks from when the first location's
+/// copy of a pack is missing or damaged (format §9a). Packs differ between locations, so each
+/// chunk is looked up in that location's own index, loaded on first need.
+#[derive(Default)]
+pub struct Fallbacks {
+    others: Vec<(Repository, LazyIndex)>,
+    read: std::sync::atomic::AtomicU64,
+}
+
+impl std::fmt::Debug for Fallbacks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.others.iter().map(|(r, _)| r.location()))
+            .finish()
+    }
+}
+
+impl Fallbacks {
+    pub(crate) fn new(others: Vec<Repository>) -> Fallbacks {
+        Fallbacks {
+            others: others
+                .into_iter()
+                .map(|r| (r, tokio::sync::OnceCell::new()))
+                .collect(),
+            read: Default::default(),
+        }
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.others.is_empty()
+    }
+
+    pub(crate) fn read_elsewhere(&self) -> u64 {
+        self.read.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The chunks of a group whose read at `repo` failed with `failed`, each from the first
+    /// other location that has it whole; `failed` itself when a chunk is nowhere whole.
+    async fn group(
+        &self,
+        repo: &Repository,
+        pack: PackId,
+        entries: &[PackEntry],
+        failed: Error,
+    ) -> Result<Vec<Vec<u8>>> {
+        let mut out = Vec::with_capacity(entries.len());
+        for e in entries {
+            match self.chunk(e).await {
+                Ok(b) => out.push(b),
+                Err(why) => {
+                    tracing::error!(
+                        "chunk {} of pack {} is at no other location whole either: {why}",
+                        e.id.short(),
+                        pack.short()
+                    );
+                    return Err(failed);
+                }
+            }
+        }
+        self.read
+            .fetch_add(entries.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        tracing::warn!(
+            "{failed}; its {} chunk(s) were read from another location instead: run `tidemark check --read-data` at {}",
+            entries.len(),
+            repo.location()
+        );
+        Ok(out)
+    }
+
+    /// One chunk from the first other location that has it whole.
+    async fn chunk(&self, e: &PackEntry) -> std::result::Result<Vec<u8>, String> {
+        let mut why = Vec::new();
+        for (repo, index) in &self.others {
+            let index = index
+                .get_or_init(|| async {
+                    repo.load_index()
+                        .await
+                        .map(Arc::new)
+                        .map_err(|e| e.to_string())
+                })
+                .await;
+            let index = match index {
+                Ok(i) => i.clone(),
+                Err(err) => {
+                    why.push(format!("{}: {err}", repo.location()));
+                    continue;
+                }
+            };
+            let Some((pack, c)) = index.get(&e.id) else {
+                why.push(format!("{}: not in its index", repo.location()));
+                continue;
+            };
+            let entry = PackEntry::from(c);
+            let path = pack.id.path();
+            let read = async {
+                let range = entry.offset as u64..entry.offset as u64 + entry.length as u64;
+                let data = repo.storage().get_range(&path, range).await?;
+                let dicts = repo.dictionaries().await?;
+                let keys = repo.keys().clone();
+                tokio::task::spawn_blocking(move || {
+                    let (mut scratch, mut out) = (Vec::new(), Vec::new());
+                    open_blob_into(&keys, &dicts, &entry, &data, &path, &mut scratch, &mut out)
+                        .map(|()| out)
+                })
+                .await
+                .map_err(|e| Error::Invalid(format!("decode task failed: {e}")))?
+            };
+            match read.await {
+                Ok(b) => return Ok(b),
+                Err(err) => why.push(format!("{}: {err}", repo.location())),
+            }
+        }
+        Err(why.join("; "))
+    }
 }
 
 /// A `Write` into a vector the caller keeps a handle to (`restore_stream` hands its writer to a
