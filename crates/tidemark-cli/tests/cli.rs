@@ -716,7 +716,7 @@ fn pg_backup_and_restore_round_trip_without_the_password_in_any_command_line() {
 }
 
 #[test]
-fn one_backup_goes_to_several_locations_a_failing_one_is_named_and_a_restore_falls_back_on_another() {
+fn several_locations_take_one_backup_a_failing_one_is_named_restores_fall_back() {
     let env = Env::new();
     env.init();
     let data = env.path("data.txt");

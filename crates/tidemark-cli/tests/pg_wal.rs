@@ -283,6 +283,18 @@ fn archived_wal_recovers_every_committed_row_and_fetch_failures_stop_recovery() 
     }
     std::fs::remove_dir_all(&spool).unwrap();
 
+    // A second location of the archive, copied (each segment verified) while all is whole.
+    let second = cluster.dir.path().join("second");
+    let second_url = second.to_str().unwrap();
+    let a_url = a.repo.to_str().unwrap();
+    for args in [
+        &["--repo", second_url, "init", "--copy-from", a_url][..],
+        &["copy", "--to", second_url][..],
+    ] {
+        let o = tidemark(&a.config, args);
+        assert_eq!(o.status.code(), Some(0), "{args:?}: {}", stderr(&o));
+    }
+
     let object = a.repo.join(format!("logs/pg/{system_id}/wal/{last}"));
     let mut bytes = std::fs::read(&object).unwrap();
     let mid = bytes.len() / 3;
@@ -293,6 +305,44 @@ fn archived_wal_recovers_every_committed_row_and_fetch_failures_stop_recovery() 
     assert_eq!(o.status.code(), Some(126), "{}", stderr(&o));
     assert!(stderr(&o).contains(&last), "{}", stderr(&o));
     assert!(!dest.exists(), "a damaged segment was written to %p");
+
+    // With the second location to fall back on, the damaged segment and a lost one come from
+    // there, verified, and the warning names the damaged location.
+    std::fs::remove_file(a.repo.join(format!("logs/pg/{system_id}/wal/{first}"))).unwrap();
+    for name in [&last, first] {
+        let o = tidemark(
+            &a.config,
+            &[
+                &["wal-fetch", name, dest.to_str().unwrap(), "--prefetch", "0"][..],
+                &sysid[..],
+                &["--fallback", second_url][..],
+            ]
+            .concat(),
+        );
+        assert_eq!(o.status.code(), Some(0), "{name}: {}", stderr(&o));
+        assert!(
+            stderr(&o).contains("read, verified, from") && stderr(&o).contains(name.as_str()),
+            "{}",
+            stderr(&o)
+        );
+        assert_eq!(std::fs::metadata(&dest).unwrap().len(), 16 << 20);
+        std::fs::remove_file(&dest).unwrap();
+    }
+    // A name no location has is still "absent", not a failure.
+    let o = tidemark(
+        &a.config,
+        &[
+            &[
+                "wal-fetch",
+                "000000090000000000000001",
+                dest.to_str().unwrap(),
+            ][..],
+            &sysid[..],
+            &["--fallback", second_url][..],
+        ]
+        .concat(),
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
 }
 
 #[test]

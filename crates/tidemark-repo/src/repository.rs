@@ -218,6 +218,11 @@ impl Repository {
         &self.fallbacks
     }
 
+    /// The other locations restores fall back to, in order.
+    pub fn fallback_repositories(&self) -> Vec<Repository> {
+        self.fallbacks.repositories()
+    }
+
     /// Chunks restores have read from another location because this one's copy was missing or
     /// damaged (each also logged as a warning, naming the pack).
     pub fn chunks_read_elsewhere(&self) -> u64 {

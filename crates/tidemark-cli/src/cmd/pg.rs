@@ -592,10 +592,15 @@ async fn restore_physical(ctx: &Context, a: RestoreArgs) -> Result<i32> {
             command.push_str(&format!("{k}={} ", sh_quote(v)));
         }
         command.push_str(&format!(
-            "{} wal-fetch --system-id {} %f %p",
+            "{} wal-fetch --system-id {}",
             sh_quote(&exe.display().to_string()),
             sh_quote(&system_id)
         ));
+        // Locations, never secrets: credentials are refused in URLs.
+        for url in &a.fallback.fallback {
+            command.push_str(&format!(" --fallback {}", sh_quote(url)));
+        }
+        command.push_str(" %f %p");
         let mut conf = String::from("\n# Written by tidemark pg restore\n");
         conf.push_str(&format!("restore_command = {}\n", conf_quote(&command)));
         for (k, v) in &settings {

@@ -50,6 +50,10 @@ pub struct FetchArgs {
     /// The data directory being recovered (default: the current directory).
     #[arg(long, env = "PGDATA")]
     pgdata: Option<PathBuf>,
+    /// Fetch the file here when the repository's copy is missing or damaged (repeatable; the
+    /// background prefetcher reads the repository only).
+    #[command(flatten)]
+    fallback: crate::targets::FallbackArgs,
 }
 
 /// The exit code that makes PostgreSQL abort recovery rather than treat a failure as the end
@@ -204,7 +208,7 @@ pub async fn fetch(ctx: &Context, a: FetchArgs) -> i32 {
         return crate::exit::OK;
     }
     let r = async {
-        let repo = ctx.open().await?;
+        let repo = crate::targets::open_with_fallbacks(ctx, &a.fallback).await?;
         Ok::<_, anyhow::Error>(archive::fetch(&repo, &a.name, &a.dest, &o).await?)
     }
     .await;

@@ -330,21 +330,60 @@ pub async fn fetch(
         None => wal::control_system_id(&o.data_dir).map_err(|e| bad_wal(&o.data_dir, e))?,
     };
     let stream = wal::stream(system_id);
-    let data = {
-        match read_segment(repo, &stream, name).await {
-            Ok(d) => d,
-            Err(e) if is_not_found(&e) => match kind {
-                WalFile::Segment(seg) => match streamed(repo, &stream, seg).await? {
-                    Some(d) => d,
-                    None => return Ok(Fetched::NotFound),
-                },
-                _ => return Ok(Fetched::NotFound),
-            },
-            Err(e) => return Err(e.into()),
+    // The repository's own location first; then each location it falls back on (format §9a)
+    // when the file is missing or damaged there. The first location's answer stands when no
+    // other location has the file whole.
+    let first = fetch_at(repo, &stream, name, &kind).await;
+    let data = match first {
+        Ok(Some(d)) => d,
+        Ok(None) | Err(_) => {
+            let mut found = None;
+            for other in repo.fallback_repositories() {
+                match fetch_at(&other, &stream, name, &kind).await {
+                    Ok(Some(d)) => {
+                        tracing::warn!(
+                            "{name} was {} at {} and was read, verified, from {}",
+                            match &first {
+                                Ok(_) => "missing".to_owned(),
+                                Err(e) => format!("unreadable ({e})"),
+                            },
+                            repo.location(),
+                            other.location()
+                        );
+                        found = Some(d);
+                        break;
+                    }
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!("{name} at {}: {e}", other.location()),
+                }
+            }
+            match (found, first) {
+                (Some(d), _) => d,
+                (None, Ok(_)) => return Ok(Fetched::NotFound),
+                (None, Err(e)) => return Err(e),
+            }
         }
     };
     write_atomic(dest, &data).map_err(|e| io("write", dest, e))?;
     Ok(Fetched::Restored(data.len() as u64))
+}
+
+/// `name` from one location, whole and verified: `None` when that location does not have it
+/// (for a segment: neither whole nor as streamed pieces).
+async fn fetch_at(
+    repo: &Repository,
+    stream: &str,
+    name: &str,
+    kind: &WalFile,
+) -> Result<Option<Bytes>> {
+    match read_segment(repo, stream, name).await {
+        Ok(d) => Ok(Some(d)),
+        Err(e) if is_not_found(&e) => match kind {
+            WalFile::Segment(seg) => streamed(repo, stream, *seg).await,
+            _ => Ok(None),
+        },
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// The prefetch spool next to `dest` (inside `pg_wal`).

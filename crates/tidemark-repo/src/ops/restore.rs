@@ -259,6 +259,10 @@ impl Fallbacks {
         }
     }
 
+    pub(crate) fn repositories(&self) -> Vec<Repository> {
+        self.others.iter().map(|(r, _)| r.clone()).collect()
+    }
+
     pub(crate) fn is_empty(&self) -> bool {
         self.others.is_empty()
     }
