@@ -273,7 +273,7 @@ fn an_agent_backs_up_postgres_on_schedule_prunes_the_wal_and_the_newest_backup_r
 
 #[test]
 fn the_wal_archive_is_copied_to_the_second_location_which_restores_alone_to_its_end() {
-    let (mut cluster, _, repo, password) = archiving_cluster();
+    let (mut cluster, first_config, repo, password) = archiving_cluster();
     cluster.psql(
         "postgres",
         "CREATE TABLE t(id int); INSERT INTO t SELECT generate_series(1, 100)",
@@ -321,9 +321,8 @@ fn the_wal_archive_is_copied_to_the_second_location_which_restores_alone_to_its_
     assert_eq!(upto(&second), upto(&repo));
     assert!(upto(&repo).len() >= 2, "{:?}", segments(&repo));
 
-    // The second location alone brings back every row: its base backup and its copied WAL.
     cluster.stop("fast");
-    std::fs::remove_dir_all(&repo).unwrap();
+    cluster.give(&second);
     let cli = cluster.write_private(
         "second.yaml",
         &format!(
@@ -345,6 +344,22 @@ fn the_wal_archive_is_copied_to_the_second_location_which_restores_alone_to_its_
         .as_str()
         .unwrap()
         .to_owned();
+
+    // The first location damaged (every pack) and missing the segment with rows 101 to 150:
+    // with the second to fall back on, the base backup and the WAL still bring back every row.
+    common::corrupt_packs(&repo);
+    std::fs::remove_file(repo.join(format!("logs/pg/{system_id}/wal/{last}"))).unwrap();
+    let fallback = ["--fallback", second.to_str().unwrap()];
+    let count = restore_and_count(
+        &mut cluster,
+        &first_config,
+        &[&[first.as_str(), "--latest"][..], &fallback[..]].concat(),
+    );
+    assert_eq!(count, "150");
+    cluster.stop("fast");
+
+    // The second location alone brings back every row: its base backup and its copied WAL.
+    std::fs::remove_dir_all(&repo).unwrap();
     let count = restore_and_count(&mut cluster, &cli, &[&first, "--latest"]);
     assert_eq!(count, "150");
     cluster.stop("fast");

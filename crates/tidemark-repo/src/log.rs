@@ -145,7 +145,7 @@ pub async fn write_segment(
     match repo.storage().put(&path, object, PutMode::CreateNew).await {
         Ok(()) => Ok(Written::Stored),
         Err(e) if e.kind == ErrorKind::AlreadyExists => {
-            let existing = segment_info(repo, stream, name).await?;
+            let existing = segment_info_here(repo, stream, name).await?;
             if existing.blake3 == checksum {
                 Ok(Written::AlreadyPresent)
             } else {
@@ -159,11 +159,50 @@ pub async fn write_segment(
     }
 }
 
-/// Read a segment's footer.
+/// `read` at the repository's own location; when that fails and the repository has fallback
+/// locations (format §9a), at each of them in turn, the first success standing, with a warning
+/// naming both. The first location's error stands when none succeeds.
+async fn here_or_elsewhere<T, F, Fut>(repo: &Repository, what: String, read: F) -> Result<T>
+where
+    F: Fn(Repository) -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let e = match read(repo.clone()).await {
+        Ok(v) => return Ok(v),
+        Err(e) => e,
+    };
+    for other in repo.fallback_repositories() {
+        if let Ok(v) = read(other.clone()).await {
+            let state = match &e {
+                Error::Storage(s) if s.kind == tidemark_storage::ErrorKind::NotFound => {
+                    "missing".to_owned()
+                }
+                e => format!("unreadable ({e})"),
+            };
+            tracing::warn!(
+                "{what} was {state} at {} and was read, verified, from {}",
+                repo.location(),
+                other.location()
+            );
+            return Ok(v);
+        }
+    }
+    Err(e)
+}
+
+/// Read a segment's footer (from a fallback location when it is missing or damaged here).
 ///
 /// # Errors
 /// `Corrupt` when the trailer or footer fails verification; storage errors (NotFound if absent).
 pub async fn segment_info(repo: &Repository, stream: &str, name: &str) -> Result<SegmentInfo> {
+    here_or_elsewhere(repo, path(stream, name)?, |r| async move {
+        segment_info_here(&r, stream, name).await
+    })
+    .await
+}
+
+/// A segment's footer at the repository's own location.
+async fn segment_info_here(repo: &Repository, stream: &str, name: &str) -> Result<SegmentInfo> {
     let path = path(stream, name)?;
     let size = repo.storage().head(&path).await?.size;
     if size < 9 {
@@ -212,11 +251,18 @@ pub async fn read_segment_range(
     name: &str,
     range: Range<u64>,
 ) -> Result<Bytes> {
-    let info = segment_info(repo, stream, name).await?;
-    read_frames(repo, stream, name, &info, range).await
+    here_or_elsewhere(repo, path(stream, name)?, |r| {
+        let range = range.clone();
+        async move {
+            let info = segment_info_here(&r, stream, name).await?;
+            read_frames(&r, stream, name, &info, range).await
+        }
+    })
+    .await
 }
 
-/// Read a whole segment and verify it against its checksum.
+/// Read a whole segment and verify it against its checksum (from a fallback location when it
+/// is missing or damaged here).
 ///
 /// # Errors
 /// As for `read_segment_range`, and `Corrupt` when the checksum differs.
@@ -233,15 +279,18 @@ pub async fn read_segment_whole(
     stream: &str,
     name: &str,
 ) -> Result<(SegmentInfo, Bytes)> {
-    let info = segment_info(repo, stream, name).await?;
-    let data = read_frames(repo, stream, name, &info, 0..info.raw_size).await?;
-    if blake3::hash(&data).to_hex().as_str() != info.blake3 {
-        return Err(Error::corrupt(
-            path(stream, name)?,
-            "content does not match its checksum",
-        ));
-    }
-    Ok((info, data))
+    here_or_elsewhere(repo, path(stream, name)?, |r| async move {
+        let info = segment_info_here(&r, stream, name).await?;
+        let data = read_frames(&r, stream, name, &info, 0..info.raw_size).await?;
+        if blake3::hash(&data).to_hex().as_str() != info.blake3 {
+            return Err(Error::corrupt(
+                path(stream, name)?,
+                "content does not match its checksum",
+            ));
+        }
+        Ok((info, data))
+    })
+    .await
 }
 
 async fn read_frames(

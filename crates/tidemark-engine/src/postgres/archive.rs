@@ -788,16 +788,29 @@ fn join_split_records(
 }
 
 /// Summarize the archived WAL of a cluster: segments per timeline, gaps, the newest upload.
+/// With fallback locations (format §9a), the archive is what any of them holds: a segment
+/// missing at the repository's own location is fetched from another.
 ///
 /// # Errors
 /// Storage errors.
 pub async fn summarize(repo: &Repository, system_id: u64, seg_size: u64) -> Result<ArchiveSummary> {
     let prefix = format!("logs/{}/", wal::stream(system_id));
-    let metas = repo
+    let mut metas = repo
         .storage()
         .list(&prefix)
         .await
         .map_err(tidemark_repo::Error::from)?;
+    for other in repo.fallback_repositories() {
+        let seen: std::collections::HashSet<String> =
+            metas.iter().map(|m| m.path.clone()).collect();
+        match other.storage().list(&prefix).await {
+            Ok(more) => metas.extend(more.into_iter().filter(|m| !seen.contains(&m.path))),
+            Err(e) => tracing::warn!(
+                "failed to list the WAL archive at {}: {e}",
+                other.location()
+            ),
+        }
+    }
     let mut by_tli: std::collections::BTreeMap<u32, Vec<wal::SegmentName>> = Default::default();
     // Per timeline, the whole segments and .partial files by name, and the newest streamed
     // piece (its segment and offset, and name).
