@@ -228,6 +228,9 @@ async fn fetch_group(
     .map_err(|e| Error::Invalid(format!("decode task failed: {e}")))?
 }
 
+/// Chunk reads in flight per failed group when falling back on another location.
+const FALLBACK_READS: usize = 8;
+
 /// A location's index, loaded on first need (or why it could not be).
 type LazyIndex = tokio::sync::OnceCell<std::result::Result<Arc<MasterIndex>, String>>;
 
@@ -280,9 +283,16 @@ impl Fallbacks {
         entries: &[PackEntry],
         failed: Error,
     ) -> Result<Vec<Vec<u8>>> {
+        // Chunk by chunk (the packs differ at each location), several reads in flight.
+        let got: Vec<std::result::Result<Vec<u8>, String>> =
+            futures::stream::iter(entries.to_vec())
+                .map(|e| self.chunk(e))
+                .buffered(FALLBACK_READS)
+                .collect()
+                .await;
         let mut out = Vec::with_capacity(entries.len());
-        for e in entries {
-            match self.chunk(e).await {
+        for (e, r) in entries.iter().zip(got) {
+            match r {
                 Ok(b) => out.push(b),
                 Err(why) => {
                     tracing::error!(
@@ -305,7 +315,7 @@ impl Fallbacks {
     }
 
     /// One chunk from the first other location that has it whole.
-    async fn chunk(&self, e: &PackEntry) -> std::result::Result<Vec<u8>, String> {
+    async fn chunk(&self, e: PackEntry) -> std::result::Result<Vec<u8>, String> {
         let mut why = Vec::new();
         for (repo, index) in &self.others {
             let index = index
