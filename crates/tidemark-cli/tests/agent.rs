@@ -131,6 +131,12 @@ databases:
         std::fs::read_to_string(self.path("agent.log")).unwrap_or_default()
     }
 
+    /// Stop the agent with SIGTERM (waiting up to `secs`) and require a clean exit.
+    fn stop(&self, agent: Agent, secs: u64) {
+        let exit = agent.stop(secs);
+        assert!(exit.success(), "{exit:?}\n{}", self.log());
+    }
+
     fn snapshots(&self) -> Vec<serde_json::Value> {
         serde_json::from_str::<serde_json::Value>(&self.ok(&["snapshots", "--json"]))
             .unwrap()
@@ -248,8 +254,7 @@ fn an_agent_backs_up_sqlite_every_few_seconds_keeps_its_retention_and_reports_it
     env.ok(&["restore", &id, "--target", dest.to_str().unwrap()]);
     assert_eq!(count_rows(&dest), 500);
 
-    let exit = agent.stop(20);
-    assert!(exit.success(), "{exit:?}\n{}", env.log());
+    env.stop(agent, 20);
 }
 
 #[test]
@@ -292,7 +297,7 @@ fn an_agent_killed_in_mid_backup_leaves_no_snapshot_and_catches_up_after_a_resta
     let dest = env.path("restored.db");
     env.ok(&["restore", &id, "--target", dest.to_str().unwrap()]);
     assert_eq!(count_rows(&dest), 6000);
-    assert!(agent.stop(30).success(), "{}", env.log());
+    env.stop(agent, 30);
 }
 
 #[test]
@@ -339,7 +344,7 @@ fn a_second_agent_for_the_same_database_is_refused() {
         err.contains("another agent already protects database \"app\""),
         "{err}"
     );
-    assert!(agent.stop(20).success());
+    env.stop(agent, 20);
     // Once the first has stopped, the second may start.
     let second = env.start_agent(&env.path("other.yaml"));
     let mut env2 = env;
@@ -534,7 +539,7 @@ notifications:
         hooks.requests.load(std::sync::atomic::Ordering::SeqCst) > hooks.bodies("").len(),
         "the 500 was retried"
     );
-    assert!(agent.stop(20).success());
+    env.stop(agent, 20);
     let log = env.log();
     assert!(
         !log.contains("secret-token"),
@@ -578,7 +583,7 @@ fn the_timeline_page_draws_every_snapshot_in_a_real_headless_browser() {
     let config = env.config("agent.yaml", "@every 1s", "", "");
     let agent = env.start_agent(&config);
     env.wait_for("three backups", 60, |s| successes(s) >= 3);
-    assert!(agent.stop(20).success());
+    env.stop(agent, 20);
     // The agent is stopped so that the page and the repository agree; start it again with no
     // schedule due, only to serve the page.
     let idle = env.config("idle.yaml", "@every 1h", "", "");
@@ -634,7 +639,7 @@ fn the_timeline_page_draws_every_snapshot_in_a_real_headless_browser() {
         "{} vs blank {blank_len}",
         png.len()
     );
-    assert!(agent.stop(20).success());
+    env.stop(agent, 20);
 }
 
 /// Flip a byte in the middle of every pack file of the repository.
@@ -720,7 +725,7 @@ notifications:
     }
     // The database itself was never touched by the verification.
     assert_eq!(count_rows(&db), 100);
-    assert!(agent.stop(20).success());
+    env.stop(agent, 20);
 }
 
 #[test]
@@ -901,8 +906,7 @@ notifications:
         std::thread::sleep(Duration::from_millis(200));
     }
 
-    let exit = agent.stop(20);
-    assert!(exit.success(), "{exit:?}\n{}", env.log());
+    env.stop(agent, 20);
 
     // 3. A fresh, empty S3 server at the same address. `init --copy-from` makes it a location
     // of the repository again; `copy` fills what offsite missed, each object verified.
@@ -999,8 +1003,7 @@ notifications:
         true,
         "{s:#}"
     );
-    let exit = agent.stop(20);
-    assert!(exit.success(), "{exit:?}\n{}", env.log());
+    env.stop(agent, 20);
 }
 
 #[test]
@@ -1036,8 +1039,7 @@ fn retries_back_off_doubling_and_stop_at_the_deadline() {
     );
     let took = f["duration_seconds"].as_f64().unwrap();
     assert!((2.5..6.0).contains(&took), "about 3 s of backoff: {f:#}");
-    let exit = agent.stop(20);
-    assert!(exit.success(), "{exit:?}\n{}", env.log());
+    env.stop(agent, 20);
 }
 
 #[test]

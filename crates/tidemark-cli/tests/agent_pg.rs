@@ -183,10 +183,6 @@ fn wait(
 #[test]
 fn an_agent_backs_up_postgres_on_schedule_prunes_the_wal_and_the_newest_backup_restores() {
     let (mut cluster, config, repo, password) = archiving_cluster();
-    cluster.psql(
-        "postgres",
-        "CREATE TABLE t(id int); INSERT INTO t SELECT generate_series(1, 100)",
-    );
     let system_id = cluster.system_id();
 
     let port = free_port();
@@ -274,10 +270,6 @@ fn an_agent_backs_up_postgres_on_schedule_prunes_the_wal_and_the_newest_backup_r
 #[test]
 fn the_wal_archive_is_copied_to_the_second_location_which_restores_alone_to_its_end() {
     let (mut cluster, first_config, repo, password) = archiving_cluster();
-    cluster.psql(
-        "postgres",
-        "CREATE TABLE t(id int); INSERT INTO t SELECT generate_series(1, 100)",
-    );
     let system_id = cluster.system_id();
     let second = cluster.dir.path().join("second");
     let port = free_port();
@@ -521,7 +513,8 @@ fn verification_restores_a_logical_backup_into_a_scratch_server_and_compares_eve
     );
 }
 
-/// A cluster archiving its WAL into a new repository with `wal-push`.
+/// A cluster archiving its WAL into a new repository with `wal-push`, with a table `t` of 100
+/// rows.
 fn archiving_cluster() -> (Postgres, PathBuf, PathBuf, PathBuf) {
     let cluster = Postgres::start(&["archive_mode = on", "archive_command = ''"]);
     let (config, repo, password) = repository(&cluster);
@@ -533,6 +526,10 @@ fn archiving_cluster() -> (Postgres, PathBuf, PathBuf, PathBuf) {
         ),
     );
     cluster.psql("postgres", "SELECT pg_reload_conf()");
+    cluster.psql(
+        "postgres",
+        "CREATE TABLE t(id int); INSERT INTO t SELECT generate_series(1, 100)",
+    );
     (cluster, config, repo, password)
 }
 
@@ -551,10 +548,6 @@ fn verification_rows(s: &serde_json::Value) -> Option<u64> {
 #[test]
 fn verification_restores_a_base_backup_and_the_archive_to_its_end_and_finds_a_gap() {
     let (cluster, _, repo, password) = archiving_cluster();
-    cluster.psql(
-        "postgres",
-        "CREATE TABLE t(id int); INSERT INTO t SELECT generate_series(1, 100)",
-    );
     let port = free_port();
     let (log_path, agent) = launch(
         &cluster,

@@ -330,46 +330,18 @@ pub async fn fetch(
         None => wal::control_system_id(&o.data_dir).map_err(|e| bad_wal(&o.data_dir, e))?,
     };
     let stream = wal::stream(system_id);
-    // The repository's own location first; then each location it falls back on (format §9a)
-    // when the file is missing or damaged there. The first location's answer stands when no
-    // other location has the file whole.
-    let first = fetch_at(repo, &stream, name, &kind).await;
-    let data = match first {
-        Ok(Some(d)) => d,
-        Ok(None) | Err(_) => {
-            let mut found = None;
-            for other in repo.fallback_repositories() {
-                match fetch_at(&other, &stream, name, &kind).await {
-                    Ok(Some(d)) => {
-                        tracing::warn!(
-                            "{name} was {} at {} and was read, verified, from {}",
-                            match &first {
-                                Ok(_) => "missing".to_owned(),
-                                Err(e) => format!("unreadable ({e})"),
-                            },
-                            repo.location(),
-                            other.location()
-                        );
-                        found = Some(d);
-                        break;
-                    }
-                    Ok(None) => {}
-                    Err(e) => tracing::warn!("{name} at {}: {e}", other.location()),
-                }
-            }
-            match (found, first) {
-                (Some(d), _) => d,
-                (None, Ok(_)) => return Ok(Fetched::NotFound),
-                (None, Err(e)) => return Err(e),
-            }
-        }
+    // A whole file missing or damaged here is read from the repository's fallback locations
+    // inside `read_segment` (format §9a); streamed pieces are looked for here only.
+    let data = match fetch_at(repo, &stream, name, &kind).await? {
+        Some(d) => d,
+        None => return Ok(Fetched::NotFound),
     };
     write_atomic(dest, &data).map_err(|e| io("write", dest, e))?;
     Ok(Fetched::Restored(data.len() as u64))
 }
 
-/// `name` from one location, whole and verified: `None` when that location does not have it
-/// (for a segment: neither whole nor as streamed pieces).
+/// `name`, whole and verified: `None` when the repository does not have it (for a segment:
+/// neither whole nor as streamed pieces).
 async fn fetch_at(
     repo: &Repository,
     stream: &str,
@@ -788,8 +760,8 @@ fn join_split_records(
 }
 
 /// Summarize the archived WAL of a cluster: segments per timeline, gaps, the newest upload.
-/// With fallback locations (format §9a), the archive is what any of them holds: a segment
-/// missing at the repository's own location is fetched from another.
+/// With fallback locations (format §9a), the archive includes the whole files any of them
+/// holds: a segment missing at the repository's own location is fetched from another.
 ///
 /// # Errors
 /// Storage errors.
@@ -804,7 +776,14 @@ pub async fn summarize(repo: &Repository, system_id: u64, seg_size: u64) -> Resu
         let seen: std::collections::HashSet<String> =
             metas.iter().map(|m| m.path.clone()).collect();
         match other.storage().list(&prefix).await {
-            Ok(more) => metas.extend(more.into_iter().filter(|m| !seen.contains(&m.path))),
+            // Whole files only: streamed pieces are fetched from the repository's own location.
+            Ok(more) => metas.extend(more.into_iter().filter(|m| {
+                !seen.contains(&m.path)
+                    && m.path
+                        .strip_prefix(&prefix)
+                        .and_then(|n| n.rsplit('/').next())
+                        .is_some_and(|n| wal::parse_piece(n).is_none())
+            })),
             Err(e) => tracing::warn!(
                 "failed to list the WAL archive at {}: {e}",
                 other.location()
