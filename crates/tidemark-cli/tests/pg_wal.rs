@@ -1,156 +1,16 @@
 //! WAL archiving end to end with a real PostgreSQL 15: `tidemark wal-push` as archive_command,
 //! `tidemark wal-fetch` as restore_command, and the exit codes PostgreSQL relies on.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use common::pg::*;
 use common::tidemark;
 use tidemark_engine::postgres::wal::SegmentName;
 use tidemark_testkit::Postgres;
 
 mod common;
-
-const BIN: &str = env!("CARGO_BIN_EXE_tidemark");
-
-/// A repository inside the cluster's directory, usable by the postgres user, and a config
-/// file naming it (so no secret or path needs to be in archive_command beyond the config).
-struct Archive {
-    config: PathBuf,
-    repo: PathBuf,
-}
-
-/// `tidemark <command…> --url <url> --pg-password-file <pw> <extra…>`.
-fn tidemark_pg(a: &Archive, command: &[&str], url: &str, pw: &Path, extra: &[&str]) -> Output {
-    let conn = ["--url", url, "--pg-password-file", pw.to_str().unwrap()];
-    tidemark(&a.config, &[command, &conn[..], extra].concat())
-}
-
-/// `tidemark pg restore <snapshot> --pgdata <dest> <extra…>`.
-fn restore_into(a: &Archive, snapshot: &str, dest: &Path, extra: &[&str]) -> Output {
-    let head = [
-        "pg",
-        "restore",
-        snapshot,
-        "--pgdata",
-        dest.to_str().unwrap(),
-    ];
-    tidemark(&a.config, &[&head[..], extra].concat())
-}
-
-fn archive(cluster: &Postgres) -> Archive {
-    let repo = cluster.dir.path().join("repo");
-    let password = cluster.write_private("repo-password", "archive secret\n");
-    let config = cluster.write_private(
-        "tidemark.yaml",
-        &format!(
-            "repository: {}\npassword_file: {}\n",
-            repo.display(),
-            password.display()
-        ),
-    );
-    let o = tidemark(&config, &["init", "-q"]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    cluster.give(&repo);
-    Archive { config, repo }
-}
-
-/// A cluster that archives its WAL with `tidemark wal-push` into a fresh archive, with `extra`
-/// settings.
-fn archiving_cluster(extra: &[&str]) -> (Postgres, Archive) {
-    let mut conf = vec!["archive_mode = on", "archive_command = ''"];
-    conf.extend_from_slice(extra);
-    let cluster = Postgres::start(&conf);
-    let a = archive(&cluster);
-    cluster.psql(
-        "postgres",
-        &format!(
-            "ALTER SYSTEM SET archive_command = 'TIDEMARK_CONFIG={} {BIN} wal-push -q %p'",
-            a.config.display()
-        ),
-    );
-    cluster.psql("postgres", "SELECT pg_reload_conf()");
-    (cluster, a)
-}
-
-/// `tidemark pg backup --physical --read <read>` of `cluster`; its JSON answer.
-fn physical_backup(cluster: &Postgres, a: &Archive, read: &str) -> serde_json::Value {
-    let o = physical_backup_as(
-        cluster,
-        a,
-        read,
-        "postgres",
-        tidemark_testkit::SUPERUSER_PASSWORD,
-    );
-    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    // The tests run on the database's host: `auto` reads the data directory.
-    let want = if read == "replication" {
-        "replication"
-    } else {
-        "local"
-    };
-    assert_eq!(v["snapshot"]["positions"]["pg.read"], want, "{v}");
-    // Index files are cut one page per block, heap files into 64 KiB blocks: pg_authid's
-    // index (global/2677, two pages) and pg_proc (base/1/1255, 768 KiB).
-    let chunks = |name: &str| {
-        let s = v["snapshot"]["streams"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|s| s["name"] == name)
-            .unwrap_or_else(|| panic!("{name} is not in the snapshot"));
-        let size = s["size"].as_u64().unwrap();
-        (size, s["chunks"].as_array().unwrap().len() as u64)
-    };
-    let (size, n) = chunks("data/global/2677");
-    assert!(
-        size >= 16384 && n == size / 8192,
-        "{read}: an index's pages"
-    );
-    let (size, n) = chunks("data/base/1/1255");
-    assert!(
-        size > 65536 && n == size.div_ceil(65536),
-        "{read}: a table's blocks"
-    );
-    v
-}
-
-/// `tidemark pg backup --physical --read <read>` of `cluster` as `user`.
-fn physical_backup_as(
-    cluster: &Postgres,
-    a: &Archive,
-    read: &str,
-    user: &str,
-    password: &str,
-) -> Output {
-    let pw = cluster.write_private(&format!("{user}-password"), password);
-    let url = format!("postgresql://{user}@127.0.0.1:{}/postgres", cluster.port);
-    tidemark_pg(
-        a,
-        &["pg", "backup", "--physical", "--read", read, "--json"],
-        &url,
-        &pw,
-        &[],
-    )
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn archived_names(a: &Archive, system_id: &str) -> Vec<String> {
-    let dir = a.repo.join(format!("logs/pg/{system_id}/wal"));
-    let mut v: Vec<String> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        // Temporary files of an upload that was killed are not objects.
-        .filter(|n| !n.starts_with('.'))
-        .collect();
-    v.sort();
-    v
-}
 
 #[test]
 fn archived_wal_recovers_every_committed_row_and_fetch_failures_stop_recovery() {
@@ -243,11 +103,23 @@ fn archived_wal_recovers_every_committed_row_and_fetch_failures_stop_recovery() 
         .filter(|n| SegmentName::parse(n).is_some())
         .collect();
     let (first, second) = (&whole[0], &whole[1]);
+    // The prefetcher works while a server is in recovery: a data directory with a
+    // recovery.signal and a postmaster.pid naming a live process (this test) stands in for one.
+    let recovering = cluster.dir.path().join("recovering");
+    std::fs::create_dir_all(&recovering).unwrap();
+    std::fs::write(recovering.join("recovery.signal"), "").unwrap();
+    std::fs::write(
+        recovering.join("postmaster.pid"),
+        format!("{}\n", std::process::id()),
+    )
+    .unwrap();
+    let pgdata = ["--pgdata", recovering.to_str().unwrap()];
     let o = tidemark(
         &a.config,
         &[
             &["wal-fetch", first, dest.to_str().unwrap()][..],
             &sysid[..],
+            &pgdata[..],
         ]
         .concat(),
     );
@@ -277,11 +149,24 @@ fn archived_wal_recovers_every_committed_row_and_fetch_failures_stop_recovery() 
         !spool.join(second).exists(),
         "a served segment stays in the spool"
     );
-    // The prefetcher follows recovery until no request came for a while; stop it now.
-    if let Ok(pid) = std::fs::read_to_string(spool.join(".prefetcher")) {
-        let _ = Command::new("kill").arg(pid.trim()).status();
+    // Recovery ends (PostgreSQL removes recovery.signal): the prefetcher removes its spool
+    // and exits, though requests came a moment ago.
+    let holder: u32 = std::fs::read_to_string(spool.with_file_name("prefetcher.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    std::fs::remove_file(recovering.join("recovery.signal")).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while spool.exists() || running(holder) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the prefetcher outlived recovery: spool {:?}",
+            std::fs::read_dir(&spool).map(|d| d.count())
+        );
+        std::thread::sleep(Duration::from_millis(50));
     }
-    std::fs::remove_dir_all(&spool).unwrap();
+    assert!(!cluster.dir.path().join("tidemark-spool").exists());
 
     // A second location of the archive, copied (each segment verified) while all is whole.
     let second = cluster.dir.path().join("second");
@@ -462,6 +347,7 @@ fn restore_and_query(
     cluster.started_elsewhere();
     let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(report["server"]["outcome"], "promoted", "{dir}: {report}");
+    assert_nothing_of_ours(&dest, true);
     assert!(report["server"]["recovery_seconds"].as_f64().unwrap() > 0.0);
     assert_eq!(
         cluster.psql("postgres", "SELECT pg_is_in_recovery()"),
@@ -785,27 +671,6 @@ fn a_physical_backup_recovers_to_a_time_and_to_the_end_of_the_archive() {
         "{}",
         stderr(&o)
     );
-}
-
-/// Run `sql` on a restored server that `pg restore --start --start-port <port>` started in
-/// `data` beside the cluster, then stop that server; the answer.
-fn query_and_stop(cluster: &Postgres, data: &Path, port: &str, sql: &str) -> String {
-    let out = Command::new(cluster.bin().join("psql"))
-        .args(["-X", "-A", "-t", "-h"])
-        .arg(cluster.dir.path())
-        .args(["-p", port, "-U", "postgres", "-d", "postgres", "-c", sql])
-        .output()
-        .unwrap();
-    let mut stop = tidemark_testkit::as_owner(&cluster.bin().join("pg_ctl"));
-    stop.arg("-D").arg(data).args(["-m", "fast", "stop"]);
-    let stopped = stop.output().unwrap();
-    assert!(stopped.status.success(), "{stopped:?}");
-    assert!(
-        out.status.success(),
-        "{sql}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
 #[test]

@@ -81,6 +81,25 @@ impl Repository {
         Ok(Repository::assemble(storage, keys, master, config, key_id))
     }
 
+    /// A fingerprint of the repository at `storage`, without a key: the BLAKE3 hash of its
+    /// `config` object. That object is written once, with a random id and nonce, and copied
+    /// byte for byte to other locations (format §9a), so the fingerprint is the same at every
+    /// location of one repository and differs for a repository created again at the same
+    /// place. Callers that cache something per repository check it cheaply with this, and
+    /// learn the repository's id only by opening it.
+    ///
+    /// # Errors
+    /// `NotARepository` when there is no config; storage errors.
+    pub async fn fingerprint(storage: &dyn Storage) -> Result<String> {
+        match storage.get("config").await {
+            Ok(b) => Ok(blake3::hash(&b).to_hex().to_string()),
+            Err(e) if e.kind == ErrorKind::NotFound => Err(Error::NotARepository {
+                location: storage.name().to_owned(),
+            }),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Open a repository with `secret`.
     ///
     /// # Errors

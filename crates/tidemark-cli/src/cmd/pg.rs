@@ -535,11 +535,16 @@ async fn restore_physical(ctx: &Context, a: RestoreArgs) -> Result<i32> {
             Bound::Time(t) => {
                 let sys: u64 = system_id.parse().unwrap_or(0);
                 let t = t.with_timezone(&chrono::Utc);
-                // Where recovery stops: the first segment with a transaction that ended later.
+                // Where recovery stops: the first segment with a transaction that ended later,
+                // or one whose records were not all read (the target may be in it; the server
+                // finds it).
                 tidemark_engine::postgres::archive::scans(&repo, sys, seg)
                     .await?
                     .iter()
-                    .find(|(_, s)| s.as_ref().and_then(|s| s.last_xact).is_some_and(|x| x > t))
+                    .find(|(_, s)| match s {
+                        Some(s) if s.incomplete.is_none() => s.last_xact.is_some_and(|x| x > t),
+                        _ => true,
+                    })
                     .map(|(s, _)| Some(s.start_lsn(seg)))
             }
             Bound::None => None,
@@ -603,6 +608,12 @@ async fn restore_physical(ctx: &Context, a: RestoreArgs) -> Result<i32> {
         command.push_str(" %f %p");
         let mut conf = String::from("\n# Written by tidemark pg restore\n");
         conf.push_str(&format!("restore_command = {}\n", conf_quote(&command)));
+        // When recovery ends, the prefetch spool goes: the running cluster holds nothing of
+        // ours (the prefetcher removes it too when it sees the end).
+        conf.push_str(&format!(
+            "recovery_end_command = {}\n",
+            conf_quote(tidemark_engine::postgres::archive::RECOVERY_END_COMMAND)
+        ));
         for (k, v) in &settings {
             conf.push_str(&format!("{k} = {}\n", conf_quote(v)));
         }
@@ -652,7 +663,16 @@ async fn restore_physical(ctx: &Context, a: RestoreArgs) -> Result<i32> {
         }
         Some(
             tokio::task::spawn_blocking(move || {
-                tidemark_engine::postgres::start::start_and_wait(&dir, &o)
+                let r = tidemark_engine::postgres::start::start_and_wait(&dir, &o);
+                // Promoted, shut down, or the server stopped: nothing will ask for the
+                // prefetched WAL (paused, or still recovering after a timeout: it may).
+                if !tidemark_engine::postgres::archive::recovering(&dir) {
+                    tidemark_engine::postgres::archive::clean_after_recovery(
+                        &dir,
+                        std::time::Duration::from_secs(5),
+                    );
+                }
+                r
             })
             .await??,
         )
@@ -786,7 +806,12 @@ async fn check_named_target(
         return Ok(None);
     };
     let scans = tidemark_engine::postgres::archive::scans(repo, system_id, seg_size).await?;
-    let unknown = scans.iter().filter(|(_, s)| s.is_none()).count();
+    // Segments archived without a scan, or whose walk ended early (section 7b): what they
+    // hold cannot be known here, so a target not found may still be in them.
+    let unknown = scans
+        .iter()
+        .filter(|(_, s)| s.as_ref().is_none_or(|s| s.incomplete.is_some()))
+        .count();
     let hint = "see what the archive holds with `tidemark pg window`";
     if let Some(name) = &a.to_name {
         let points = tidemark_engine::postgres::archive::restore_points(&scans);
@@ -804,7 +829,7 @@ async fn check_named_target(
             return Ok(Some(Bound::Lsn(last)));
         }
         if unknown > 0 {
-            tracing::warn!(segments = unknown, "some archived WAL was stored without a record scan; the restore point cannot be checked before recovery");
+            tracing::warn!(segments = unknown, "some archived WAL has no complete record scan; the restore point cannot be checked before recovery, PostgreSQL will look for it");
             return Ok(None);
         }
         let mut names: Vec<&str> = points

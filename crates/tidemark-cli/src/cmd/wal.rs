@@ -63,17 +63,39 @@ pub const FETCH_FAILED: i32 = 126;
 pub const FETCH_NOT_FOUND: i32 = 1;
 
 pub async fn push(ctx: &Context, a: PushArgs) -> Result<i32> {
-    let o = PushOptions {
+    let mut o = PushOptions {
         batch: a.batch.max(1),
         spool_dir: a.spool_dir,
         data_dir: a.pgdata.unwrap_or_else(|| PathBuf::from(".")),
-        repository: ctx.location.display_name(),
+        repository: String::new(),
     };
-    // Archived ahead by an earlier call with exactly this content: no repository access.
-    if archive::already_pushed(&a.path, &o) {
-        return Ok(crate::exit::OK);
+    // Archived ahead by an earlier call with exactly this content, to this very repository:
+    // one read of its config object tells which repository is there now (a record made for
+    // one created earlier at the same place never counts), without the key derivation.
+    let storage = ctx.storage()?;
+    let fingerprint = tidemark_repo::Repository::fingerprint(&*storage).await.ok();
+    if let Some(id) = fingerprint
+        .as_deref()
+        .and_then(|fp| archive::known_repository(&a.path, &o, fp))
+    {
+        o.repository = id;
+        if archive::already_pushed(&a.path, &o) {
+            archive::forget_removed(&a.path, &o);
+            return Ok(crate::exit::OK);
+        }
     }
     let repo = ctx.open().await?;
+    o.repository = repo.config().id.clone();
+    // The fingerprint read before opening is the one that opened, unless the repository was
+    // replaced in between: then it maps to the new id only until the next call reads again.
+    let now = tidemark_repo::Repository::fingerprint(&**repo.storage())
+        .await
+        .ok();
+    if let Some(fp) = now.filter(|n| fingerprint.as_ref() == Some(n)) {
+        if let Err(e) = archive::remember_repository(&a.path, &o, &fp, &o.repository) {
+            tracing::warn!("{e:#}");
+        }
+    }
     let report = archive::push(&repo, &a.path, &o).await?;
     if ctx.json {
         super::print_json(&report)?;
@@ -85,10 +107,10 @@ pub async fn push(ctx: &Context, a: PushArgs) -> Result<i32> {
 struct PrefetchLock(PathBuf);
 
 impl PrefetchLock {
-    /// Take the lock unless a live process holds it.
-    fn take(spool: &std::path::Path) -> Option<PrefetchLock> {
-        std::fs::create_dir_all(spool).ok()?;
-        let path = spool.join(".prefetcher");
+    /// Take the lock at `path` unless a live process holds it.
+    fn take(path: &std::path::Path) -> Option<PrefetchLock> {
+        std::fs::create_dir_all(path.parent()?).ok()?;
+        let path = path.to_owned();
         for _ in 0..2 {
             match std::fs::OpenOptions::new()
                 .write(true)
@@ -131,7 +153,7 @@ fn spawn_prefetcher(a: &FetchArgs, seg_size: u64) {
     {
         return;
     }
-    if archive::prefetch_dir(&a.dest).join(".prefetcher").exists() {
+    if archive::prefetch_lock(&a.dest).exists() {
         return;
     }
     let Ok(exe) = std::env::current_exe() else {
@@ -199,11 +221,12 @@ pub async fn fetch(ctx: &Context, a: FetchArgs) -> i32 {
     };
     if a.prefetch_only {
         // The background prefetcher: failures only mean later calls fetch for themselves.
-        let spool = archive::prefetch_dir(&a.dest);
-        if let Some(_lock) = PrefetchLock::take(&spool) {
+        if let Some(lock) = PrefetchLock::take(&archive::prefetch_lock(&a.dest)) {
             if let Ok(repo) = ctx.open().await {
                 let _ = archive::prefetch_after(&repo, &a.name, &a.dest, &o, a.seg_size).await;
             }
+            drop(lock);
+            archive::prefetcher_done(&a.dest, &o.data_dir);
         }
         return crate::exit::OK;
     }

@@ -40,8 +40,10 @@ pub struct PushOptions {
     /// The data directory, for the system identifier of history files; default the current
     /// directory (where PostgreSQL runs archive_command).
     pub data_dir: PathBuf,
-    /// Names the repository in the spool, so that a record made for one repository never
-    /// stands for another (two chained archive_commands, or a new repository).
+    /// The repository's id (from its config object): the spool keeps records per repository
+    /// id, so that a record made for one repository never stands for another (two chained
+    /// archive_commands, or a repository created again at the same location). Empty: records
+    /// go in the spool directory itself (tests, and callers with one repository per spool).
     pub repository: String,
 }
 
@@ -67,8 +69,101 @@ impl PushOptions {
         if self.repository.is_empty() {
             return base;
         }
-        let id = blake3::hash(self.repository.as_bytes()).to_hex();
-        base.join(format!("repo-{}", &id[..16]))
+        base.join(format!("repository-{}", self.repository))
+    }
+
+    /// The spool's root: where the map of config fingerprints to repository ids is kept.
+    fn spool_root(&self, wal_path: &Path) -> PathBuf {
+        self.spool_dir.clone().unwrap_or_else(|| {
+            wal_path
+                .parent()
+                .unwrap_or_else(|| Path::new("."))
+                .join(SPOOL)
+        })
+    }
+}
+
+/// The file in the spool that maps config fingerprints (`Repository::fingerprint`) to
+/// repository ids, a line each.
+const IDENTITIES: &str = "repositories";
+
+/// The id of the repository whose config has `fingerprint`, as an earlier `wal-push` that
+/// opened it recorded: lets a call whose segment was archived ahead learn the repository's
+/// id from one read of its config object, without a key. `None` when this fingerprint was
+/// never seen (a new repository, or one created again at the same place).
+pub fn known_repository(wal_path: &Path, o: &PushOptions, fingerprint: &str) -> Option<String> {
+    let map = std::fs::read_to_string(o.spool_root(wal_path).join(IDENTITIES)).ok()?;
+    map.lines().find_map(|l| {
+        let (fp, id) = l.split_once(' ')?;
+        (fp == fingerprint && !id.is_empty()).then(|| id.to_owned())
+    })
+}
+
+/// Record that the repository with config `fingerprint` has id `id` (after opening it).
+///
+/// # Errors
+/// When the spool cannot be written.
+pub fn remember_repository(
+    wal_path: &Path,
+    o: &PushOptions,
+    fingerprint: &str,
+    id: &str,
+) -> Result<()> {
+    if known_repository(wal_path, o, fingerprint).as_deref() == Some(id) {
+        return Ok(());
+    }
+    let root = o.spool_root(wal_path);
+    std::fs::create_dir_all(&root).map_err(|e| io("create", &root, e))?;
+    let path = root.join(IDENTITIES);
+    let old = std::fs::read_to_string(&path).unwrap_or_default();
+    // The newest few are enough: one repository per archive_command, or a few chained.
+    let mut lines: Vec<&str> = old
+        .lines()
+        .filter(|l| l.split_once(' ').is_some_and(|(fp, _)| fp != fingerprint))
+        .collect();
+    let new = format!("{fingerprint} {id}");
+    lines.push(&new);
+    let keep = lines.len().saturating_sub(16);
+    // Records of the layout before this map (per location, `repo-<hash>`) are not read any
+    // more: drop them once.
+    if let Ok(rd) = std::fs::read_dir(&root) {
+        for e in rd.flatten() {
+            if e.file_name().to_string_lossy().starts_with("repo-") {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+    write_atomic(&path, (lines[keep..].join("\n") + "\n").as_bytes())
+        .map_err(|e| io("write", &path, e))
+}
+
+/// Remove the spool's records of segments PostgreSQL has removed or recycled from the
+/// directory of `wal_path` (pg_wal), for every repository the spool keeps records for: they
+/// can never be asked for again, and would otherwise pile up for ever. A repository's
+/// directory left empty goes too. Cheap: one listing of the spool.
+pub fn forget_removed(wal_path: &Path, o: &PushOptions) {
+    let dir = wal_path.parent().unwrap_or_else(|| Path::new("."));
+    let root = o.spool_root(wal_path);
+    let Ok(rd) = std::fs::read_dir(&root) else {
+        return;
+    };
+    for sub in rd.flatten() {
+        if !sub.file_name().to_string_lossy().starts_with("repository-") {
+            continue;
+        }
+        let Ok(records) = std::fs::read_dir(sub.path()) else {
+            continue;
+        };
+        for e in records.flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            if let Some(seg) = n.strip_suffix(".ok") {
+                if WalFile::parse(seg).is_some() && !dir.join(seg).exists() {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+        // Only when empty.
+        let _ = std::fs::remove_dir(sub.path());
     }
 }
 
@@ -104,6 +199,7 @@ fn read_wal(path: &Path, o: &PushOptions) -> Result<WalData> {
             _ => unreachable!("has_page_header"),
         };
         let start = seg.start_lsn(u64::from(h.seg_size));
+        let whole = matches!(kind, WalFile::Segment(_));
         // The first segment of a new timeline starts as a copy of its parent's segment, so its
         // first page may carry an older (smaller) timeline; never a newer one.
         if h.page_addr != start || h.timeline > seg.timeline {
@@ -125,7 +221,7 @@ fn read_wal(path: &Path, o: &PushOptions) -> Result<WalData> {
                 "start_lsn": wal::lsn_string(start),
                 "end_lsn": wal::lsn_string(start + data.len() as u64),
                 "seg_size": h.seg_size,
-                SCAN: super::walscan::scan(&data, start, u64::from(h.block_size)),
+                SCAN: scan_wal(&name, &data, start, u64::from(h.block_size), whole),
             }),
         )
     } else {
@@ -139,6 +235,39 @@ fn read_wal(path: &Path, o: &PushOptions) -> Result<WalData> {
         system_id,
         meta,
     })
+}
+
+/// The record scan an archived file's metadata carries (`whole`: a complete segment, not a
+/// piece or a `.partial`). Scanning is metadata: a file whose
+/// records cannot all be read is still archived whole, with its scan marked incomplete and a
+/// warning; the scanner is total, and a panic in it (a bug) is caught and treated the same, so
+/// our own parser can never stop PostgreSQL's archiving.
+pub fn scan_wal(
+    name: &str,
+    data: &[u8],
+    start: u64,
+    page: u64,
+    whole: bool,
+) -> super::walscan::Scan {
+    let walked = std::panic::catch_unwind(|| {
+        if whole {
+            super::walscan::scan_segment(data, start, page)
+        } else {
+            super::walscan::scan(data, start, page)
+        }
+    });
+    let scan = walked.unwrap_or_else(|_| super::walscan::Scan {
+        incomplete: Some("the record scanner failed on it (a bug: please report it)".into()),
+        ..Default::default()
+    });
+    if let Some(why) = &scan.incomplete {
+        tracing::warn!(
+            segment = %name,
+            reason = %why,
+            "archived whole, but recovery targets in it cannot be looked up before recovery (PostgreSQL still finds them)"
+        );
+    }
+    scan
 }
 
 fn spool_record(spool: &Path, name: &str) -> PathBuf {
@@ -260,6 +389,7 @@ pub async fn push(repo: &Repository, wal_path: &Path, o: &PushOptions) -> Result
     let (main_result, done) =
         tokio::join!(push_one(repo, &main, &spool), others.collect::<Vec<_>>());
     let written = main_result?;
+    forget_removed(wal_path, o);
     let mut ahead: Vec<String> = done.into_iter().flatten().collect();
     ahead.sort();
     tracing::info!(segment = %main.name, path = %main.path.display(), ahead = ahead.len(), "archived");
@@ -418,9 +548,83 @@ pub fn note_requested(name: &str, dest: &Path) {
 /// How long the prefetcher stays without a new request before it exits.
 const PREFETCH_IDLE: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// Whether the postmaster of `data_dir` runs: its `postmaster.pid` names a live process.
+fn postmaster_alive(data_dir: &Path) -> bool {
+    std::fs::read_to_string(data_dir.join("postmaster.pid"))
+        .ok()
+        .and_then(|t| t.lines().next()?.trim().parse::<u32>().ok())
+        .is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists())
+}
+
+/// Whether the server of `data_dir` is still in archive recovery: it runs, and its
+/// `recovery.signal` (or `standby.signal`), which PostgreSQL removes when recovery ends, is
+/// still there.
+pub fn recovering(data_dir: &Path) -> bool {
+    (data_dir.join("recovery.signal").exists() || data_dir.join("standby.signal").exists())
+        && postmaster_alive(data_dir)
+}
+
+/// Remove the prefetch spool next to `dest` (inside `pg_wal`), and the spool directory when
+/// nothing else is in it: a cluster that has left recovery holds nothing of ours.
+fn remove_prefetched(dest: &Path) {
+    let prefetch = prefetch_dir(dest);
+    if let Err(e) = std::fs::remove_dir_all(&prefetch) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            tracing::warn!("failed to remove {}: {e}", prefetch.display());
+        }
+    }
+    if let Some(root) = prefetch.parent() {
+        // Only when empty: wal-push keeps its records there.
+        let _ = std::fs::remove_dir(root);
+    }
+}
+
+/// The background prefetcher's lock, holding its pid: beside the prefetch spool, not in it,
+/// so that removing the spool when recovery ends leaves it for `clean_after_recovery` to
+/// wait on.
+pub fn prefetch_lock(dest: &Path) -> PathBuf {
+    prefetch_dir(dest).with_file_name("prefetcher.pid")
+}
+
+/// Called by the prefetcher once it released its lock: when recovery is over, nothing of
+/// ours stays in `pg_wal`.
+pub fn prefetcher_done(dest: &Path, data_dir: &Path) {
+    if !recovering(data_dir) {
+        remove_prefetched(dest);
+    }
+}
+
+/// After the server of `data_dir` left recovery (promoted, or stopped): wait up to `wait` for
+/// a background prefetcher to notice and exit, then remove the prefetch spool, so that the
+/// restored cluster holds nothing of ours. `pg restore --start` calls it; the prefetcher
+/// does the same itself when it sees recovery end, and `recovery_end_command` covers a
+/// recovery that ends while no prefetcher runs.
+pub fn clean_after_recovery(data_dir: &Path, wait: std::time::Duration) {
+    let dest = data_dir.join("pg_wal").join("RECOVERYXLOG");
+    let lock = prefetch_lock(&dest);
+    let until = std::time::Instant::now() + wait;
+    while std::time::Instant::now() < until {
+        let holder = std::fs::read_to_string(&lock)
+            .ok()
+            .and_then(|t| t.trim().parse::<u32>().ok());
+        if !holder.is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists()) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    remove_prefetched(&dest);
+}
+
+/// The `recovery_end_command` that `pg restore` writes: PostgreSQL runs it in the data
+/// directory once archive recovery ends, and it removes the prefetch spool.
+pub const RECOVERY_END_COMMAND: &str =
+    "rm -rf pg_wal/tidemark-spool/prefetch; rmdir pg_wal/tidemark-spool 2>/dev/null; true";
+
 /// The background prefetcher: keeps the `o.prefetch` segments after the latest one PostgreSQL
 /// asked for (`note_requested`) in the spool of `dest`, verified, written then renamed, until
-/// no new request came for 10 s. It opens the repository once for the whole recovery (with a
+/// no new request came for 10 s, or recovery ended, or the server went away (see
+/// `recovering`); in the last two cases it removes the spool as it exits, since nothing will
+/// ask for what is in it. It opens the repository once for the whole recovery (with a
 /// passphrase, key derivation costs more than fetching a segment). Failures only mean a later
 /// call fetches for itself.
 ///
@@ -454,6 +658,10 @@ pub async fn prefetch_after(
         let Some(WalFile::Segment(seg)) = WalFile::parse(&requested) else {
             break;
         };
+        if !recovering(&o.data_dir) {
+            remove_prefetched(dest);
+            break;
+        }
         if since.elapsed() > PREFETCH_IDLE || !spool.exists() {
             break;
         }
@@ -648,6 +856,10 @@ async fn last_transaction(
             return Ok(None);
         };
         let scan: super::walscan::Scan = serde_json::from_value(scan.clone()).unwrap_or_default();
+        if scan.incomplete.is_some() {
+            // Transactions past where its walk ended are not in it: unknown, as unscanned.
+            return Ok(None);
+        }
         let split = newer
             .as_ref()
             .filter(|(n, _)| *n == seg.next(seg_size))

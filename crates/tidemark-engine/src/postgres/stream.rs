@@ -148,8 +148,13 @@ async fn upload(
             Job::Full { seg, data, pieces } => {
                 let mut m = meta(seg, seg_size, 0, seg_size as usize);
                 let page = wal::long_header(&data).map_or(8192, |h| u64::from(h.block_size));
-                m[super::archive::SCAN] =
-                    serde_json::json!(super::walscan::scan(&data, seg.start_lsn(seg_size), page));
+                m[super::archive::SCAN] = serde_json::json!(super::archive::scan_wal(
+                    &seg.to_string(),
+                    &data,
+                    seg.start_lsn(seg_size),
+                    page,
+                    true,
+                ));
                 write_segment(&repo, &stream, &seg.to_string(), data, m).await?;
                 durable.send_replace(seg.start_lsn(seg_size) + seg_size);
                 for p in pieces {
@@ -199,7 +204,7 @@ impl Current {
     /// the window and the target checks see WAL that is not yet a whole segment.
     fn scan(&self) -> super::walscan::Scan {
         let page = wal::long_header(&self.buf).map_or(8192, |h| u64::from(h.block_size));
-        super::walscan::scan(&self.buf, self.start(), page)
+        super::archive::scan_wal(&self.seg.to_string(), &self.buf, self.start(), page, false)
     }
 
     /// Check the re-sent bytes against pieces stored before a restart, as far as they go.
