@@ -272,8 +272,19 @@ impl ConnOptions {
         Ok(())
     }
 
-    /// `host:port`, for messages.
+    /// The Unix socket to connect to when `host` is a directory (starts with `/`, as in
+    /// libpq): `<host>/.s.PGSQL.<port>`.
+    pub fn socket_path(&self) -> Option<PathBuf> {
+        self.host
+            .starts_with('/')
+            .then(|| Path::new(&self.host).join(format!(".s.PGSQL.{}", self.port)))
+    }
+
+    /// `host:port`, or the socket's path, for messages.
     pub fn server(&self) -> String {
+        if let Some(socket) = self.socket_path() {
+            return socket.display().to_string();
+        }
         if self.host.contains(':') {
             format!("[{}]:{}", self.host, self.port)
         } else {
@@ -469,7 +480,9 @@ pub struct ConnSpec {
     #[cfg_attr(feature = "clap", arg(long, env = "TIDEMARK_PG_URL"))]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url: Option<String>,
-    /// Host name or address.
+    /// Host name or address, or the directory of the server's Unix socket (a path starting
+    /// with /, as in libpq). Unset connection flags come from PGHOST, PGPORT, PGUSER,
+    /// PGDATABASE, PGSSLMODE (and the password from PGPASSFILE or ~/.pgpass), as in libpq.
     #[cfg_attr(feature = "clap", arg(long))]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host: Option<String>,

@@ -128,6 +128,31 @@ impl Connection {
     /// `Io` when the server cannot be reached, `Auth` when it refuses the login.
     pub async fn connect(opts: &ConnOptions, replication: bool) -> Result<Connection, WireError> {
         let server = opts.server();
+        let stream = if let Some(socket) = opts.socket_path() {
+            let connect = tokio::net::UnixStream::connect(socket);
+            let s = tokio::time::timeout(opts.connect_timeout, connect)
+                .await
+                .map_err(|_| WireError::Io {
+                    server: server.clone(),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("no answer within {:?}", opts.connect_timeout),
+                    ),
+                })?
+                .map_err(|source| WireError::Io {
+                    server: server.clone(),
+                    source,
+                })?;
+            super::tls::Stream::Unix(s)
+        } else {
+            Self::tcp(opts, &server).await?
+        };
+        Self::login(opts, replication, server, stream).await
+    }
+
+    /// A TCP connection to `opts`, with TLS as its sslmode says.
+    async fn tcp(opts: &ConnOptions, server: &str) -> Result<super::tls::Stream, WireError> {
+        let server = server.to_owned();
         let connect = TcpStream::connect((opts.host.as_str(), opts.port));
         let stream = tokio::time::timeout(opts.connect_timeout, connect)
             .await
@@ -165,6 +190,15 @@ impl Connection {
                         reason,
                     },
                 })?;
+        Ok(stream)
+    }
+
+    async fn login(
+        opts: &ConnOptions,
+        replication: bool,
+        server: String,
+        stream: super::tls::Stream,
+    ) -> Result<Connection, WireError> {
         let mut c = Connection {
             stream,
             buf: BytesMut::with_capacity(64 * 1024),
