@@ -155,6 +155,11 @@ pub struct RestoreArgs {
     /// must then be empty or missing.
     #[arg(long = "tablespace-map", requires = "pgdata", value_name = "FROM=DIR")]
     tablespace_map: Vec<String>,
+    /// The cluster to restore: its system identifier, as `tidemark pg window` lists them, or
+    /// its WAL stream (pg/<id>/wal). Needed with `latest` when the repository holds base
+    /// backups of more than one cluster; a restore never picks another cluster for you.
+    #[arg(long, requires = "pgdata")]
+    cluster: Option<String>,
     /// With --start: give up waiting for recovery after this many seconds.
     #[arg(long, requires = "start", default_value_t = 86_400)]
     start_timeout: u64,
@@ -483,14 +488,15 @@ async fn restore_physical(ctx: &Context, a: RestoreArgs) -> Result<i32> {
         LockGuard::acquire(&repo, LockKind::Shared, "restore", &LockOptions::default()).await?;
     let started = std::time::Instant::now();
     let result = async {
+        let cluster = choose_cluster(&repo, &a).await?;
         // A transaction or restore point is looked up in the archived WAL's scans: refused
         // when it is not there, and the base backup is picked from before it.
-        let bound = match check_named_target(&repo, &a).await? {
+        let bound = match check_named_target(&repo, &a, cluster).await? {
             Some(b) => b,
             None => bound,
         };
         let (id, snap) = if a.snapshot == "latest" {
-            pick_base_backup(&repo, &bound).await?
+            pick_base_backup(&repo, &bound, cluster).await?
         } else {
             repo.find_snapshot(&a.snapshot).await?
         };
@@ -573,6 +579,31 @@ async fn restore_physical(ctx: &Context, a: RestoreArgs) -> Result<i32> {
             }
         }
         let mut settings = settings.clone();
+        // Said when the server ends recovery before the target: where each timeline of the
+        // archive began and ended, so the user can pick one that holds the target.
+        let timelines_said = archive
+            .timelines
+            .iter()
+            .map(|t| {
+                format!(
+                    "timeline {}{}{}",
+                    t.timeline,
+                    archive
+                        .began
+                        .get(&t.timeline)
+                        .map_or_else(String::new, |b| format!(", began {b}")),
+                    t.last_xact.map_or_else(String::new, |x| format!(
+                        ", its last transaction ended {x}"
+                    ))
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("; ");
+        let early_hint = format!(
+            "recovery followed timeline {timeline}; the archive holds {timelines_said}. A target \
+             is reached on a timeline with a transaction after it: name that timeline with \
+             --timeline N, or recover everything archived with --latest"
+        );
         settings.push(("recovery_target_timeline", timeline));
         let progress = Arc::new(Progress::default());
         let bar = Bar::start("pg restore", None, progress.clone(), ctx.quiet || ctx.json);
@@ -635,12 +666,12 @@ async fn restore_physical(ctx: &Context, a: RestoreArgs) -> Result<i32> {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(e.into()),
         }
-        Ok::<_, anyhow::Error>((id, snap, report, settings))
+        Ok::<_, anyhow::Error>((id, snap, report, settings, early_hint))
     }
     .await;
     lock.release().await?;
     crate::targets::report_fallbacks(&repo);
-    let (id, snap, report, settings) = result?;
+    let (id, snap, report, settings, early_hint) = result?;
     let restore_seconds = started.elapsed().as_secs_f64();
     let started_server = if a.start {
         let version = snap.database.version.clone().unwrap_or_default();
@@ -674,7 +705,16 @@ async fn restore_physical(ctx: &Context, a: RestoreArgs) -> Result<i32> {
                 }
                 r
             })
-            .await??,
+            .await?
+            .map_err(|e| {
+                if e.to_string()
+                    .contains("recovery ended before the target was reached")
+                {
+                    anyhow::Error::from(e).context(early_hint)
+                } else {
+                    e.into()
+                }
+            })?,
         )
     } else {
         None
@@ -785,6 +825,7 @@ fn refuse_gap(
 async fn check_named_target(
     repo: &tidemark_repo::Repository,
     a: &RestoreArgs,
+    cluster: Option<u64>,
 ) -> Result<Option<Bound>> {
     use tidemark_engine::postgres::wal::parse_lsn;
     if a.to_xid.is_none() && a.to_name.is_none() {
@@ -795,11 +836,13 @@ async fn check_named_target(
         .await?
         .into_iter()
         .filter(|(_, s)| {
-            s.engine == "postgres" && s.kind == tidemark_repo::snapshot::SnapshotKind::Physical
+            s.engine == "postgres"
+                && s.kind == tidemark_repo::snapshot::SnapshotKind::Physical
+                && (cluster.is_none() || system_id_of(s) == cluster)
         })
         .max_by_key(|(_, s)| s.time_end);
     let Some((system_id, seg_size)) = newest.and_then(|(_, s)| {
-        let id = s.database.system_id.as_deref()?.parse::<u64>().ok()?;
+        let id = system_id_of(&s)?;
         let seg = s.positions.get("pg.seg_size").and_then(|v| v.as_u64());
         Some((id, seg.unwrap_or(16 << 20)))
     }) else {
@@ -855,15 +898,13 @@ async fn check_named_target(
         let Ok(xid) = x.parse::<u32>() else {
             return Ok(None);
         };
-        let first = scans.iter().find(|(_, s)| {
-            s.as_ref()
-                .and_then(|s| s.xids)
-                .is_some_and(|(lo, hi)| (lo..=hi).contains(&xid))
-        });
-        if let Some((seg, _)) = first {
-            // The transaction ended at or after the start of the first segment whose range
-            // holds it.
-            return Ok(Some(Bound::Lsn(seg.start_lsn(seg_size))));
+        // Resolved by its commit (or abort) record: a transaction that began before a base
+        // backup and ended after it is a target that backup reaches.
+        if let Some(lsn) =
+            tidemark_engine::postgres::archive::xact_end(repo, system_id, &scans, seg_size, xid)
+                .await?
+        {
+            return Ok(Some(Bound::Lsn(lsn)));
         }
         let prepared: u64 = scans
             .iter()
@@ -904,10 +945,98 @@ async fn check_named_target(
     Ok(None)
 }
 
-/// The latest physical PostgreSQL snapshot that ends before the bound.
+fn system_id_of(s: &tidemark_repo::snapshot::Snapshot) -> Option<u64> {
+    s.database.system_id.as_deref()?.parse().ok()
+}
+
+/// The cluster a physical restore is of: `--cluster` (a system identifier or its WAL stream
+/// name), else the cluster of the snapshot named, else the only cluster with base backups.
+/// With `latest` and base backups of several clusters, refused with the list: a restore never
+/// picks a cluster the user did not mean. `None` when the repository has no base backup (the
+/// base backup's choice then says so).
+async fn choose_cluster(repo: &tidemark_repo::Repository, a: &RestoreArgs) -> Result<Option<u64>> {
+    let mut clusters: std::collections::BTreeMap<u64, (usize, chrono::DateTime<chrono::Utc>)> =
+        Default::default();
+    for (_, s) in repo.snapshots().await? {
+        if s.engine != "postgres" || s.kind != tidemark_repo::snapshot::SnapshotKind::Physical {
+            continue;
+        }
+        if let Some(id) = system_id_of(&s) {
+            let e = clusters.entry(id).or_insert((0, s.time_end));
+            e.0 += 1;
+            e.1 = e.1.max(s.time_end);
+        }
+    }
+    let list = || {
+        clusters
+            .iter()
+            .map(|(id, (n, last))| format!("{id} ({n} base backups, the newest ended {last})"))
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
+    if let Some(c) = &a.cluster {
+        let id: u64 = c
+            .strip_prefix("pg/")
+            .map(|r| r.trim_end_matches("/wal"))
+            .unwrap_or(c)
+            .parse()
+            .map_err(|_| {
+                usage(
+                    format!("--cluster {c:?} is not a system identifier"),
+                    "give the number `tidemark pg window` lists as system_id",
+                )
+            })?;
+        if !clusters.contains_key(&id) {
+            return Err(usage(
+                format!(
+                    "--cluster {id}: the repository has no base backup of that cluster; it has {}",
+                    if clusters.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        list()
+                    }
+                ),
+                "see `tidemark pg window`",
+            ));
+        }
+        if a.snapshot != "latest" {
+            let (_, snap) = repo.find_snapshot(&a.snapshot).await?;
+            if system_id_of(&snap) != Some(id) {
+                return Err(usage(
+                    format!(
+                        "snapshot {} is of cluster {}, not of --cluster {id}",
+                        a.snapshot,
+                        snap.database.system_id.as_deref().unwrap_or("(unknown)")
+                    ),
+                    "name a base backup of that cluster, or `latest`",
+                ));
+            }
+        }
+        return Ok(Some(id));
+    }
+    if a.snapshot != "latest" {
+        let (_, snap) = repo.find_snapshot(&a.snapshot).await?;
+        return Ok(system_id_of(&snap));
+    }
+    match clusters.len() {
+        0 => Ok(None),
+        1 => Ok(clusters.keys().next().copied()),
+        _ => Err(usage(
+            format!(
+                "the repository holds base backups of {} clusters: {}",
+                clusters.len(),
+                list()
+            ),
+            "choose one with --cluster SYSTEM_ID (`tidemark pg window` shows each cluster's window)",
+        )),
+    }
+}
+
+/// The latest physical PostgreSQL snapshot of `cluster` that ends before the bound.
 async fn pick_base_backup(
     repo: &tidemark_repo::Repository,
     bound: &Bound,
+    cluster: Option<u64>,
 ) -> Result<(
     tidemark_repo::id::SnapshotId,
     tidemark_repo::snapshot::Snapshot,
@@ -918,7 +1047,9 @@ async fn pick_base_backup(
         .await?
         .into_iter()
         .filter(|(_, s)| {
-            s.engine == "postgres" && s.kind == tidemark_repo::snapshot::SnapshotKind::Physical
+            s.engine == "postgres"
+                && s.kind == tidemark_repo::snapshot::SnapshotKind::Physical
+                && (cluster.is_none() || system_id_of(s) == cluster)
         })
         .collect();
     let total = candidates.len();

@@ -791,6 +791,9 @@ pub struct TimelineWal {
     /// without a scan (then only the upload time bounds it).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_xact: Option<chrono::DateTime<chrono::Utc>>,
+    /// When the timeline began (its promotion), read from its first segment's records.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub began: Option<chrono::DateTime<chrono::Utc>>,
     /// Whether `last_xact` was read from the records (None then means: no transaction in the
     /// newest segments).
     #[serde(skip)]
@@ -804,8 +807,13 @@ pub struct ArchiveSummary {
     pub timelines: Vec<TimelineWal>,
     /// When the newest WAL object reached the archive: no commit after this can be recovered.
     pub latest_upload: Option<chrono::DateTime<chrono::Utc>>,
-    /// Timeline history files and when each reached the archive (about when it began).
+    /// Timeline history files and when each reached the archive (after it began: archiving
+    /// is asynchronous).
     pub histories: Vec<(u32, chrono::DateTime<chrono::Utc>)>,
+    /// When each timeline began, read from its first segment's records (the promotion's
+    /// end-of-recovery record or checkpoint); absent for a timeline whose first segment was
+    /// archived without that record scanned.
+    pub began: std::collections::BTreeMap<u32, chrono::DateTime<chrono::Utc>>,
 }
 
 impl ArchiveSummary {
@@ -823,16 +831,22 @@ impl ArchiveSummary {
             .map(|u| (u, "the newest WAL reached the archive"))
     }
 
-    /// The timeline that was current at wall time `t`: the newest one whose history file reached
-    /// the archive at or before `t`. `None` when no timeline began by then (the base backup's
-    /// own timeline is meant). A restore that branched off earlier and promoted makes a newer
-    /// timeline that does not contain the times before its promotion, so "latest" would be
-    /// wrong for them.
+    /// The timeline that was current at wall time `t`: the newest one that began (was
+    /// promoted) at or before `t`. When a timeline began is read from the records at its
+    /// switch point (`began`); for one archived without them, the time its history file
+    /// reached the archive stands in, which is later than the promotion (archiving is
+    /// asynchronous), so a time shortly after a promotion could fall on the old timeline,
+    /// where nothing was committed after it. `None` when no timeline began by then (the base
+    /// backup's own timeline is meant). A restore that branched off earlier and promoted
+    /// makes a newer timeline that does not contain the times before its promotion, so
+    /// "latest" would be wrong for them.
     pub fn timeline_at(&self, t: chrono::DateTime<chrono::Utc>) -> Option<u32> {
         self.histories
             .iter()
+            .map(|(tli, archived)| (*tli, self.began.get(tli).copied().unwrap_or(*archived)))
+            .chain(self.began.iter().map(|(tli, at)| (*tli, *at)))
             .filter(|(_, at)| *at <= t)
-            .map(|(tli, _)| *tli)
+            .map(|(tli, _)| tli)
             .max()
     }
 }
@@ -931,6 +945,66 @@ pub async fn scans(
             join_split_records(&mut scans, seg_size);
             scans
         })
+}
+
+/// How many segments whose xid range holds a transaction are read to find its end, at most:
+/// past that the search is left to PostgreSQL.
+const XACT_SEARCH: usize = 32;
+
+/// Where transaction `xid` ended in the archived WAL of `system_id`: the LSN of its commit
+/// or abort record, found by reading the segments whose scanned xid range holds it (section
+/// 7b; the range is a smallest and a largest, so it only says where to look), in WAL order.
+/// `Ok(None)`: not in any of them, or more than 32 would have to be read.
+///
+/// # Errors
+/// Storage errors and damaged segments.
+pub async fn xact_end(
+    repo: &Repository,
+    system_id: u64,
+    scans: &[(wal::SegmentName, Option<super::walscan::Scan>)],
+    seg_size: u64,
+    xid: u32,
+) -> Result<Option<u64>> {
+    let stream = wal::stream(system_id);
+    let candidates: Vec<usize> = (0..scans.len())
+        .filter(|&i| {
+            scans[i]
+                .1
+                .as_ref()
+                .and_then(|s| s.xids)
+                .is_some_and(|(lo, hi)| (lo..=hi).contains(&xid))
+        })
+        .collect();
+    if candidates.len() > XACT_SEARCH {
+        tracing::warn!(
+            segments = candidates.len(),
+            "too many archived segments may hold the transaction's end; PostgreSQL will look for it"
+        );
+        return Ok(None);
+    }
+    for i in candidates {
+        let (seg, scan) = (
+            &scans[i].0,
+            scans[i].1.as_ref().expect("a candidate has a scan"),
+        );
+        // Its record may be the one split with the next segment (already in the range).
+        let next = scans
+            .iter()
+            .find(|(s, _)| *s == seg.next(seg_size))
+            .and_then(|(_, s)| s.as_ref());
+        if let Some(lsn) = next.and_then(|n| super::walscan::find_end_split(scan, n, xid)) {
+            return Ok(Some(lsn));
+        }
+        let name = seg.to_string();
+        let Some(data) = fetch_at(repo, &stream, &name, &WalFile::Segment(*seg)).await? else {
+            continue;
+        };
+        let page = wal::long_header(&data).map_or(8192, |h| u64::from(h.block_size));
+        if let Some(lsn) = super::walscan::find_end(&data, seg.start_lsn(seg_size), page, xid) {
+            return Ok(Some(lsn));
+        }
+    }
+    Ok(None)
 }
 
 /// The restore points in `scans`, in WAL order, each once: a new timeline's first segment
@@ -1041,6 +1115,7 @@ pub async fn summarize(repo: &Repository, system_id: u64, seg_size: u64) -> Resu
         }
     }
     let mut timelines = Vec::new();
+    let mut began = std::collections::BTreeMap::new();
     for (tli, mut segs) in by_tli {
         segs.sort();
         segs.dedup();
@@ -1069,6 +1144,19 @@ pub async fn summarize(repo: &Repository, system_id: u64, seg_size: u64) -> Resu
             }
         }
         let found = last_transaction(repo, &wal::stream(system_id), &f, seg_size).await?;
+        if let Some((_, name)) = f.first() {
+            let info =
+                tidemark_repo::log::segment_info(repo, &wal::stream(system_id), name).await?;
+            let begin = info
+                .meta
+                .get(SCAN)
+                .and_then(|v| serde_json::from_value::<super::walscan::Scan>(v.clone()).ok())
+                .and_then(|s| s.began)
+                .filter(|b| b.timeline == tli);
+            if let Some(b) = begin {
+                began.insert(tli, b.time);
+            }
+        }
         timelines.push(TimelineWal {
             timeline: tli,
             first: segs[0].to_string(),
@@ -1077,6 +1165,7 @@ pub async fn summarize(repo: &Repository, system_id: u64, seg_size: u64) -> Resu
             gaps,
             gap_times,
             last_xact: found.flatten(),
+            began: began.get(&tli).copied(),
             scanned: found.is_some(),
         });
     }
@@ -1084,5 +1173,6 @@ pub async fn summarize(repo: &Repository, system_id: u64, seg_size: u64) -> Resu
         timelines,
         latest_upload,
         histories,
+        began,
     })
 }

@@ -102,7 +102,7 @@ enum Job {
         seg: SegmentName,
         offset: u64,
         data: Bytes,
-        scan: super::walscan::Scan,
+        scan: Box<super::walscan::Scan>,
     },
     /// The whole of `seg`; the pieces named are removed once it is durable.
     Full {
@@ -441,7 +441,7 @@ pub async fn stream(
                 seg: cur.seg,
                 offset,
                 data,
-                scan: cur.scan(),
+                scan: Box::new(cur.scan()),
             })
             .await;
     }
@@ -626,7 +626,7 @@ async fn receive_loop(
                         seg: cur.seg,
                         offset,
                         data,
-                        scan: cur.scan(),
+                        scan: Box::new(cur.scan()),
                     })
                     .await
                     .map_err(|_| gone())?;

@@ -19,7 +19,9 @@ const RECORD_HEADER: usize = 24;
 const XLP_FIRST_IS_CONTRECORD: u16 = 0x0001;
 const RM_XLOG: u8 = 0;
 const RM_XACT: u8 = 1;
+const XLOG_CHECKPOINT_SHUTDOWN: u8 = 0x00;
 const XLOG_SWITCH: u8 = 0x40;
+const XLOG_END_OF_RECOVERY: u8 = 0x90;
 const XLOG_RESTORE_POINT: u8 = 0x70;
 const XACT_OPMASK: u8 = 0x70;
 const XACT_COMMIT: u8 = 0x00;
@@ -40,6 +42,21 @@ pub struct RestorePoint {
     /// When it was made.
     pub time: DateTime<Utc>,
     /// Where its record begins.
+    pub lsn: String,
+}
+
+/// Where a timeline began: the record a promotion writes first on its new timeline (an
+/// end-of-recovery record, or a shutdown checkpoint whose timeline differs from the one
+/// before it), with its time, when the server left recovery.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TimelineBegin {
+    /// The new timeline.
+    pub timeline: u32,
+    /// The timeline it branched from.
+    pub parent: u32,
+    /// When the server promoted.
+    pub time: DateTime<Utc>,
+    /// Where the record begins.
     pub lsn: String,
 }
 
@@ -77,6 +94,9 @@ pub struct Scan {
     /// The first bytes (hex) of the end of a record that began in the segment before.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub head: Option<String>,
+    /// A timeline that began in the segment (a promotion).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub began: Option<TimelineBegin>,
     /// Why the walk of a whole segment ended before the segment did (a record it could not
     /// read, where PostgreSQL's own WAL goes on): what it found is true, but targets in the
     /// rest of the segment cannot be looked up here and are left to the server.
@@ -99,6 +119,7 @@ impl Scan {
         };
         self.prepared += other.prepared;
         self.restore_points.extend(other.restore_points);
+        self.began = self.began.take().or(other.began);
     }
 }
 
@@ -238,7 +259,42 @@ enum Stop {
 /// from its start), beginning at LSN `start` with WAL pages of `page` bytes. Total: any bytes
 /// give a scan (of what could be read), never a panic.
 pub fn scan(data: &[u8], start: u64, page: u64) -> Scan {
-    walk(data, start, page).0
+    walk(data, start, page, &mut |_| {}).0
+}
+
+/// Where transaction `xid` ended in this segment: the LSN of its commit or abort record
+/// (not of a prepared transaction's, whose id is in the record's body). A target by xid is
+/// resolved to this, so that a transaction that began before a base backup and ended after
+/// it picks that backup.
+pub fn find_end(data: &[u8], start: u64, page: u64, xid: u32) -> Option<u64> {
+    let mut found = None;
+    walk(data, start, page, &mut |r| {
+        if found.is_none() && r.xid == xid && is_end(r.rmid, r.info) {
+            found = Some(r.lsn);
+        }
+    });
+    found
+}
+
+/// Where transaction `xid` ended, when its record is the one split between segment `prev`
+/// and the next, `next`.
+pub fn find_end_split(prev: &Scan, next: &Scan, xid: u32) -> Option<u64> {
+    let joined = join(prev, next)?;
+    (joined.xids == Some((xid, xid)))
+        .then(|| super::wal::parse_lsn(&prev.tail.as_ref()?.1))
+        .flatten()
+}
+
+fn is_end(rmid: u8, info: u8) -> bool {
+    rmid == RM_XACT && matches!(info & XACT_OPMASK, XACT_COMMIT | XACT_ABORT)
+}
+
+/// A valid record's header, as the walk hands it to a visitor.
+struct Record {
+    lsn: u64,
+    xid: u32,
+    info: u8,
+    rmid: u8,
 }
 
 /// Walk a whole segment as `scan` does, and mark the scan `incomplete` when the walk ended
@@ -246,7 +302,7 @@ pub fn scan(data: &[u8], start: u64, page: u64) -> Scan {
 /// switch after which the rest is padding. Such a segment is still archived; only what its
 /// records say for targets is partial.
 pub fn scan_segment(data: &[u8], start: u64, page: u64) -> Scan {
-    let (mut scan, stop) = walk(data, start, page);
+    let (mut scan, stop) = walk(data, start, page, &mut |_| {});
     if let Stop::Invalid(at, why) = stop {
         scan.incomplete = Some(format!(
             "the walk of its records ended at {} ({why})",
@@ -256,7 +312,7 @@ pub fn scan_segment(data: &[u8], start: u64, page: u64) -> Scan {
     scan
 }
 
-fn walk(data: &[u8], start: u64, page: u64) -> (Scan, Stop) {
+fn walk(data: &[u8], start: u64, page: u64, visit: &mut dyn FnMut(Record)) -> (Scan, Stop) {
     let mut scan = Scan::default();
     if page < 64 || !page.is_power_of_two() {
         return (scan, Stop::Invalid(start, "not a WAL page size"));
@@ -371,6 +427,12 @@ fn walk(data: &[u8], start: u64, page: u64) -> (Scan, Stop) {
             header[17],
         );
         record(&mut scan, pos, xid, info, rmid, &buf);
+        visit(Record {
+            lsn: pos,
+            xid,
+            info,
+            rmid,
+        });
         scan.end_lsn = Some(super::wal::lsn_string(end));
         prev = Some(pos);
         pos = end;
@@ -405,6 +467,34 @@ fn record(scan: &mut Scan, lsn: u64, xid: u32, info: u8, rmid: u8, body: &[u8]) 
                 });
             } else {
                 scan.prepared += 1;
+            }
+        }
+        RM_XLOG if matches!(info & 0xF0, XLOG_END_OF_RECOVERY | XLOG_CHECKPOINT_SHUTDOWN) => {
+            let Some(main) = main_data(body) else { return };
+            // xl_end_of_recovery: end_time (µs since 2000), ThisTimeLineID, PrevTimeLineID.
+            // CheckPoint: ThisTimeLineID at 8, PrevTimeLineID at 12, time (seconds since
+            // 1970) at 64.
+            let (time, this, prev) = if info & 0xF0 == XLOG_END_OF_RECOVERY {
+                (time_at(main), u32_at(main, 8), u32_at(main, 12))
+            } else {
+                let secs = main
+                    .get(64..72)
+                    .map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes")));
+                (
+                    secs.and_then(|s| DateTime::from_timestamp(s, 0)),
+                    u32_at(main, 8),
+                    u32_at(main, 12),
+                )
+            };
+            if let (Some(time), Some(this), Some(prev)) = (time, this, prev) {
+                if this != prev && scan.began.is_none() {
+                    scan.began = Some(TimelineBegin {
+                        timeline: this,
+                        parent: prev,
+                        time,
+                        lsn: super::wal::lsn_string(lsn),
+                    });
+                }
             }
         }
         RM_XLOG if info & 0xF0 == XLOG_RESTORE_POINT => {
@@ -609,6 +699,20 @@ mod tests {
         for cut in [PAGE as usize + 10, PAGE as usize + 24] {
             assert_eq!(scan(&data[..cut], start, PAGE), s, "cut at {cut}");
         }
+    }
+
+    #[test]
+    fn a_transaction_is_found_by_its_commit_record_even_when_split_between_segments() {
+        let (b, b_start) = real("0B");
+        let (c, c_start) = real("0C");
+        assert_eq!(find_end(&b, b_start, PAGE, 728), Some(0xB000C0));
+        assert_eq!(find_end(&b, b_start, PAGE, 729), Some(0xB02018));
+        assert_eq!(find_end(&c, c_start, PAGE, 732), Some(0xC3ACB0));
+        // In 0B's xid range but not ended there.
+        assert_eq!(find_end(&b, b_start, PAGE, 730), None);
+        let (first, second) = (scan(&b, b_start, PAGE), scan(&c, c_start, PAGE));
+        assert_eq!(find_end_split(&first, &second, 730), Some(0xBFFFF0));
+        assert_eq!(find_end_split(&first, &second, 731), None);
     }
 
     #[test]
