@@ -366,3 +366,50 @@ async fn the_first_backup_of_blocks_trains_a_dictionary_that_later_ones_use() {
         report.errors
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn streams_sharing_a_budget_smaller_than_one_read_still_restore_whole() {
+    // Four streams restored at once through one budget of a single unit: every read asks for
+    // more than there is, gets the whole budget in turn, and none waits for ever.
+    let (_, repo) = memory_repo().await;
+    let mut snaps = Vec::new();
+    for seed in 0..4 {
+        let data = dump_like(300_000, 10 + seed);
+        let (_, snap) = backup_bytes(&repo, "dump.sql", data.clone()).await;
+        snaps.push((snap, data));
+    }
+    let index = Arc::new(repo.load_index().await.unwrap());
+    let opts = tidemark_repo::ops::restore::RestoreOptions {
+        window: 256 << 10,
+        budget: Some(tidemark_repo::ops::restore::Budget::new(64 << 10)),
+        ..Default::default()
+    };
+    let restores = snaps.iter().map(|(snap, _)| {
+        let (repo, index, opts) = (repo.clone(), index.clone(), opts.clone());
+        let stream = snap.streams[0].clone();
+        async move {
+            let out = SharedBuf::default();
+            tidemark_repo::ops::restore::restore_stream(
+                &repo,
+                &index,
+                &stream,
+                out.clone(),
+                &opts,
+                Default::default(),
+            )
+            .await
+            .unwrap();
+            let bytes = out.0.lock().unwrap().clone();
+            bytes
+        }
+    });
+    let restored = tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        futures::future::join_all(restores),
+    )
+    .await
+    .expect("the streams finish");
+    for ((_, data), got) in snaps.iter().zip(restored) {
+        assert!(got == *data, "restored whole");
+    }
+}

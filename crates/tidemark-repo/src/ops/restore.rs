@@ -21,11 +21,14 @@ use crate::snapshot::{EntryType, StreamEntry};
 pub struct RestoreOptions {
     /// Ranged reads in flight (default 4).
     pub concurrency: usize,
-    /// Raw bytes fetched per read at most (default 4 MiB). Memory is about
-    /// `concurrency × window` plus the writer's queue.
+    /// Raw bytes fetched per read at most (default 4 MiB).
     pub window: u64,
     /// Largest gap of unneeded bytes read to join two blobs into one request (default 1 MiB).
     pub max_gap: u64,
+    /// The memory the reads in flight may hold, fetched and decoded, until the writer has
+    /// written them; shared by every stream of one restore (a tree restores several files at
+    /// once). `None`: a budget of `DEFAULT_BUDGET` for this stream alone.
+    pub budget: Option<Budget>,
 }
 
 impl Default for RestoreOptions {
@@ -34,7 +37,49 @@ impl Default for RestoreOptions {
             concurrency: 4,
             window: 4 << 20,
             max_gap: 1 << 20,
+            budget: None,
         }
+    }
+}
+
+/// The memory budget of one restore when none is given.
+pub const DEFAULT_BUDGET: u64 = 32 << 20;
+
+/// Bytes of restore data in memory, at most: each ranged read takes its share (the bytes
+/// fetched plus the bytes they decode to) before it starts, and gives it back once the
+/// writer has written them. Shared by the streams of one restore, so that restoring several
+/// files at once does not multiply the memory (it did: four files, each with four reads of
+/// up to 4 MiB and its queues, held about 160 MiB).
+#[derive(Debug, Clone)]
+pub struct Budget {
+    sem: Arc<tokio::sync::Semaphore>,
+    units: u32,
+}
+
+/// The budget's unit.
+const BUDGET_UNIT: u64 = 64 << 10;
+
+impl Budget {
+    /// A budget of `bytes`.
+    pub fn new(bytes: u64) -> Budget {
+        let units = (bytes / BUDGET_UNIT).clamp(1, u64::from(u32::MAX >> 4)) as u32;
+        Budget {
+            sem: Arc::new(tokio::sync::Semaphore::new(units as usize)),
+            units,
+        }
+    }
+
+    /// Take `bytes` of the budget (the whole budget when more is asked for, so a read never
+    /// waits for what cannot be), waiting in turn. The semaphore is fair: the reads of one
+    /// stream, which ask in stream order, get theirs in that order, so no stream holds memory
+    /// for a later read while an earlier one of its own waits, and the writers always drain.
+    async fn take(&self, bytes: u64) -> tokio::sync::OwnedSemaphorePermit {
+        let want = bytes.div_ceil(BUDGET_UNIT).clamp(1, u64::from(self.units)) as u32;
+        self.sem
+            .clone()
+            .acquire_many_owned(want)
+            .await
+            .expect("the budget is never closed")
     }
 }
 
@@ -125,7 +170,13 @@ pub async fn restore_stream<W: Write + Send + 'static>(
 ) -> Result<u64> {
     let groups = plan(index, entry, opts)?;
     let dicts = repo.dictionaries().await?;
-    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Vec<u8>>>(2);
+    let budget = opts
+        .budget
+        .clone()
+        .unwrap_or_else(|| Budget::new(DEFAULT_BUDGET));
+    // Each batch travels with its share of the budget, given back once it is written.
+    type Batch = (Vec<Vec<u8>>, tokio::sync::OwnedSemaphorePermit);
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Batch>(2);
     let name = entry.name.clone();
     // Chunk buffers go round: decoders fill them, the writer empties them and hands them back.
     let pool = Arc::new(BufferPool::default());
@@ -133,12 +184,13 @@ pub async fn restore_stream<W: Write + Send + 'static>(
     let writer_thread = std::thread::spawn(move || -> std::io::Result<(u64, W)> {
         let mut w = writer;
         let mut n = 0u64;
-        for batch in rx {
+        for (batch, share) in rx {
             for b in batch {
                 w.write_all(&b)?;
                 n += b.len() as u64;
                 writer_pool.put(b);
             }
+            drop(share);
         }
         w.flush()?;
         Ok((n, w))
@@ -146,25 +198,29 @@ pub async fn restore_stream<W: Write + Send + 'static>(
 
     let fetch = futures::stream::iter(groups)
         .map(|g| {
-            let (repo, pool, dicts) = (repo.clone(), pool.clone(), dicts.clone());
+            let (repo, pool, dicts, budget) =
+                (repo.clone(), pool.clone(), dicts.clone(), budget.clone());
             async move {
-                if repo.fallbacks().is_empty() {
-                    return fetch_group(&repo, g, pool, dicts).await;
-                }
-                let (pack, entries) = (g.pack, g.entries.clone());
-                match fetch_group(&repo, g, pool, dicts).await {
-                    Err(e) if matches!(e, Error::Corrupt { .. } | Error::Storage(_)) => {
-                        repo.fallbacks().group(&repo, pack, &entries, e).await
+                let share = budget.take((g.end - g.start) + g.raw).await;
+                let batch = if repo.fallbacks().is_empty() {
+                    fetch_group(&repo, g, pool, dicts).await
+                } else {
+                    let (pack, entries) = (g.pack, g.entries.clone());
+                    match fetch_group(&repo, g, pool, dicts).await {
+                        Err(e) if matches!(e, Error::Corrupt { .. } | Error::Storage(_)) => {
+                            repo.fallbacks().group(&repo, pack, &entries, e).await
+                        }
+                        r => r,
                     }
-                    r => r,
-                }
+                };
+                batch.map(|b| (b, share))
             }
         })
         .buffered(opts.concurrency.max(1));
 
     let sent: Result<()> = fetch
         .try_for_each(|batch| {
-            let raw: u64 = batch.iter().map(|b| b.len() as u64).sum();
+            let raw: u64 = batch.0.iter().map(|b| b.len() as u64).sum();
             Progress::add(&progress.bytes, raw);
             let r = tx.send(batch).map_err(|_| {
                 Error::io(
@@ -465,6 +521,28 @@ pub async fn restore_file(
     progress: Arc<Progress>,
     sync: bool,
 ) -> Result<(u64, u32)> {
+    restore_file_with(
+        repo,
+        index,
+        s,
+        target,
+        progress,
+        sync,
+        &RestoreOptions::default(),
+    )
+    .await
+}
+
+/// `restore_file` with options (a tree's files share one memory budget).
+async fn restore_file_with(
+    repo: &Repository,
+    index: &MasterIndex,
+    s: &StreamEntry,
+    target: &Path,
+    progress: Arc<Progress>,
+    sync: bool,
+    opts: &RestoreOptions,
+) -> Result<(u64, u32)> {
     if target.exists() {
         return Err(Error::Invalid(format!(
             "{} exists; remove it or choose another target",
@@ -492,7 +570,7 @@ pub async fn restore_file(
             crc: crc.clone(),
             value: 0,
         },
-        &RestoreOptions::default(),
+        opts,
         progress,
     )
     .await?;
@@ -551,12 +629,19 @@ pub async fn restore_tree(
             EntryType::File | EntryType::Stream => files.push((i, r, path)),
         }
     }
+    // One memory budget for all the files written at once.
+    let opts = RestoreOptions {
+        budget: Some(Budget::new(DEFAULT_BUDGET)),
+        ..RestoreOptions::default()
+    };
+    let opts = &opts;
     let written: Vec<RestoredFile> = futures::stream::iter(files)
         .map(|(i, r, path)| {
             let progress = progress.clone();
             async move {
                 let (size, crc32c) =
-                    restore_file(repo, index, entries[i], &path, progress, false).await?;
+                    restore_file_with(repo, index, entries[i], &path, progress, false, opts)
+                        .await?;
                 Ok::<_, Error>(RestoredFile {
                     path: r.to_string_lossy().into_owned(),
                     size,
