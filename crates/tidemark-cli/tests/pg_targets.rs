@@ -12,36 +12,6 @@ use tidemark_testkit::Postgres;
 
 mod common;
 
-/// `pg restore latest --pgdata <cluster's data dir> <target> --start`, as the cluster's own
-/// server: the JSON report, or the failed command's output.
-fn restore_started(
-    cluster: &mut Postgres,
-    a: &Archive,
-    target: &[&str],
-) -> Result<serde_json::Value, std::process::Output> {
-    cluster.clear_data_dir();
-    let dest = cluster.data_dir();
-    let args = [
-        &[
-            "pg",
-            "restore",
-            "latest",
-            "--json",
-            "--start",
-            "--pgdata",
-            dest.to_str().unwrap(),
-        ][..],
-        target,
-    ]
-    .concat();
-    let o = tidemark(&a.config, &args);
-    if o.status.code() != Some(0) {
-        return Err(o);
-    }
-    cluster.started_elsewhere();
-    Ok(serde_json::from_slice(&o.stdout).unwrap())
-}
-
 #[test]
 fn a_transaction_that_began_before_the_base_backup_is_a_target_by_its_commit() {
     let (mut cluster, a) = archiving_cluster(&[]);

@@ -327,25 +327,9 @@ fn restore_and_query(
     target: &[&str],
     sql: &str,
 ) -> String {
-    cluster.clear_data_dir();
     let dest = cluster.data_dir();
-    let args = [
-        &[
-            "pg",
-            "restore",
-            "latest",
-            "--json",
-            "--start",
-            "--pgdata",
-            dest.to_str().unwrap(),
-        ][..],
-        target,
-    ]
-    .concat();
-    let o = tidemark(&a.config, &args);
-    assert_eq!(o.status.code(), Some(0), "{dir}: {}", stderr(&o));
-    cluster.started_elsewhere();
-    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let report =
+        restore_started(cluster, a, target).unwrap_or_else(|o| panic!("{dir}: {}", stderr(&o)));
     assert_eq!(report["server"]["outcome"], "promoted", "{dir}: {report}");
     assert_nothing_of_ours(&dest, true);
     assert!(report["server"]["recovery_seconds"].as_f64().unwrap() > 0.0);

@@ -217,3 +217,33 @@ pub fn query_and_stop(cluster: &Postgres, data: &Path, port: &str, sql: &str) ->
     );
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
+
+/// `pg restore latest --pgdata <cluster's data dir> <target> --start`, as the cluster's own
+/// server: the JSON report, or the failed command's output.
+pub fn restore_started(
+    cluster: &mut Postgres,
+    a: &Archive,
+    target: &[&str],
+) -> Result<serde_json::Value, std::process::Output> {
+    cluster.clear_data_dir();
+    let dest = cluster.data_dir();
+    let args = [
+        &[
+            "pg",
+            "restore",
+            "latest",
+            "--json",
+            "--start",
+            "--pgdata",
+            dest.to_str().unwrap(),
+        ][..],
+        target,
+    ]
+    .concat();
+    let o = tidemark(&a.config, &args);
+    if o.status.code() != Some(0) {
+        return Err(o);
+    }
+    cluster.started_elsewhere();
+    Ok(serde_json::from_slice(&o.stdout).unwrap())
+}

@@ -120,6 +120,27 @@ pub fn error_code(body: &postgres_protocol::message::backend::ErrorResponseBody)
     fields(body.fields()).1
 }
 
+/// A connect of `server` that must answer within the connect timeout.
+async fn within<T>(
+    opts: &ConnOptions,
+    server: &str,
+    connect: impl std::future::Future<Output = std::io::Result<T>>,
+) -> Result<T, WireError> {
+    let io = |source| WireError::Io {
+        server: server.to_owned(),
+        source,
+    };
+    tokio::time::timeout(opts.connect_timeout, connect)
+        .await
+        .map_err(|_| {
+            io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no answer within {:?}", opts.connect_timeout),
+            ))
+        })?
+        .map_err(io)
+}
+
 impl Connection {
     /// Connect and log in. `replication` opens a physical replication connection
     /// (`replication=true`), in which only replication commands and simple queries work.
@@ -129,20 +150,7 @@ impl Connection {
     pub async fn connect(opts: &ConnOptions, replication: bool) -> Result<Connection, WireError> {
         let server = opts.server();
         let stream = if let Some(socket) = opts.socket_path() {
-            let connect = tokio::net::UnixStream::connect(socket);
-            let s = tokio::time::timeout(opts.connect_timeout, connect)
-                .await
-                .map_err(|_| WireError::Io {
-                    server: server.clone(),
-                    source: std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        format!("no answer within {:?}", opts.connect_timeout),
-                    ),
-                })?
-                .map_err(|source| WireError::Io {
-                    server: server.clone(),
-                    source,
-                })?;
+            let s = within(opts, &server, tokio::net::UnixStream::connect(socket)).await?;
             super::tls::Stream::Unix(s)
         } else {
             Self::tcp(opts, &server).await?
@@ -154,19 +162,7 @@ impl Connection {
     async fn tcp(opts: &ConnOptions, server: &str) -> Result<super::tls::Stream, WireError> {
         let server = server.to_owned();
         let connect = TcpStream::connect((opts.host.as_str(), opts.port));
-        let stream = tokio::time::timeout(opts.connect_timeout, connect)
-            .await
-            .map_err(|_| WireError::Io {
-                server: server.clone(),
-                source: std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    format!("no answer within {:?}", opts.connect_timeout),
-                ),
-            })?
-            .map_err(|source| WireError::Io {
-                server: server.clone(),
-                source,
-            })?;
+        let stream = within(opts, &server, connect).await?;
         let _ = stream.set_nodelay(true);
         let stream =
             tokio::time::timeout(opts.connect_timeout, super::tls::negotiate(stream, opts))
