@@ -10,9 +10,18 @@
 //! systems) the writer silently writes through the page cache: it is an optimization, never a
 //! requirement. Durability is unchanged: callers still fsync (direct I/O alone does not flush
 //! the device's cache or the file's metadata).
+//!
+//! A direct write returns only when the device has the bytes, so a writer that fills a buffer
+//! and then waits for it leaves the device idle while it fills the next. `DirectWriter::
+//! pipelined` hands full buffers to I/O threads that write them at their offsets, several at
+//! once, while the caller fills the next: a restore's largest file is one stream written in
+//! order, and this is what keeps the device busy under it.
 
 use std::fs::File;
 use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
+use std::sync::mpsc::{Receiver, SyncSender};
+use std::sync::{Arc, Mutex};
 
 use rustix::fs::OFlags;
 
@@ -21,22 +30,31 @@ const ALIGN: usize = 4096;
 /// Bytes gathered before a write.
 const CAPACITY: usize = 1 << 20;
 
-/// A buffered writer to a file that writes whole aligned blocks with `O_DIRECT`.
-pub struct DirectWriter {
-    file: File,
-    /// Backing memory; the aligned window starts at `start`.
+/// Memory aligned for direct I/O, holding up to `CAPACITY` bytes.
+struct Block {
     mem: Vec<u8>,
     start: usize,
     len: usize,
-    direct: bool,
 }
 
-impl std::fmt::Debug for DirectWriter {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DirectWriter")
-            .field("direct", &self.direct)
-            .field("buffered", &self.len)
-            .finish_non_exhaustive()
+impl Block {
+    fn new() -> Block {
+        let mem = vec![0u8; CAPACITY + ALIGN];
+        let start = mem.as_ptr().align_offset(ALIGN).min(ALIGN);
+        Block { mem, start, len: 0 }
+    }
+
+    /// A placeholder that holds no memory.
+    fn new_empty() -> Block {
+        Block {
+            mem: Vec::new(),
+            start: 0,
+            len: 0,
+        }
+    }
+
+    fn bytes(&self, n: usize) -> &[u8] {
+        &self.mem[self.start..self.start + n]
     }
 }
 
@@ -51,42 +69,187 @@ fn set_direct(file: &File, on: bool) -> io::Result<()> {
     Ok(())
 }
 
-impl DirectWriter {
-    /// Write to `file` (empty, at offset 0), with `O_DIRECT` where the file system allows it.
-    pub fn new(file: File) -> DirectWriter {
-        let direct = set_direct(&file, true).is_ok();
-        let mem = vec![0u8; CAPACITY + ALIGN];
-        let start = mem.as_ptr().align_offset(ALIGN).min(ALIGN);
-        DirectWriter {
-            file,
-            mem,
-            start,
-            len: 0,
-            direct,
+/// Write `data` at `offset`; a direct write the device or file system refuses (a device with
+/// larger sectors, or a file system that accepted the flag but not the write) is retried
+/// through the page cache, and the file stays there (a failed direct write wrote nothing).
+fn write_block(file: &File, data: &[u8], offset: u64) -> io::Result<()> {
+    match file.write_all_at(data, offset) {
+        Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => {
+            if !rustix::fs::fcntl_getfl(file)?.contains(OFlags::DIRECT) {
+                return Err(e);
+            }
+            set_direct(file, false)?;
+            file.write_all_at(data, offset)
+        }
+        r => r,
+    }
+}
+
+/// I/O threads writing full blocks at their offsets, and the blocks they give back.
+struct Pipeline {
+    jobs: Option<SyncSender<(Block, u64)>>,
+    done: Receiver<io::Result<Block>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    /// Blocks handed out and not yet given back.
+    in_flight: usize,
+    /// Blocks made beside the writer's first (at most one per thread).
+    made: usize,
+    /// The first failed write, reported by every later call.
+    failed: Option<io::ErrorKind>,
+}
+
+impl Pipeline {
+    fn new(file: &Arc<File>, threads: usize) -> Pipeline {
+        let (jobs, rx) = std::sync::mpsc::sync_channel::<(Block, u64)>(threads);
+        let (done_tx, done) = std::sync::mpsc::channel();
+        let rx = Arc::new(Mutex::new(rx));
+        let threads = (0..threads)
+            .map(|_| {
+                let (rx, done_tx, file) = (rx.clone(), done_tx.clone(), file.clone());
+                std::thread::spawn(move || loop {
+                    let job = rx
+                        .lock()
+                        .map_err(|_| ())
+                        .and_then(|r| r.recv().map_err(|_| ()));
+                    let Ok((block, offset)) = job else { return };
+                    let r = write_block(&file, block.bytes(block.len), offset).map(|()| block);
+                    if done_tx.send(r).is_err() {
+                        return;
+                    }
+                })
+            })
+            .collect();
+        Pipeline {
+            jobs: Some(jobs),
+            done,
+            threads,
+            in_flight: 0,
+            made: 0,
+            failed: None,
         }
     }
 
-    /// Write the first `n` buffered bytes (a multiple of `ALIGN` in direct mode) and keep the
-    /// rest at the front of the buffer.
-    fn write_out(&mut self, n: usize) -> io::Result<()> {
-        let window = self.start..self.start + n;
-        match self.file.write_all(&self.mem[window.clone()]) {
-            Ok(()) => {}
-            // A device with larger sectors, or a file system that accepted the flag but not
-            // the write: fall back to the page cache (a failed direct write wrote nothing).
-            Err(e)
-                if self.direct
-                    && e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) =>
-            {
-                set_direct(&self.file, false)?;
-                self.direct = false;
-                self.file.write_all(&self.mem[window])?;
-            }
-            Err(e) => return Err(e),
+    fn check(&self) -> io::Result<()> {
+        match self.failed {
+            Some(kind) => Err(io::Error::new(kind, "an earlier write of this file failed")),
+            None => Ok(()),
         }
-        self.mem
-            .copy_within(self.start + n..self.start + self.len, self.start);
-        self.len -= n;
+    }
+
+    /// One finished write's block back (or its error).
+    fn collect(&mut self) -> io::Result<Block> {
+        let r = self
+            .done
+            .recv()
+            .unwrap_or_else(|_| Err(io::Error::other("the file's I/O thread stopped")));
+        self.in_flight -= 1;
+        if let Err(e) = &r {
+            self.failed.get_or_insert(e.kind());
+        }
+        r
+    }
+
+    /// Send a full block to be written at `offset`; returns an empty block to fill next.
+    fn submit(&mut self, block: Block, offset: u64) -> io::Result<Block> {
+        self.check()?;
+        let jobs = self.jobs.as_ref().expect("open until dropped");
+        jobs.send((block, offset))
+            .map_err(|_| io::Error::other("the file's I/O thread stopped"))?;
+        self.in_flight += 1;
+        if self.made < self.threads.len() {
+            self.made += 1;
+            return Ok(Block::new());
+        }
+        let mut b = self.collect()?;
+        b.len = 0;
+        Ok(b)
+    }
+
+    /// Wait for every write in flight.
+    fn drain(&mut self) -> io::Result<()> {
+        while self.in_flight > 0 {
+            self.collect()?;
+        }
+        self.check()
+    }
+}
+
+impl Drop for Pipeline {
+    fn drop(&mut self) {
+        self.jobs = None;
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A buffered writer to a file that writes whole aligned blocks with `O_DIRECT`.
+pub struct DirectWriter {
+    file: Arc<File>,
+    block: Block,
+    /// File offset of the block being filled.
+    offset: u64,
+    direct: bool,
+    pipeline: Option<Pipeline>,
+}
+
+impl std::fmt::Debug for DirectWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DirectWriter")
+            .field("direct", &self.direct)
+            .field("buffered", &self.block.len)
+            .field("offset", &self.offset)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DirectWriter {
+    /// Write to `file` (empty, at offset 0), with `O_DIRECT` where the file system allows it;
+    /// each block is written by the caller's thread.
+    pub fn new(file: File) -> DirectWriter {
+        let direct = set_direct(&file, true).is_ok();
+        DirectWriter {
+            file: Arc::new(file),
+            block: Block::new(),
+            offset: 0,
+            direct,
+            pipeline: None,
+        }
+    }
+
+    /// As `new`, with up to `writes` blocks written at once by as many I/O threads while the
+    /// caller fills the next (`writes + 1` blocks of memory).
+    pub fn pipelined(file: File, writes: usize) -> DirectWriter {
+        let mut w = DirectWriter::new(file);
+        if writes > 0 {
+            w.pipeline = Some(Pipeline::new(&w.file, writes));
+        }
+        w
+    }
+
+    /// Write the full block: to an I/O thread when pipelined (taking back an empty one),
+    /// else here.
+    fn write_full(&mut self) -> io::Result<()> {
+        let Some(p) = &mut self.pipeline else {
+            return self.write_out(CAPACITY);
+        };
+        let full = std::mem::replace(&mut self.block, Block::new_empty());
+        self.block = p.submit(full, self.offset)?;
+        self.offset += CAPACITY as u64;
+        Ok(())
+    }
+
+    /// Write the first `n` bytes of the block here (a multiple of `ALIGN` in direct mode),
+    /// after every write in flight, and keep the rest at the front of it.
+    fn write_out(&mut self, n: usize) -> io::Result<()> {
+        if let Some(p) = &mut self.pipeline {
+            p.drain()?;
+        }
+        write_block(&self.file, self.block.bytes(n), self.offset)?;
+        let b = &mut self.block;
+        b.mem.copy_within(b.start + n..b.start + b.len, b.start);
+        b.len -= n;
+        self.offset += n as u64;
         Ok(())
     }
 
@@ -97,6 +260,7 @@ impl DirectWriter {
     /// Write errors.
     pub fn finish(mut self) -> io::Result<File> {
         self.flush()?;
+        self.pipeline = None;
         let file = self.file.try_clone()?;
         Ok(file)
     }
@@ -104,32 +268,38 @@ impl DirectWriter {
 
 impl Write for DirectWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        if self.len == CAPACITY {
-            self.write_out(CAPACITY)?;
+        if self.block.len == CAPACITY {
+            self.write_full()?;
         }
-        let n = buf.len().min(CAPACITY - self.len);
-        let at = self.start + self.len;
-        self.mem[at..at + n].copy_from_slice(&buf[..n]);
-        self.len += n;
+        let b = &mut self.block;
+        let n = buf.len().min(CAPACITY - b.len);
+        let at = b.start + b.len;
+        b.mem[at..at + n].copy_from_slice(&buf[..n]);
+        b.len += n;
         Ok(n)
     }
 
-    /// Writes everything buffered. After a flush that ended on a partial block the file is
-    /// written through the page cache from then on (direct writes need aligned offsets).
+    /// Writes everything buffered and waits for every write in flight. After a flush that
+    /// ended on a partial block the file is written through the page cache from then on
+    /// (direct writes need aligned offsets).
     fn flush(&mut self) -> io::Result<()> {
+        if let Some(p) = &mut self.pipeline {
+            p.drain()?;
+        }
         if self.direct {
-            let aligned = self.len - self.len % ALIGN;
+            let len = self.block.len;
+            let aligned = len - len % ALIGN;
             if aligned > 0 {
                 self.write_out(aligned)?;
             }
-            if self.len == 0 {
+            if self.block.len == 0 {
                 return Ok(());
             }
             set_direct(&self.file, false)?;
             self.direct = false;
         }
-        if self.len > 0 {
-            self.write_out(self.len)?;
+        if self.block.len > 0 {
+            self.write_out(self.block.len)?;
         }
         Ok(())
     }
@@ -147,16 +317,59 @@ mod tests {
     use super::*;
 
     fn roundtrip(sizes: &[usize], dir: &std::path::Path) {
-        let path = dir.join(format!("f{}", sizes.len()));
+        for writes in [0, 1, 3] {
+            roundtrip_with(sizes, dir, writes);
+        }
+    }
+
+    fn roundtrip_with(sizes: &[usize], dir: &std::path::Path, writes: usize) {
+        let path = dir.join(format!("f{}-{writes}", sizes.len()));
         let mut expected = Vec::new();
-        let mut w = DirectWriter::new(File::create(&path).unwrap());
+        let mut w = DirectWriter::pipelined(File::create(&path).unwrap(), writes);
         for (i, &n) in sizes.iter().enumerate() {
             let part: Vec<u8> = (0..n).map(|j| (i * 31 + j * 7) as u8).collect();
             w.write_all(&part).unwrap();
             expected.extend_from_slice(&part);
         }
         w.finish().unwrap().sync_all().unwrap();
-        assert_eq!(std::fs::read(&path).unwrap(), expected, "{sizes:?}");
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            expected,
+            "{sizes:?} {writes}"
+        );
+    }
+
+    #[test]
+    fn a_flush_between_blocks_keeps_the_order() {
+        // Partial flushes switch to the page cache while earlier blocks may be in flight.
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let path = dir.path().join("f");
+        let mut w = DirectWriter::pipelined(File::create(&path).unwrap(), 2);
+        let mut expected = Vec::new();
+        for i in 0..7u8 {
+            let part = vec![i; CAPACITY * 2 + 100 * usize::from(i)];
+            w.write_all(&part).unwrap();
+            expected.extend_from_slice(&part);
+            if i % 3 == 1 {
+                w.flush().unwrap();
+            }
+        }
+        drop(w.finish().unwrap());
+        assert_eq!(std::fs::read(&path).unwrap(), expected);
+    }
+
+    #[test]
+    fn a_failed_write_is_reported_not_dropped() {
+        // /dev/full refuses every write: the pipelined writer must say so by the flush.
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .unwrap();
+        let mut w = DirectWriter::pipelined(f, 2);
+        let r = (0..8)
+            .try_for_each(|_| w.write_all(&vec![1u8; CAPACITY]))
+            .and_then(|()| w.flush());
+        assert!(r.is_err(), "writes to a full device succeeded");
     }
 
     #[test]
