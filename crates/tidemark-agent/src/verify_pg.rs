@@ -90,6 +90,7 @@ async fn prepare(
         &data,
         &RestoreOptions {
             tablespace_map: map,
+            delta: false,
         },
         Arc::new(Default::default()),
     )

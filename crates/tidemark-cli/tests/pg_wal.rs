@@ -1543,3 +1543,100 @@ fn tls_connections_check_what_sslmode_asks_for() {
         stderr(&o)
     );
 }
+
+/// `pg restore --delta` over a stopped copy of the cluster: refused while the server runs
+/// (nothing touched), then rewrites only what changed since the backup, removes the table
+/// created after it, and the started server has the backup's rows; pg_control is written
+/// last, so the directory never looks whole before it is.
+#[test]
+fn a_delta_restore_rewrites_what_changed_and_refuses_a_running_server() {
+    let (mut cluster, a) = archiving_cluster(&[]);
+    cluster.psql(
+        "postgres",
+        "CREATE TABLE t AS SELECT g AS x, repeat('r', 200) AS pad FROM generate_series(1, 50000) g",
+    );
+    // Hint bits and the visibility map set now, not by the first reader after the backup
+    // (that would change every page of t, and a delta restore would rightly rewrite them).
+    cluster.psql("postgres", "VACUUM FREEZE t");
+    cluster.psql("postgres", "CHECKPOINT");
+    physical_backup(&cluster, &a, "local");
+    // After the backup: changes the restore must undo.
+    cluster.psql(
+        "postgres",
+        "UPDATE t SET x = -x WHERE x <= 100; CREATE TABLE extra AS SELECT 1 AS y; CHECKPOINT",
+    );
+    let dest = cluster.data_dir();
+    let control = std::fs::read(dest.join("global/pg_control")).unwrap();
+    let o = restore_into(&a, "latest", &dest, &["--delta", "--immediate"]);
+    assert_eq!(o.status.code(), Some(8), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("a server is running in it") && stderr(&o).contains("pg_ctl stop"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(
+        std::fs::read(dest.join("global/pg_control")).unwrap(),
+        control,
+        "a refused delta restore touched the directory"
+    );
+    cluster.stop("fast");
+
+    let o = tidemark(
+        &a.config,
+        &[
+            "pg",
+            "restore",
+            "latest",
+            "--json",
+            "--start",
+            "--delta",
+            "--immediate",
+            "--pgdata",
+            dest.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    cluster.started_elsewhere();
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["server"]["outcome"], "promoted", "{v}");
+    let d = &v["restore"]["delta"];
+    let (kept, written) = (
+        d["bytes_kept"].as_u64().unwrap(),
+        d["bytes_written"].as_u64().unwrap(),
+    );
+    // The table's blocks that the update did not touch and every unchanged catalog stay.
+    assert!(kept > 4 * written, "{d}");
+    assert!(d["removed"].as_u64().unwrap() >= 1, "{d}");
+    assert!(v["restore"]["verified"]
+        .as_str()
+        .unwrap()
+        .contains("match the backup manifest"));
+    assert_eq!(
+        cluster.psql("postgres", "SELECT count(*) FROM t WHERE x < 0"),
+        "0"
+    );
+    assert_eq!(cluster.psql("postgres", "SELECT count(*) FROM t"), "50000");
+    assert_eq!(
+        cluster.psql("postgres", "SELECT to_regclass('extra') IS NULL"),
+        "t"
+    );
+    cluster.stop("fast");
+
+    // A directory of another cluster is refused, and so is one with no cluster.
+    let mut other = Postgres::start(&[]);
+    other.stop("fast");
+    let o = restore_into(&a, "latest", &other.data_dir(), &["--delta", "--immediate"]);
+    assert_eq!(o.status.code(), Some(8), "{}", stderr(&o));
+    assert!(stderr(&o).contains("another cluster"), "{}", stderr(&o));
+    let busy = cluster.dir.path().join("not-a-cluster");
+    std::fs::create_dir_all(&busy).unwrap();
+    std::fs::write(busy.join("keep"), "x").unwrap();
+    let o = restore_into(&a, "latest", &busy, &["--delta", "--immediate"]);
+    assert_eq!(o.status.code(), Some(8), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("no PostgreSQL cluster"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(std::fs::read_dir(&busy).unwrap().count(), 1);
+}

@@ -106,6 +106,9 @@ pub struct RestoreReport {
     /// What was written outside the target (PostgreSQL's tablespaces), as `what: path`.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub elsewhere: Vec<String>,
+    /// What a delta restore kept, wrote and removed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delta: Option<tidemark_repo::ops::restore::DeltaSummary>,
 }
 
 /// A database engine.

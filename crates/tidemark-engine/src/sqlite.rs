@@ -218,6 +218,7 @@ impl Engine for Sqlite {
             bytes,
             verified: Some("PRAGMA integrity_check: ok".into()),
             elsewhere: Vec::new(),
+            delta: None,
         })
     }
 }

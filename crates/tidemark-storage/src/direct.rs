@@ -37,11 +37,32 @@ struct Block {
     len: usize,
 }
 
+/// Spare blocks, shared by every writer of the process: a restore writes a thousand files,
+/// most smaller than one block, and a fresh zeroed megabyte for each cost more than writing
+/// them. Bounded, so the pool never holds more than a few writers' worth.
+static SPARE: Mutex<Vec<Block>> = Mutex::new(Vec::new());
+const SPARE_MAX: usize = 8;
+
 impl Block {
     fn new() -> Block {
+        if let Some(b) = SPARE.lock().unwrap_or_else(|p| p.into_inner()).pop() {
+            return b;
+        }
         let mem = vec![0u8; CAPACITY + ALIGN];
         let start = mem.as_ptr().align_offset(ALIGN).min(ALIGN);
         Block { mem, start, len: 0 }
+    }
+
+    /// Give a block's memory back to the pool.
+    fn recycle(mut self) {
+        if self.mem.is_empty() {
+            return;
+        }
+        self.len = 0;
+        let mut spare = SPARE.lock().unwrap_or_else(|p| p.into_inner());
+        if spare.len() < SPARE_MAX {
+            spare.push(self);
+        }
     }
 
     /// A placeholder that holds no memory.
@@ -168,7 +189,7 @@ impl Pipeline {
     /// Wait for every write in flight.
     fn drain(&mut self) -> io::Result<()> {
         while self.in_flight > 0 {
-            self.collect()?;
+            self.collect()?.recycle();
         }
         self.check()
     }
@@ -179,6 +200,9 @@ impl Drop for Pipeline {
         self.jobs = None;
         for t in self.threads.drain(..) {
             let _ = t.join();
+        }
+        while let Ok(Ok(b)) = self.done.try_recv() {
+            b.recycle();
         }
     }
 }
@@ -191,6 +215,11 @@ pub struct DirectWriter {
     offset: u64,
     direct: bool,
     pipeline: Option<Pipeline>,
+    /// Whether a full block was written yet (direct I/O is switched on then).
+    started: bool,
+    /// Writes in flight once the first block is full (the I/O threads start then, so a file
+    /// smaller than a block never starts any).
+    writes: usize,
 }
 
 impl std::fmt::Debug for DirectWriter {
@@ -205,15 +234,19 @@ impl std::fmt::Debug for DirectWriter {
 
 impl DirectWriter {
     /// Write to `file` (empty, at offset 0), with `O_DIRECT` where the file system allows it;
-    /// each block is written by the caller's thread.
+    /// each block is written by the caller's thread. A file that never fills one block is
+    /// written through the page cache: a direct write waits for the device, and a restore's
+    /// hundreds of 8 KiB catalog files then took 0.3 ms each where a buffered write takes
+    /// microseconds and the final sync writes them together.
     pub fn new(file: File) -> DirectWriter {
-        let direct = set_direct(&file, true).is_ok();
         DirectWriter {
             file: Arc::new(file),
             block: Block::new(),
             offset: 0,
-            direct,
+            direct: false,
+            started: false,
             pipeline: None,
+            writes: 0,
         }
     }
 
@@ -221,15 +254,44 @@ impl DirectWriter {
     /// caller fills the next (`writes + 1` blocks of memory).
     pub fn pipelined(file: File, writes: usize) -> DirectWriter {
         let mut w = DirectWriter::new(file);
-        if writes > 0 {
-            w.pipeline = Some(Pipeline::new(&w.file, writes));
+        w.writes = writes;
+        w
+    }
+
+    /// As `pipelined`, writing from `offset` on: several writers fill one file in parts,
+    /// each through its own descriptor. An offset not aligned for direct I/O writes through
+    /// the page cache.
+    pub fn pipelined_at(file: File, offset: u64, writes: usize) -> DirectWriter {
+        let mut w = DirectWriter::pipelined(file, writes);
+        w.offset = offset;
+        if offset % ALIGN as u64 != 0 {
+            // Direct writes need aligned offsets: this part stays in the page cache.
+            w.started = true;
         }
         w
+    }
+
+    /// Make the file's data durable (`fdatasync`), after writing everything buffered: a
+    /// restore syncs its large files as each one ends, so the device works on them while
+    /// the rest is still being decoded.
+    ///
+    /// # Errors
+    /// Write and sync errors.
+    pub fn sync_data(&mut self) -> io::Result<()> {
+        self.flush()?;
+        self.file.sync_data()
     }
 
     /// Write the full block: to an I/O thread when pipelined (taking back an empty one),
     /// else here.
     fn write_full(&mut self) -> io::Result<()> {
+        if !self.started {
+            self.started = true;
+            self.direct = self.offset % ALIGN as u64 == 0 && set_direct(&self.file, true).is_ok();
+        }
+        if self.pipeline.is_none() && self.writes > 0 {
+            self.pipeline = Some(Pipeline::new(&self.file, self.writes));
+        }
         let Some(p) = &mut self.pipeline else {
             return self.write_out(CAPACITY);
         };
@@ -309,6 +371,8 @@ impl Drop for DirectWriter {
     fn drop(&mut self) {
         // As BufWriter: best effort; callers that care call `flush` or `finish`.
         let _ = self.flush();
+        self.pipeline = None;
+        std::mem::replace(&mut self.block, Block::new_empty()).recycle();
     }
 }
 

@@ -8,7 +8,7 @@ use anyhow::{Context as _, Result};
 use tidemark_engine::Engine;
 use tidemark_repo::lock::{LockGuard, LockKind, LockOptions};
 use tidemark_repo::ops::restore::{
-    restore_file, restore_stream, restore_tree, safe_name, RestoreOptions,
+    restore_file, restore_stream, restore_tree, safe_name, ChunkCheck, RestoreOptions,
 };
 use tidemark_repo::progress::Progress;
 use tidemark_repo::snapshot::{EntryType, Snapshot, StreamEntry};
@@ -117,7 +117,16 @@ async fn restore(ctx: &Context, repo: &Repository, a: &RestoreArgs) -> Result<i3
         }
         let is_tree = snap.streams.iter().any(|s| s.kind != EntryType::Stream);
         if is_tree {
-            restore_tree(repo, &index, &wanted, "", &a.target, progress.clone()).await?;
+            restore_tree(
+                repo,
+                &index,
+                &wanted,
+                "",
+                &a.target,
+                progress.clone(),
+                ChunkCheck::Rehash,
+            )
+            .await?;
             Ok(())
         } else if wanted.len() == 1 {
             restore_file(repo, &index, wanted[0], &a.target, progress.clone(), true).await?;

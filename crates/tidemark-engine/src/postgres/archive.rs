@@ -549,7 +549,7 @@ pub fn note_requested(name: &str, dest: &Path) {
 const PREFETCH_IDLE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Whether the postmaster of `data_dir` runs: its `postmaster.pid` names a live process.
-fn postmaster_alive(data_dir: &Path) -> bool {
+pub(crate) fn postmaster_alive(data_dir: &Path) -> bool {
     std::fs::read_to_string(data_dir.join("postmaster.pid"))
         .ok()
         .and_then(|t| t.lines().next()?.trim().parse::<u32>().ok())

@@ -387,6 +387,7 @@ pub async fn restore(
         bytes,
         verified: Some("pg_restore completed with --exit-on-error".into()),
         elsewhere: Vec::new(),
+        delta: None,
     })
 }
 

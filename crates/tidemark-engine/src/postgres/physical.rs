@@ -664,6 +664,44 @@ pub struct RestoreOptions {
     /// Where tablespaces that lived outside the data directory go: (the tablespace's OID or
     /// its original location, the new location). Unnamed ones go back where they were.
     pub tablespace_map: Vec<(String, std::path::PathBuf)>,
+    /// Restore into a data directory that already holds this cluster (stopped), rewriting
+    /// only what differs (PITR design §9b).
+    pub delta: bool,
+}
+
+/// `global/pg_control`, written last: PostgreSQL refuses to start a data directory without
+/// it, so a restore that is killed or fails verification never leaves one that starts.
+const CONTROL: &str = "global/pg_control";
+
+/// Why a data directory may not be delta-restored, or `None`: a server runs in it, it holds
+/// no cluster, or another cluster.
+fn delta_refusal(dir: &std::path::Path, system_id: Option<&str>) -> Option<String> {
+    if crate::postgres::archive::postmaster_alive(dir) {
+        let pid = std::fs::read_to_string(dir.join("postmaster.pid")).unwrap_or_default();
+        return Some(format!(
+            "a server is running in it (postmaster.pid names process {}); stop it first \
+             (pg_ctl stop -D {}), then run the restore again",
+            pid.lines().next().unwrap_or("?").trim(),
+            dir.display()
+        ));
+    }
+    if !dir.join("PG_VERSION").is_file() {
+        return Some(
+            "it holds no PostgreSQL cluster (no PG_VERSION); --delta restores over a copy of \
+             the same cluster; restore into a new or empty directory instead"
+                .into(),
+        );
+    }
+    // Without pg_control the directory is one an earlier restore left half-done: going on
+    // is what repairs it.
+    let here = crate::postgres::wal::control_system_id(dir).ok()?;
+    match system_id {
+        Some(want) if want != here.to_string() => Some(format!(
+            "it holds another cluster (system identifier {here}, the backup is of {want}); \
+             restore into a new or empty directory instead, or remove this one first"
+        )),
+        _ => None,
+    }
 }
 
 /// A tablespace of a backup and where a restore puts it.
@@ -785,8 +823,21 @@ pub async fn restore(
         database: dir.display().to_string(),
         reason,
     };
-    if !empty_or_missing(target) {
-        return Err(busy(target, "the directory is not empty; a data directory is restored only into a new or empty directory".into()));
+    let delta = o.delta && !empty_or_missing(target);
+    if delta {
+        if let Some(why) = delta_refusal(target, snapshot.database.system_id.as_deref()) {
+            return Err(busy(target, why));
+        }
+        if !places.is_empty() {
+            return Err(busy(
+                target,
+                "the backup has tablespaces outside the data directory, and --delta does not \
+                 restore those yet; restore into a new or empty directory instead"
+                    .into(),
+            ));
+        }
+    } else if !empty_or_missing(target) {
+        return Err(busy(target, "the directory is not empty; a data directory is restored only into a new or empty directory (or over a stopped copy of the same cluster with --delta)".into()));
     }
     for p in &places {
         if !empty_or_missing(&p.place) {
@@ -811,28 +862,69 @@ pub async fn restore(
     let text =
         tidemark_repo::ops::restore::read_stream(repo, &index, manifest, progress.clone()).await?;
     let files = parse_manifest(&text).map_err(bad)?;
+    // Every file checked against its CRC32C afterwards: the chunks need not be hashed again.
+    let check = if files
+        .iter()
+        .all(|f| f.algorithm.as_deref() == Some("CRC32C") && f.checksum.is_some())
+    {
+        tidemark_repo::ops::restore::ChunkCheck::AuthenticateOnly
+    } else {
+        tidemark_repo::ops::restore::ChunkCheck::Rehash
+    };
     let links: Vec<String> = places
         .iter()
         .map(|p| format!("{DATA}pg_tblspc/{}", p.oid))
         .collect();
+    let control_name = format!("{DATA}{CONTROL}");
+    let control = snapshot.streams.iter().find(|s| s.name == control_name);
     let entries: Vec<&StreamEntry> = snapshot
         .streams
         .iter()
-        .filter(|s| s.name.starts_with(DATA) && !links.contains(&s.name))
+        .filter(|s| s.name.starts_with(DATA) && !links.contains(&s.name) && s.name != control_name)
         .collect();
-    let mut written = tidemark_repo::ops::restore::restore_tree(
-        repo,
-        &index,
-        &entries,
-        DATA,
-        target,
-        progress.clone(),
-    )
-    .await?;
     let io = |action, path: &std::path::Path, e| Error::Io {
         action,
         path: path.display().to_string(),
         source: e,
+    };
+    let (mut written, summary) = if delta {
+        // pg_control goes first, durably: a delta restore killed half-way leaves a
+        // directory PostgreSQL refuses to start, not a mix that looks whole.
+        let c = target.join(CONTROL);
+        match std::fs::remove_file(&c) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(io("remove", &c, e));
+            }
+            _ => {}
+        }
+        let global = target.join("global");
+        if let Ok(d) = std::fs::File::open(&global) {
+            d.sync_all().map_err(|e| io("sync", &global, e))?;
+        }
+        let _ = std::fs::remove_file(target.join(MANIFEST));
+        let (w, s) = tidemark_repo::ops::restore::restore_tree_delta(
+            repo,
+            &index,
+            &entries,
+            DATA,
+            target,
+            progress.clone(),
+            check,
+        )
+        .await?;
+        (w, Some(s))
+    } else {
+        let w = tidemark_repo::ops::restore::restore_tree(
+            repo,
+            &index,
+            &entries,
+            DATA,
+            target,
+            progress.clone(),
+            check,
+        )
+        .await?;
+        (w, None)
     };
     for p in &places {
         let prefix = format!("tablespace/{}/", p.oid);
@@ -848,6 +940,7 @@ pub async fn restore(
             &prefix,
             &p.place,
             progress.clone(),
+            check,
         )
         .await?;
         std::fs::set_permissions(&p.place, std::fs::Permissions::from_mode(0o700))
@@ -861,7 +954,34 @@ pub async fn restore(
             .map_err(|e| io("create", &target.join("pg_tblspc"), e))?;
         std::os::unix::fs::symlink(&p.place, &link).map_err(|e| io("create the link", &link, e))?;
     }
-    let verified = check_files(&files, &written).map_err(bad)?;
+    // Everything but pg_control is checked before pg_control is written: a restore that
+    // fails verification leaves a directory that does not start.
+    let (control_file, files): (Vec<ManifestFile>, Vec<ManifestFile>) =
+        files.into_iter().partition(|f| f.path == CONTROL);
+    let mut verified = check_files(&files, &written).map_err(bad)?;
+    if let Some(c) = control {
+        let path = target.join(CONTROL);
+        let (size, crc32c) = tidemark_repo::ops::restore::restore_file(
+            repo,
+            &index,
+            c,
+            &path,
+            progress.clone(),
+            true,
+        )
+        .await?;
+        written.push(tidemark_repo::ops::restore::RestoredFile {
+            path: CONTROL.into(),
+            size,
+            crc32c,
+        });
+        let (n, bytes) = check_files(&control_file, &written).map_err(bad)?;
+        verified = (verified.0 + n, verified.1 + bytes);
+    } else if !control_file.is_empty() {
+        return Err(bad(format!(
+            "{CONTROL} is in the backup manifest but not in the backup"
+        )));
+    }
     let manifest_path = target.join(MANIFEST);
     tidemark_repo::ops::restore::restore_file(
         repo,
@@ -885,6 +1005,7 @@ pub async fn restore(
             .iter()
             .map(|p| format!("tablespace {}: {}", p.oid, p.place.display()))
             .collect(),
+        delta: summary,
     })
 }
 

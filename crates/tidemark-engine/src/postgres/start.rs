@@ -56,13 +56,7 @@ fn fail(data: &Path, reason: String) -> Error {
 }
 
 fn pid_alive(data: &Path) -> bool {
-    let Ok(text) = std::fs::read_to_string(data.join("postmaster.pid")) else {
-        return false;
-    };
-    text.lines()
-        .next()
-        .and_then(|l| l.trim().parse::<u32>().ok())
-        .is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists())
+    crate::postgres::archive::postmaster_alive(data)
 }
 
 /// Lines of the server log that say where recovery went.
