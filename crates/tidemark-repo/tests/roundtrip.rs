@@ -421,13 +421,13 @@ async fn streams_sharing_a_budget_smaller_than_one_read_still_restore_whole() {
 async fn a_delta_restore_rewrites_only_what_differs_and_removes_the_rest() {
     use tidemark_repo::lock::{LockGuard, LockKind, LockOptions};
     use tidemark_repo::ops::backup::{Backup, BackupOptions, Cutting};
-    use tidemark_repo::ops::restore::{restore_tree, restore_tree_delta, ChunkCheck};
+    use tidemark_repo::ops::restore::{restore_tree, restore_tree_with, ChunkCheck};
     use tidemark_repo::progress::Progress;
     use tidemark_repo::snapshot::EntryType;
 
     let (_, repo) = memory_repo().await;
     let a: Vec<u8> = (0..3u32 << 20)
-        .map(|i| (i / 4096 ^ i % 253) as u8)
+        .map(|i| ((i / 4096) ^ (i % 253)) as u8)
         .collect();
     let b = dump_like(2_000, 3);
     let c = b"small\n".to_vec();
@@ -487,7 +487,7 @@ async fn a_delta_restore_rewrites_only_what_differs_and_removes_the_rest() {
     std::fs::create_dir_all(root.join("sub/gone/deeper")).unwrap();
     std::fs::write(root.join("sub/gone/deeper/y"), b"y").unwrap();
 
-    let (written, summary) = restore_tree_delta(
+    let (written, summary) = restore_tree_with(
         &repo,
         &index,
         &entries,
@@ -495,6 +495,7 @@ async fn a_delta_restore_rewrites_only_what_differs_and_removes_the_rest() {
         &root,
         Default::default(),
         ChunkCheck::Rehash,
+        true,
     )
     .await
     .unwrap();
@@ -525,7 +526,7 @@ async fn a_delta_restore_rewrites_only_what_differs_and_removes_the_rest() {
     assert_eq!((summary.files_written, summary.files_kept), (3, 0));
 
     // A second delta restore over the whole tree writes nothing.
-    let (_, again) = restore_tree_delta(
+    let (_, again) = restore_tree_with(
         &repo,
         &index,
         &entries,
@@ -533,6 +534,7 @@ async fn a_delta_restore_rewrites_only_what_differs_and_removes_the_rest() {
         &root,
         Default::default(),
         ChunkCheck::Rehash,
+        true,
     )
     .await
     .unwrap();

@@ -264,7 +264,7 @@ impl DirectWriter {
     pub fn pipelined_at(file: File, offset: u64, writes: usize) -> DirectWriter {
         let mut w = DirectWriter::pipelined(file, writes);
         w.offset = offset;
-        if offset % ALIGN as u64 != 0 {
+        if !offset.is_multiple_of(ALIGN as u64) {
             // Direct writes need aligned offsets: this part stays in the page cache.
             w.started = true;
         }
@@ -287,7 +287,8 @@ impl DirectWriter {
     fn write_full(&mut self) -> io::Result<()> {
         if !self.started {
             self.started = true;
-            self.direct = self.offset % ALIGN as u64 == 0 && set_direct(&self.file, true).is_ok();
+            self.direct =
+                self.offset.is_multiple_of(ALIGN as u64) && set_direct(&self.file, true).is_ok();
         }
         if self.pipeline.is_none() && self.writes > 0 {
             self.pipeline = Some(Pipeline::new(&self.file, self.writes));

@@ -887,7 +887,7 @@ pub async fn restore(
         path: path.display().to_string(),
         source: e,
     };
-    let (mut written, summary) = if delta {
+    if delta {
         // pg_control goes first, durably: a delta restore killed half-way leaves a
         // directory PostgreSQL refuses to start, not a mix that looks whole.
         let c = target.join(CONTROL);
@@ -902,30 +902,19 @@ pub async fn restore(
             d.sync_all().map_err(|e| io("sync", &global, e))?;
         }
         let _ = std::fs::remove_file(target.join(MANIFEST));
-        let (w, s) = tidemark_repo::ops::restore::restore_tree_delta(
-            repo,
-            &index,
-            &entries,
-            DATA,
-            target,
-            progress.clone(),
-            check,
-        )
-        .await?;
-        (w, Some(s))
-    } else {
-        let w = tidemark_repo::ops::restore::restore_tree(
-            repo,
-            &index,
-            &entries,
-            DATA,
-            target,
-            progress.clone(),
-            check,
-        )
-        .await?;
-        (w, None)
-    };
+    }
+    let (mut written, summary) = tidemark_repo::ops::restore::restore_tree_with(
+        repo,
+        &index,
+        &entries,
+        DATA,
+        target,
+        progress.clone(),
+        check,
+        delta,
+    )
+    .await?;
+    let summary = delta.then_some(summary);
     for p in &places {
         let prefix = format!("tablespace/{}/", p.oid);
         let entries: Vec<&StreamEntry> = snapshot

@@ -812,29 +812,6 @@ pub struct DeltaSummary {
     pub removed: u64,
 }
 
-/// `restore_tree` into a directory that may already hold an older or damaged copy of the
-/// tree (format §9b of the PITR design): every file is compared with the snapshot chunk by
-/// chunk (its bytes hashed with the repository's chunk-id key), and only chunks that differ
-/// are fetched and written, in place; each file is cut or extended to its size; whatever the
-/// snapshot does not have is removed first; a path of the wrong kind (a file where a
-/// directory belongs) is replaced. Returns every file of the tree with its size and the
-/// CRC32C of its final content, kept and written bytes alike, and what was done. The caller
-/// makes sure nothing else uses the directory.
-///
-/// # Errors
-/// As for `restore_tree`.
-pub async fn restore_tree_delta(
-    repo: &Repository,
-    index: &MasterIndex,
-    entries: &[&StreamEntry],
-    strip: &str,
-    target: &Path,
-    progress: Arc<Progress>,
-    check: ChunkCheck,
-) -> Result<(Vec<RestoredFile>, DeltaSummary)> {
-    restore_tree_with(repo, index, entries, strip, target, progress, check, true).await
-}
-
 /// Remove whatever lies at `path` (a directory with its contents; a link, not its target).
 fn remove_path(path: &Path) -> std::io::Result<()> {
     match std::fs::symlink_metadata(path) {
@@ -1022,8 +999,19 @@ async fn restore_file_delta(
     Ok((size, crc, kept, written))
 }
 
+/// `restore_tree`, or with `delta` into a directory that may already hold an older or
+/// damaged copy of the tree (PITR design §9b): every file is compared with the snapshot chunk
+/// by chunk (its bytes hashed with the repository's chunk-id key), and only chunks that
+/// differ are fetched and written, in place; each file is cut or extended to its size;
+/// whatever the snapshot does not have is removed first; a path of the wrong kind (a file
+/// where a directory belongs) is replaced. Returns every file of the tree with its size and
+/// the CRC32C of its final content, kept and written bytes alike, and what was kept, written
+/// and removed. The caller makes sure nothing else uses the directory.
+///
+/// # Errors
+/// As for `restore_tree`.
 #[allow(clippy::too_many_arguments)]
-async fn restore_tree_with(
+pub async fn restore_tree_with(
     repo: &Repository,
     index: &MasterIndex,
     entries: &[&StreamEntry],
