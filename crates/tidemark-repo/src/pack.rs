@@ -427,4 +427,42 @@ mod tests {
         let err = open_blob(&keys, &Default::default(), &e, &bad, "data/ab/x").unwrap_err();
         assert!(err.to_string().contains("damaged"), "{err}");
     }
+
+    /// Without the second hash (`rehash` false) a blob is still refused when its bytes were
+    /// changed or when the index puts it under another chunk's id: the AEAD binds the id.
+    #[test]
+    fn authentication_alone_refuses_a_changed_blob_and_a_blob_under_another_id() {
+        let keys = Keys::derive(&MasterKey::generate());
+        let (c, other) = (vec![9u8; 1000], vec![8u8; 1000]);
+        let blob = Blob::seal(&keys, keys.chunk_id(&c), &c, 1, None);
+        let entry = |id| PackEntry {
+            id,
+            offset: 0,
+            length: blob.data.len() as u32,
+            raw_length: 1000,
+            compression: blob.compression,
+        };
+        let open = |e: &PackEntry, data: &[u8]| {
+            let (mut scratch, mut out) = (Vec::new(), Vec::new());
+            open_blob_into(
+                &keys,
+                &Default::default(),
+                e,
+                data,
+                "p",
+                &mut scratch,
+                &mut out,
+                false,
+            )
+            .map(|()| out)
+        };
+        assert_eq!(open(&entry(blob.id), &blob.data).unwrap(), c);
+        let mut bad = blob.data.clone();
+        bad[30] ^= 0x40;
+        assert!(open(&entry(blob.id), &bad).is_err(), "a changed byte");
+        assert!(
+            open(&entry(keys.chunk_id(&other)), &blob.data).is_err(),
+            "a blob under another id"
+        );
+    }
 }

@@ -419,11 +419,8 @@ async fn streams_sharing_a_budget_smaller_than_one_read_still_restore_whole() {
 /// reports each file's CRC32C over its final content.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_delta_restore_rewrites_only_what_differs_and_removes_the_rest() {
-    use tidemark_repo::lock::{LockGuard, LockKind, LockOptions};
-    use tidemark_repo::ops::backup::{Backup, BackupOptions, Cutting};
+    use tidemark_repo::ops::backup::Cutting;
     use tidemark_repo::ops::restore::{restore_tree, restore_tree_with, ChunkCheck};
-    use tidemark_repo::progress::Progress;
-    use tidemark_repo::snapshot::EntryType;
 
     let (_, repo) = memory_repo().await;
     let a: Vec<u8> = (0..3u32 << 20)
@@ -432,32 +429,7 @@ async fn a_delta_restore_rewrites_only_what_differs_and_removes_the_rest() {
     let b = dump_like(2_000, 3);
     let c = b"small\n".to_vec();
     let files = [("t/a", &a), ("t/sub/b", &b), ("t/c", &c)];
-    let lock = LockGuard::acquire(&repo, LockKind::Shared, "backup", &LockOptions::default())
-        .await
-        .unwrap();
-    let mut backup = Backup::start(
-        &repo,
-        &lock,
-        BackupOptions::default(),
-        Arc::new(Progress::default()),
-    )
-    .await
-    .unwrap();
-    for (name, data) in files {
-        backup
-            .add_bytes_cut(
-                name,
-                EntryType::File,
-                data.clone(),
-                None,
-                None,
-                Cutting::Fixed(64 << 10),
-            )
-            .await
-            .unwrap();
-    }
-    let (_, snap) = backup.finish(Default::default()).await.unwrap();
-    lock.release().await.unwrap();
+    let snap = backup_files(&repo, &files, Cutting::Fixed(64 << 10)).await;
     let index = repo.load_index().await.unwrap();
     let entries: Vec<_> = snap.streams.iter().collect();
     let dir = tempfile::tempdir_in("/var/tmp").unwrap();

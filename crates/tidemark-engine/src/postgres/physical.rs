@@ -1077,6 +1077,87 @@ fn check_files(
 mod tests {
     use super::*;
 
+    /// A restore whose files do not match the backup manifest fails, and leaves no
+    /// `global/pg_control`: the directory it leaves does not start.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_restore_that_fails_its_manifest_check_leaves_no_pg_control() {
+        use tidemark_repo::lock::{LockGuard, LockKind, LockOptions};
+        use tidemark_repo::ops::backup::{Backup, BackupOptions, Cutting};
+        let storage: std::sync::Arc<dyn tidemark_storage::Storage> =
+            std::sync::Arc::new(tidemark_storage::ObjectStorage::memory());
+        let repo = tidemark_repo::Repository::init(
+            storage,
+            &tidemark_repo::key::Secret::password("pw"),
+            &tidemark_repo::config::InitOptions {
+                kdf: tidemark_repo::key::KdfParams::insecure_for_tests(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        let control = vec![7u8; 8192];
+        let table = vec![3u8; 200_000];
+        // The manifest says the table holds other bytes than the backup does.
+        let manifest = manifest_for(&[
+            ("global/pg_control", &control, None),
+            ("base/1/1259", &table, Some("00000000")),
+        ]);
+        let lock = LockGuard::acquire(&repo, LockKind::Shared, "backup", &LockOptions::default())
+            .await
+            .unwrap();
+        let mut b = Backup::start(
+            &repo,
+            &lock,
+            BackupOptions {
+                engine: "postgres".into(),
+                kind: SnapshotKind::Physical,
+                ..Default::default()
+            },
+            Default::default(),
+        )
+        .await
+        .unwrap();
+        for (name, data) in [
+            ("data/global/pg_control", control),
+            ("data/base/1/1259", table),
+            (MANIFEST, manifest),
+        ] {
+            b.add_bytes_cut(
+                name,
+                EntryType::File,
+                data,
+                None,
+                None,
+                Cutting::Fixed(65536),
+            )
+            .await
+            .unwrap();
+        }
+        let (id, snap) = b.finish(Default::default()).await.unwrap();
+        lock.release().await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("data");
+        let err = restore(
+            &repo,
+            &id.short(),
+            &snap,
+            &target,
+            &RestoreOptions::default(),
+            Default::default(),
+        )
+        .await
+        .unwrap_err();
+        assert!(err.to_string().contains("CRC32C"), "{err}");
+        assert!(
+            target.join("base/1/1259").exists(),
+            "the table was restored"
+        );
+        assert!(
+            !target.join(CONTROL).exists(),
+            "pg_control was written before the manifest check"
+        );
+    }
+
     fn manifest_for(files: &[(&str, &[u8], Option<&str>)]) -> Vec<u8> {
         use sha2::Digest;
         let mut text = String::from("{ \"PostgreSQL-Backup-Manifest-Version\": 1,\n\"Files\": [\n");

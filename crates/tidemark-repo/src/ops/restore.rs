@@ -614,10 +614,7 @@ pub async fn restore_file(
 }
 
 /// `restore_file` with options (a tree's files share one memory budget).
-///
-/// # Errors
-/// As for `restore_file`.
-pub async fn restore_file_with(
+async fn restore_file_with(
     repo: &Repository,
     index: &MasterIndex,
     s: &StreamEntry,

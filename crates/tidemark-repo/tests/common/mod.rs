@@ -92,6 +92,29 @@ pub async fn backup_cut(
     r
 }
 
+/// One backup of several files, each cut as `cut` and handed over in memory.
+pub async fn backup_files(repo: &Repository, files: &[(&str, &Vec<u8>)], cut: Cutting) -> Snapshot {
+    let lock = LockGuard::acquire(repo, LockKind::Shared, "backup", &LockOptions::default())
+        .await
+        .unwrap();
+    let mut b = Backup::start(
+        repo,
+        &lock,
+        BackupOptions::default(),
+        Arc::new(Progress::default()),
+    )
+    .await
+    .unwrap();
+    for (name, data) in files {
+        b.add_bytes_cut(name, EntryType::File, (*data).clone(), None, None, cut)
+            .await
+            .unwrap();
+    }
+    let (_, snap) = b.finish(Default::default()).await.unwrap();
+    lock.release().await.unwrap();
+    snap
+}
+
 pub async fn restore_bytes(repo: &Repository, snap: &Snapshot) -> tidemark_repo::Result<Vec<u8>> {
     let index = repo.load_index().await?;
     tidemark_repo::ops::restore::read_stream(
