@@ -230,7 +230,7 @@ async fn receive(
                         for e in events {
                             match e {
                                 Event::Member(h) if h.kind == Kind::File && h.size > SMALL => {
-                                    let (ftx, frx) = mpsc::channel(4);
+                                    let (ftx, frx) = mpsc::channel(2);
                                     large = Some(LargeFile {
                                         tx: ftx,
                                         left: h.size,
@@ -498,7 +498,7 @@ async fn replicate(pg: &Postgres, backup: &mut Backup<'_>, block: usize) -> Resu
         .await
         .map_err(|e| pg.db_error("open a replication connection to", e))?;
     let seg_size = wal_segment_size(&mut conn).await;
-    let (tx, mut rx) = mpsc::channel::<(String, Member)>(8);
+    let (tx, mut rx) = mpsc::channel::<(String, Member)>(4);
     let receiver = tokio::spawn(receive(conn, tx));
     let added: Result<()> = async {
         while let Some((prefix, m)) = rx.recv().await {

@@ -59,8 +59,10 @@ impl Default for BackupOptions {
     }
 }
 
-/// Chunks waiting between the reader and the workers, and between workers and the packer.
-const QUEUE: usize = 8;
+/// Batches (up to `BATCH_BYTES` each) waiting between the reader and the workers, and between
+/// the workers and the packer. Four keep two threads busy; eight cost 20 MB of peak RSS for no
+/// speed (docs/benchmarks.md, "Memory of a full physical backup").
+const QUEUE: usize = 4;
 
 struct Packer {
     repo: Repository,
