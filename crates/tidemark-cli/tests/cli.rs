@@ -321,6 +321,48 @@ fn a_flipped_byte_is_found_by_check_read_data_and_fails_the_restore() {
     );
 }
 
+/// Issue #15 points 1–2: with the index deleted, restore still works, check says to repair
+/// (not to prune), prune keeps the packs, and `repair index` makes check clean again.
+#[test]
+fn a_deleted_index_is_repaired_and_check_never_advises_losing_data() {
+    let env = Env::new();
+    env.init();
+    dump_like(&env.path("a.sql"), 100_000, 5);
+    env.ok(&[
+        "backup",
+        "--command",
+        &format!("cat {}", env.path("a.sql").display()),
+    ]);
+    let id = env.snapshot_ids().remove(0);
+    for i in walk(&env.path("repo/index")) {
+        std::fs::remove_file(i).unwrap();
+    }
+    let packs = walk(&env.path("repo/data"));
+
+    let o = env.run(&["check"]);
+    assert_eq!(code(&o), 6, "{}", stderr(&o));
+    let said = format!("{}{}", stderr(&o), String::from_utf8_lossy(&o.stdout));
+    assert!(said.contains("tidemark repair index"), "{said}");
+    assert!(
+        !said.contains("prune` removes"),
+        "advice that deletes data: {said}"
+    );
+    env.ok(&["prune", "--grace-minutes", "0"]);
+    assert_eq!(
+        walk(&env.path("repo/data")).len(),
+        packs.len(),
+        "prune kept every pack"
+    );
+    let out = env.cmd(&["dump", &id]).output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(out.stdout == std::fs::read(env.path("a.sql")).unwrap());
+
+    env.ok(&["repair", "index"]);
+    env.ok(&["repair", "index"]);
+    let o = env.run(&["check", "--read-data"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+}
+
 fn walk(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     for e in std::fs::read_dir(dir).unwrap() {

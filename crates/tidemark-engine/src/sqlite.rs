@@ -181,7 +181,9 @@ impl Engine for Sqlite {
             .tempfile_in(dir)
             .map_err(|e| io("create a temporary file in", dir, e))?;
         let file = tmp.reopen().map_err(|e| io("open", tmp.path(), e))?;
-        let index = repo.load_index().await?;
+        let index = repo
+            .load_index_for(snapshot.streams.iter().flat_map(|s| &s.chunks))
+            .await?;
         let bytes = restore_stream(
             repo,
             &index,

@@ -14,7 +14,7 @@ use crate::config::{InitOptions, RepoConfig};
 use crate::crypto::{aad, AuthFailed, Keys, MasterKey};
 use crate::dict::Dictionaries;
 use crate::error::{Error, Result};
-use crate::id::{IndexId, KeyId, SnapshotId};
+use crate::id::{ChunkId, IndexId, KeyId, SnapshotId};
 use crate::index::{IndexFile, IndexPack, MasterIndex};
 use crate::key::{KdfParams, KeyFile, Secret};
 use crate::pack::PackBuilder;
@@ -24,6 +24,37 @@ use crate::snapshot::Snapshot;
 const LOAD_CONCURRENCY: usize = 16;
 /// Largest JSON object we decompress (a defence against decompression bombs).
 const MAX_JSON: u64 = 1 << 30;
+
+/// The index objects of a location: those that read whole, and the damaged ones.
+#[derive(Debug, Default)]
+pub(crate) struct IndexFiles {
+    /// Readable objects with their listing metadata.
+    pub files: Vec<(IndexId, ObjectMeta, IndexFile)>,
+    /// Damaged objects and why.
+    pub damaged: Vec<(IndexId, Error)>,
+}
+
+/// The ids read, and the in-memory index of the objects that are not superseded.
+pub(crate) fn index_of(
+    files: Vec<(IndexId, ObjectMeta, IndexFile)>,
+) -> (Vec<IndexId>, MasterIndex) {
+    let superseded: HashSet<IndexId> = files
+        .iter()
+        .flat_map(|(_, _, f)| f.supersedes.iter().copied())
+        .collect();
+    let mut index = MasterIndex::new();
+    let mut ids = Vec::new();
+    for (id, _, f) in files {
+        ids.push(id);
+        if superseded.contains(&id) {
+            continue;
+        }
+        for p in f.packs {
+            index.add_pack(p);
+        }
+    }
+    (ids, index)
+}
 
 /// An open repository: a location, its keys and its config. Cheap to clone.
 #[derive(Debug, Clone)]
@@ -396,52 +427,98 @@ impl Repository {
     }
 
     /// Load every index object and build the in-memory index, ignoring superseded objects.
+    /// A damaged index object is left out with a warning (its packs' own headers still say
+    /// what they hold: `load_index_for` reads them, `repair index` rebuilds from them).
     ///
     /// # Errors
-    /// Storage errors and damaged index objects.
+    /// Storage errors and index objects of an unknown version.
     pub async fn load_index(&self) -> Result<MasterIndex> {
-        Ok(self.load_index_files().await?.1)
+        let read = self.read_index_files_lenient().await?;
+        for (id, e) in &read.damaged {
+            tracing::warn!(index = %id, error = %e, "left out a damaged index object; run `tidemark repair index`");
+        }
+        Ok(index_of(read.files).1)
     }
 
-    /// Load every index object: the ids read, and the index built from those not superseded.
-    pub(crate) async fn load_index_files(&self) -> Result<(Vec<IndexId>, MasterIndex)> {
-        let files = self.read_index_files().await?;
-        let superseded: HashSet<IndexId> = files
-            .iter()
-            .flat_map(|(_, _, f)| f.supersedes.iter().copied())
-            .collect();
-        let mut index = MasterIndex::new();
-        let mut ids = Vec::new();
-        for (id, _, f) in files {
-            ids.push(id);
-            if superseded.contains(&id) {
-                continue;
-            }
-            for p in f.packs {
+    /// The index a restore of `chunks` needs: `load_index`, and where one of them is in no
+    /// index, the headers of the packs no index lists (format §6.1: the headers are what an
+    /// index is rebuilt from), so that a lost or damaged index object never blocks a restore
+    /// whose packs are intact.
+    ///
+    /// # Errors
+    /// As `load_index`, and listing the packs.
+    pub async fn load_index_for<'a>(
+        &self,
+        chunks: impl IntoIterator<Item = &'a ChunkId>,
+    ) -> Result<MasterIndex> {
+        let mut index = self.load_index().await?;
+        let missing = chunks
+            .into_iter()
+            .filter(|c| index.get(c).is_none())
+            .count();
+        if missing > 0 {
+            let found = crate::ops::repair::unindexed_packs(self, &index).await?;
+            tracing::warn!(
+                chunks = missing,
+                packs = found.packs.len(),
+                "chunks of this snapshot are in no index; reading the headers of the packs no index lists (run `tidemark repair index`)"
+            );
+            for p in found.packs {
                 index.add_pack(p);
             }
         }
-        Ok((ids, index))
+        Ok(index)
     }
 
     /// Every index object with its listing metadata (prune needs the write times).
+    ///
+    /// # Errors
+    /// Storage errors; `Corrupt` for a damaged index object, with the advice to repair it
+    /// (whoever deletes by the index must not read past a damaged one).
     pub(crate) async fn read_index_files(&self) -> Result<Vec<(IndexId, ObjectMeta, IndexFile)>> {
+        let read = self.read_index_files_lenient().await?;
+        match read.damaged.into_iter().next() {
+            None => Ok(read.files),
+            Some((id, e)) => Err(Error::corrupt(
+                format!("index/{id}"),
+                format!("{e}; run `tidemark repair index`, which rebuilds the index from the packs' headers"),
+            )),
+        }
+    }
+
+    /// Every index object that reads whole, and the ids of those that are damaged.
+    ///
+    /// # Errors
+    /// Storage errors other than damage, and unknown format versions.
+    pub(crate) async fn read_index_files_lenient(&self) -> Result<IndexFiles> {
         let mut attempt = 0;
         loop {
             attempt += 1;
             let metas = self.list_objects("index").await?;
-            let loaded: Result<Vec<(IndexId, ObjectMeta, IndexFile)>> =
+            let loaded: Result<Vec<(IndexId, ObjectMeta, Result<IndexFile>)>> =
                 futures::stream::iter(metas)
                     .map(|m| async move {
                         let id: IndexId = m.path.trim_start_matches("index/").parse()?;
-                        let f: IndexFile = self.load_json(&m.path, aad::INDEX).await?;
-                        Ok((id, m, f))
+                        match self.load_json::<IndexFile>(&m.path, aad::INDEX).await {
+                            Ok(f) => Ok((id, m, Ok(f))),
+                            Err(e @ Error::Corrupt { .. }) => Ok((id, m, Err(e))),
+                            Err(e) => Err(e),
+                        }
                     })
                     .buffer_unordered(LOAD_CONCURRENCY)
                     .try_collect()
                     .await;
             match loaded {
-                Ok(f) => return Ok(f),
+                Ok(all) => {
+                    let mut out = IndexFiles::default();
+                    for (id, m, f) in all {
+                        match f {
+                            Ok(f) => out.files.push((id, m, f)),
+                            Err(e) => out.damaged.push((id, e)),
+                        }
+                    }
+                    return Ok(out);
+                }
                 // Prune replaced an index between our list and read (format §6.1): list again once.
                 Err(Error::Storage(e)) if e.kind == ErrorKind::NotFound && attempt == 1 => continue,
                 Err(e) => return Err(e),

@@ -10,6 +10,7 @@ mod init;
 mod key;
 mod pg;
 mod prune;
+mod repair;
 mod restore;
 mod snapshots;
 mod stats;
@@ -55,6 +56,9 @@ pub enum Command {
     Copy(copy::Args),
     /// Verify the repository; --read-data reads and verifies every chunk.
     Check(check::Args),
+    /// Repair what `check` calls repairable.
+    #[command(subcommand)]
+    Repair(repair::Command),
     /// Manage the keys that open the repository.
     #[command(subcommand)]
     Key(key::Command),
@@ -119,6 +123,7 @@ pub async fn run(cli: Cli) -> Result<i32> {
         Command::Forget(a) => forget::run(&ctx, a).await,
         Command::Prune(a) => prune::run(&ctx, a).await,
         Command::Check(a) => check::run(&ctx, a).await,
+        Command::Repair(c) => repair::run(&ctx, c).await,
         Command::Copy(a) => copy::run(&ctx, a).await,
         Command::Key(c) => key::run(&ctx, c).await,
         Command::Stats(a) => stats::run(&ctx, a).await,

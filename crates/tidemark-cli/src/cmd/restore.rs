@@ -73,7 +73,9 @@ async fn restore(ctx: &Context, repo: &Repository, a: &RestoreArgs) -> Result<i3
         }
         return Ok(crate::exit::OK);
     }
-    let index = repo.load_index().await?;
+    let index = repo
+        .load_index_for(snap.streams.iter().flat_map(|s| &s.chunks))
+        .await?;
     let progress = Arc::new(Progress::default());
     let wanted: Vec<&StreamEntry> = snap
         .streams
@@ -202,7 +204,7 @@ async fn dump(repo: &Repository, a: &DumpArgs) -> Result<i32> {
             "list streams with `tidemark snapshots --json`",
         )
     })?;
-    let index = repo.load_index().await?;
+    let index = repo.load_index_for(&s.chunks).await?;
     restore_stream(
         repo,
         &index,

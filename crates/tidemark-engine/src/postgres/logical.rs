@@ -430,7 +430,7 @@ async fn run_pg_restore(
     for t in &o.tables {
         cmd.arg("--table").arg(t);
     }
-    let index = repo.load_index().await?;
+    let index = repo.load_index_for(&entry.chunks).await?;
     let jobs = o.jobs.max(1);
     // With several jobs pg_restore needs a seekable file; hold it here until it has finished.
     let mut _spool = None;

@@ -851,7 +851,9 @@ pub async fn restore(
             ));
         }
     }
-    let index = repo.load_index().await?;
+    let index = repo
+        .load_index_for(snapshot.streams.iter().flat_map(|s| &s.chunks))
+        .await?;
     let target_name = target.display().to_string();
     let bad = |reason: String| Error::Verification {
         database: target_name.clone(),

@@ -5,5 +5,6 @@ pub mod check;
 pub mod copy;
 pub mod forget;
 pub mod prune;
+pub mod repair;
 pub mod restore;
 pub mod retention;

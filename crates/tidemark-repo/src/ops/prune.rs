@@ -59,6 +59,11 @@ pub struct PruneReport {
     pub indexes_replaced: usize,
     /// Temporary files of interrupted uploads (older than the grace period) removed.
     pub temporaries_removed: u64,
+    /// Packs no index listed that hold chunks snapshots need, indexed again from their headers.
+    pub packs_reindexed: usize,
+    /// Packs no index lists whose header is damaged, kept because snapshots need chunks found
+    /// nowhere else.
+    pub packs_kept_unreadable: usize,
 }
 
 /// Run prune. Takes the exclusive lock's guard so it cannot run unlocked.
@@ -172,6 +177,15 @@ pub async fn prune(
         .map(|p| p.id)
         .chain(to_delete.iter().map(|(id, _)| *id))
         .collect();
+    // Their headers say what they hold. One that holds a chunk a snapshot needs and that no
+    // index lists is indexed again, never deleted (its index object was lost); one whose header
+    // cannot be read is deleted only when every chunk the snapshots need is found elsewhere.
+    let mut listed: HashSet<ChunkId> = kept
+        .iter()
+        .chain(repack.iter())
+        .flat_map(|p| p.chunks.iter().map(|c| c.id))
+        .collect();
+    let mut unindexed = Vec::new();
     for m in repo.list_objects("data").await? {
         let Some(id) = m
             .path
@@ -182,7 +196,35 @@ pub async fn prune(
             continue;
         };
         if !indexed.contains(&id) && m.modified < barrier {
-            to_delete.push((id, m.size));
+            unindexed.push((id, m.size));
+        }
+    }
+    let mut unreadable = Vec::new();
+    for (id, size) in unindexed {
+        match super::repair::pack_header(repo, &id, size).await {
+            Ok(entries) => {
+                if entries
+                    .iter()
+                    .any(|e| used.contains(&e.id) && !listed.contains(&e.id))
+                {
+                    tracing::warn!(pack = %id, "a pack no index lists holds chunks that snapshots need; indexing it again (run `tidemark check`)");
+                    listed.extend(entries.iter().map(|e| e.id));
+                    report.packs_reindexed += 1;
+                    kept.push(IndexPack::new(id, size, &entries));
+                } else {
+                    to_delete.push((id, size));
+                }
+            }
+            Err(Error::Corrupt { .. }) => unreadable.push((id, size)),
+            Err(e) => return Err(e),
+        }
+    }
+    if !unreadable.is_empty() {
+        if used.iter().all(|c| listed.contains(c)) {
+            to_delete.extend(unreadable);
+        } else {
+            tracing::warn!(packs = unreadable.len(), "keeping packs no index lists whose headers are damaged: snapshots need chunks that are found nowhere else (run `tidemark check --read-data`)");
+            report.packs_kept_unreadable = unreadable.len();
         }
     }
 
@@ -197,12 +239,18 @@ pub async fn prune(
 
     // 0. Copy the used chunks of partly used packs into new packs; mark the old packs.
     if !repack.is_empty() {
-        kept.extend(repack_packs(repo, lock, repack, &used, now).await?);
+        kept.extend(
+            copy_blobs(repo, lock, repack, &used, false, now)
+                .await?
+                .packs,
+        );
     }
 
     // 1. The merged index, superseding everything read.
     let changed =
-        report.packs_marked + report.packs_unmarked + report.packs_deleted > 0 || files.len() > 1;
+        report.packs_marked + report.packs_unmarked + report.packs_deleted + report.packs_reindexed
+            > 0
+            || files.len() > 1;
     if changed {
         kept.sort_by_key(|p| p.id);
         let merged = IndexFile {
@@ -235,41 +283,61 @@ pub async fn prune(
     Ok(report)
 }
 
-/// Copy the used blobs of `packs` as they are (sealed blobs do not depend on their pack), after
-/// verifying each one, into new packs; return the new packs and the old ones marked. A pack
-/// with a damaged used blob is kept unmarked, so repacking never loses the readable copy.
-async fn repack_packs(
+/// What `copy_blobs` wrote.
+pub(crate) struct Copied {
+    /// The new packs, and the old ones marked for deletion (or kept unmarked, see below).
+    pub packs: Vec<IndexPack>,
+    /// Blobs that could not be copied, one line each (only with `partial`).
+    pub lost: Vec<String>,
+}
+
+/// Copy the wanted blobs of `packs` as they are (sealed blobs do not depend on their pack),
+/// after verifying each one, into new packs; return the new packs and the old ones marked.
+///
+/// Without `partial` (prune), a pack with a damaged wanted blob is kept unmarked and nothing of
+/// it is copied, so repacking never loses the readable copy. With `partial` (repair of a damaged
+/// header), the intact blobs are copied, the damaged ones are reported, and the old pack is
+/// marked: what it still has that could be read is in the new pack.
+pub(crate) async fn copy_blobs(
     repo: &Repository,
     lock: &LockGuard,
     packs: Vec<IndexPack>,
-    used: &HashSet<ChunkId>,
+    wanted: &HashSet<ChunkId>,
+    partial: bool,
     now: DateTime<Utc>,
-) -> Result<Vec<IndexPack>> {
-    let mut out = Vec::new();
+) -> Result<Copied> {
+    let mut out = Copied {
+        packs: Vec::new(),
+        lost: Vec::new(),
+    };
     let mut copied: HashSet<ChunkId> = HashSet::new();
     let mut builder = PackBuilder::new();
     let min = repo.config().pack_size.min as usize;
+    let dicts = repo.dictionaries().await?;
     for mut p in packs {
         lock.check()?;
         let path = p.id.path();
         let data = repo.storage().get(&path).await?;
         let keys = repo.keys().clone();
-        let dicts = repo.dictionaries().await?;
-        let wanted: Vec<_> = p
+        let dicts = dicts.clone();
+        let chosen: Vec<_> = p
             .chunks
             .iter()
-            .filter(|c| used.contains(&c.id) && !copied.contains(&c.id))
+            .filter(|c| wanted.contains(&c.id) && !copied.contains(&c.id))
             .cloned()
             .collect();
         let path2 = path.clone();
-        let blobs = tokio::task::spawn_blocking(move || -> Result<Vec<Blob>> {
-            wanted
+        let opened = tokio::task::spawn_blocking(move || -> Vec<Result<Blob>> {
+            chosen
                 .iter()
                 .map(|c| {
                     let e = PackEntry::from(c);
                     let range = c.offset as usize..c.offset as usize + c.length as usize;
                     let blob = data.get(range).ok_or_else(|| {
-                        Error::corrupt(&path2, "a blob lies beyond the end of the pack")
+                        Error::corrupt(
+                            format!("{path2} chunk {}", c.id.short()),
+                            "the blob lies beyond the end of the pack",
+                        )
                     })?;
                     open_blob(&keys, &dicts, &e, blob, &path2)?;
                     Ok(Blob {
@@ -283,27 +351,36 @@ async fn repack_packs(
         })
         .await
         .map_err(|e| Error::Invalid(format!("repack task failed: {e}")))?;
-        let blobs = match blobs {
-            Ok(b) => b,
-            Err(e) => {
-                tracing::error!(pack = %p.id, error = %e, "not repacking a damaged pack; run `tidemark check --read-data`");
-                p.delete_marked = None;
-                out.push(p);
-                continue;
-            }
-        };
-        for b in &blobs {
+        let (blobs, failed): (Vec<_>, Vec<_>) = opened.into_iter().partition(|b| b.is_ok());
+        if !failed.is_empty() && !partial {
+            let e = failed
+                .into_iter()
+                .find_map(|b| b.err())
+                .expect("one failed");
+            tracing::error!(pack = %p.id, error = %e, "not repacking a damaged pack; run `tidemark check --read-data`");
+            p.delete_marked = None;
+            out.packs.push(p);
+            continue;
+        }
+        out.lost.extend(
+            failed
+                .into_iter()
+                .filter_map(|b| b.err())
+                .map(|e| e.to_string()),
+        );
+        for b in blobs.into_iter().flatten() {
             copied.insert(b.id);
-            builder.add(b);
+            builder.add(&b);
             if builder.len() >= min {
-                out.push(repo.save_pack(std::mem::take(&mut builder)).await?);
+                out.packs
+                    .push(repo.save_pack(std::mem::take(&mut builder)).await?);
             }
         }
         p.delete_marked = Some(now);
-        out.push(p);
+        out.packs.push(p);
     }
     if !builder.is_empty() {
-        out.push(repo.save_pack(builder).await?);
+        out.packs.push(repo.save_pack(builder).await?);
     }
     Ok(out)
 }

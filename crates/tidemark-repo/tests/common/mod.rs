@@ -115,8 +115,9 @@ pub async fn backup_files(repo: &Repository, files: &[(&str, &Vec<u8>)], cut: Cu
     snap
 }
 
+/// The first stream of `snap`, read as a restore reads it (`load_index_for`).
 pub async fn restore_bytes(repo: &Repository, snap: &Snapshot) -> tidemark_repo::Result<Vec<u8>> {
-    let index = repo.load_index().await?;
+    let index = repo.load_index_for(&snap.streams[0].chunks).await?;
     tidemark_repo::ops::restore::read_stream(
         repo,
         &index,
