@@ -76,7 +76,7 @@ async fn verify_inner(
             .map(|()| true);
     }
     let target = scratch.join(format!("verify-{}.db", id.short()));
-    let _ = std::fs::remove_file(&target);
+    tidemark_engine::sqlite::remove_database(&target);
     let engine = engine(db, BackupKind::Physical)?;
     let report = engine
         .restore(repo, &id.short(), &snap, &target)
@@ -84,7 +84,8 @@ async fn verify_inner(
         .map_err(|e| format!("the restore failed: {e}"))?;
     rec.checks.extend(report.verified);
     let result = check_restored(&snap, &target, db);
-    let _ = std::fs::remove_file(&target);
+    // The scratch space as it was: the database and anything SQLite put beside it.
+    tidemark_engine::sqlite::remove_database(&target);
     rec.checks.extend(result?);
     Ok(true)
 }

@@ -511,6 +511,11 @@ fn verification_restores_a_logical_backup_into_a_scratch_server_and_compares_eve
         "a scratch server still runs: {}",
         String::from_utf8_lossy(&left.stdout)
     );
+    // And nothing of the passed and failed runs is left in the scratch space (issue #15).
+    let files: Vec<_> = std::fs::read_dir(scratch.join("verify"))
+        .map(|d| d.map(|e| e.unwrap().path()).collect())
+        .unwrap_or_default();
+    assert!(files.is_empty(), "verification left {files:?}");
 }
 
 /// A cluster archiving its WAL into a new repository with `wal-push`, with a table `t` of 100

@@ -237,9 +237,12 @@ fn an_sqlite_database_is_backed_up_online_and_restored_verified() {
     }
     // The connection stays open with WAL content not yet checkpointed: the copy must include it.
     env.ok(&["backup", "--sqlite", db.to_str().unwrap()]);
-    let target = env.path("restored.db");
+    let target = env.path("out/restored.db");
     let out = env.ok(&["restore", "latest", "--target", target.to_str().unwrap()]);
     assert!(out.contains("integrity_check: ok"), "{out}");
+    // Nothing but the target remains: the integrity check's connection on the WAL-mode
+    // temporary file left `-wal` and `-shm` files beside it (issue #15 point 4).
+    assert_eq!(everything_in(&env.path("out")), vec![target.clone()]);
     let r = rusqlite::Connection::open(&target).unwrap();
     let n: i64 = r
         .query_row("SELECT count(*) FROM t", [], |row| row.get(0))
@@ -251,6 +254,13 @@ fn an_sqlite_database_is_backed_up_online_and_restored_verified() {
         0,
         "restoring over an existing database is refused"
     );
+    // A restore that fails leaves nothing at all.
+    std::fs::create_dir(env.path("failed")).unwrap();
+    common::corrupt_packs(&env.path("repo"));
+    let failed = env.path("failed/restored.db");
+    let o = env.run(&["restore", "latest", "--target", failed.to_str().unwrap()]);
+    assert_eq!(code(&o), 6, "{}", stderr(&o));
+    assert_eq!(everything_in(&env.path("failed")), Vec::<PathBuf>::new());
 }
 
 #[test]
@@ -361,6 +371,16 @@ fn a_deleted_index_is_repaired_and_check_never_advises_losing_data() {
     env.ok(&["repair", "index"]);
     let o = env.run(&["check", "--read-data"]);
     assert_eq!(code(&o), 0, "{}", stderr(&o));
+}
+
+/// Every entry of `dir`, hidden ones included, sorted.
+fn everything_in(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    v.sort();
+    v
 }
 
 fn walk(dir: &Path) -> Vec<PathBuf> {

@@ -47,14 +47,14 @@ pub fn compare(recorded: &Census, restored: &Census) -> Vec<String> {
     out
 }
 
-/// The census of an SQLite database file: every table but SQLite's own, rows in rowid order
+/// The census of an SQLite database file that nothing else writes (our copy, or a restore):
+/// every table but SQLite's own, rows in rowid order
 /// (primary-key order for WITHOUT ROWID tables).
 ///
 /// # Errors
 /// SQLite's errors.
 pub fn sqlite(path: &Path) -> rusqlite::Result<Census> {
-    let c =
-        rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    let c = crate::sqlite::open_still(path)?;
     let tables: Vec<(String, bool)> = c
         .prepare(
             "SELECT name, sql LIKE '%WITHOUT ROWID%' FROM sqlite_schema \

@@ -52,9 +52,47 @@ fn online_copy(src: &Path, dst: &Path) -> rusqlite::Result<()> {
     Ok(())
 }
 
+/// Open a database file that nothing else writes (our copy, or a restore) read-only and
+/// immutable. A read-only connection to a WAL-mode database otherwise creates `-wal` and `-shm`
+/// files beside it and, unable to checkpoint, leaves them there (issue #15).
+///
+/// # Errors
+/// SQLite's.
+pub fn open_still(path: &Path) -> rusqlite::Result<Connection> {
+    let mut uri = String::from("file:");
+    for b in path.as_os_str().as_encoded_bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'/' | b'-' | b'_' | b'.' | b'~' => {
+                uri.push(*b as char)
+            }
+            _ => uri.push_str(&format!("%{b:02X}")),
+        }
+    }
+    uri.push_str("?mode=ro&immutable=1");
+    Connection::open_with_flags(
+        uri,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_URI,
+    )
+}
+
+/// Remove a database file and whatever SQLite keeps beside it. Missing files are not an error.
+pub fn remove_database(path: &Path) {
+    let _ = std::fs::remove_file(path);
+    remove_sidecars(path);
+}
+
+/// Remove what SQLite keeps beside a database file (`-wal`, `-shm`, `-journal`).
+fn remove_sidecars(path: &Path) {
+    for suffix in ["-wal", "-shm", "-journal"] {
+        let mut side = path.as_os_str().to_owned();
+        side.push(suffix);
+        let _ = std::fs::remove_file(side);
+    }
+}
+
 /// Run `PRAGMA integrity_check` on a database file; Ok("ok") when sound.
 pub fn integrity_check(path: &Path) -> rusqlite::Result<String> {
-    let c = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    let c = open_still(path)?;
     let rows: Vec<String> = c
         .prepare("PRAGMA integrity_check")?
         .query_map([], |r| r.get(0))?
@@ -197,13 +235,18 @@ impl Engine for Sqlite {
             .sync_all()
             .map_err(|e| io("sync", tmp.path(), e))?;
         let check_path = tmp.path().to_owned();
-        let verdict = tokio::task::spawn_blocking(move || integrity_check(&check_path))
-            .await
-            .map_err(|e| self.db_err("verify", e))?
-            .map_err(|e| Error::Verification {
-                database: target.display().to_string(),
-                reason: e.to_string(),
-            })?;
+        let verdict = tokio::task::spawn_blocking(move || {
+            let v = integrity_check(&check_path);
+            // Nothing but the target may remain, whatever the check found.
+            remove_sidecars(&check_path);
+            v
+        })
+        .await
+        .map_err(|e| self.db_err("verify", e))?
+        .map_err(|e| Error::Verification {
+            database: target.display().to_string(),
+            reason: e.to_string(),
+        })?;
         if verdict != "ok" {
             return Err(Error::Verification {
                 database: target.display().to_string(),
@@ -230,12 +273,12 @@ impl Engine for Sqlite {
 pub struct ReadOnly(Connection);
 
 impl ReadOnly {
-    /// Open `path` read-only.
+    /// Open `path` (a restored database nothing else writes) read-only.
     ///
     /// # Errors
     /// SQLite's.
     pub fn open(path: &Path) -> rusqlite::Result<ReadOnly> {
-        Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY).map(ReadOnly)
+        open_still(path).map(ReadOnly)
     }
 
     /// The first column of the first row of `sql`, as text (NULL is empty).
