@@ -477,7 +477,31 @@ impl Config {
                         None
                     }
                     Some(c) => match c.engine() {
-                        Ok(pg) => Some(pg.capabilities()),
+                        Ok(pg) => {
+                            // Every file the connection names is read only when it is used:
+                            // a missing one must fail --check, not the first backup at 2 a.m.
+                            let files = [
+                                ("pg_password_file", &c.pg_password_file),
+                                ("sslrootcert", &c.sslrootcert),
+                                ("sslcert", &c.sslcert),
+                                ("sslkey", &c.sslkey),
+                            ];
+                            for (field, f) in files {
+                                if let Some(f) = f.as_ref().filter(|f| !f.is_file()) {
+                                    p.push(format!(
+                                        "{at}.postgres.{field}: file {} does not exist",
+                                        f.display()
+                                    ));
+                                }
+                            }
+                            if let Some(b) = c.pg_bin.as_ref().filter(|b| !b.is_dir()) {
+                                p.push(format!(
+                                    "{at}.postgres.pg_bin: directory {} does not exist",
+                                    b.display()
+                                ));
+                            }
+                            Some(pg.capabilities())
+                        }
                         Err(e) => {
                             p.push(format!("{at}.postgres: {e}"));
                             None
@@ -715,6 +739,16 @@ notifications:
                 "agent.state_dir: must be an absolute path",
             ),
             ("keep_last: 3", "keep_lats: 3", "unknown field `keep_lats`"),
+            (
+                "postgres: {url: 'postgresql://backup@127.0.0.1:5432/app'}",
+                "postgres: {url: 'postgresql://backup@127.0.0.1:5432/app', pg_password_file: DIR/nope}",
+                "databases.app.postgres.pg_password_file: file",
+            ),
+            (
+                "postgres: {url: 'postgresql://backup@127.0.0.1:5432/app'}",
+                "postgres: {url: 'postgresql://backup@127.0.0.1:5432/app', sslrootcert: DIR/ca.pem}",
+                "databases.app.postgres.sslrootcert: file",
+            ),
             ("engine: sqlite", "engine: mysql", "unknown variant `mysql`"),
         ] {
             let p = problems(|t| {

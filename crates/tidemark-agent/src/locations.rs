@@ -15,6 +15,7 @@ use tidemark_repo::Repository;
 use tidemark_storage::{Location, Storage, StorageOptions};
 
 use crate::config::{LocationConfig, RepositoryConfig};
+use crate::runtime::StartError;
 
 /// Each location of a repository, in config order, as reached at one moment: the repository
 /// there, or why it could not be reached. Reached once and used for the steps that follow.
@@ -83,7 +84,7 @@ impl Repo {
     /// # Errors
     /// A message naming the repository and location: a missing secret, a wrong password, no
     /// repository there, an unreachable location.
-    pub async fn open(name: &str, r: &RepositoryConfig) -> Result<Repo, String> {
+    pub async fn open(name: &str, r: &RepositoryConfig) -> Result<Repo, StartError> {
         let secret = Secret::from_files(r.key_file.as_deref(), r.password_file.as_deref())?
             .ok_or_else(|| format!("repository {name:?} has no password_file or key_file"))?;
         let sites = r
@@ -94,11 +95,12 @@ impl Repo {
         let first = &sites[0];
         let primary = Repository::open(first.storage()?, &secret)
             .await
-            .map_err(|e| {
-                format!(
+            .map_err(|e| StartError {
+                message: format!(
                     "failed to open repository {name:?} at location {:?}: {e}",
                     first.name
-                )
+                ),
+                cause: Some(e),
             })?;
         Ok(Repo {
             name: name.to_owned(),

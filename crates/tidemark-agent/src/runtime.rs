@@ -18,10 +18,27 @@ use crate::notify::{Event, EventKind, Notifier};
 use crate::schedule::{self, Planned};
 use crate::status::{state_file, RunRecord, Running, Status, VerificationRecord};
 
-/// The agent could not start.
+/// The agent could not start: what failed, and the repository's own error where that was the
+/// cause (so that the CLI exits with the code it uses for that error: 3 for no repository, 4
+/// for a wrong password, 7 for unreachable storage).
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct StartError(pub String);
+#[error("{message}")]
+pub struct StartError {
+    /// What failed, naming the thing.
+    pub message: String,
+    /// The repository error behind it.
+    #[source]
+    pub cause: Option<tidemark_repo::Error>,
+}
+
+impl From<String> for StartError {
+    fn from(message: String) -> Self {
+        StartError {
+            message,
+            cause: None,
+        }
+    }
+}
 
 /// Hold the state directory: an exclusive `flock` on `agent.lock`, so that a second agent
 /// with the same state directory refuses to start.
@@ -579,10 +596,10 @@ impl Worker {
 /// repository does not open, another agent protects one of the databases, the address is taken.
 pub async fn run(config: Config, stop: watch::Receiver<bool>) -> Result<(), StartError> {
     let dir = &config.agent.state_dir;
-    let _held = lock_state_dir(dir).map_err(StartError)?;
+    let _held = lock_state_dir(dir).map_err(StartError::from)?;
     let state = state_file(dir);
     crate::verify::clean_leftovers(&dir.join("verify"));
-    let mut initial = Status::load(&state).map_err(StartError)?;
+    let mut initial = Status::load(&state).map_err(StartError::from)?;
     initial.started = Some(Utc::now());
     initial.ready = false;
     initial
@@ -591,11 +608,11 @@ pub async fn run(config: Config, stop: watch::Receiver<bool>) -> Result<(), Star
     let status: Shared = Arc::new(Mutex::new(initial));
     let http = crate::http::serve(config.listen(), status.clone(), stop.clone())
         .await
-        .map_err(StartError)?;
+        .map_err(StartError::from)?;
     let mut repos: BTreeMap<String, Repo> = BTreeMap::new();
     for (name, r) in &config.repositories {
-        let repo = Repo::open(name, r).await.map_err(StartError)?;
-        for (site, e) in repo.check_at_start().await.map_err(StartError)? {
+        let repo = Repo::open(name, r).await?;
+        for (site, e) in repo.check_at_start().await.map_err(StartError::from)? {
             tracing::warn!(repository = %name, location = %site, "location unreachable at start; backups go to the others until it is back: {e}");
         }
         repos.insert(name.clone(), repo);
@@ -605,7 +622,7 @@ pub async fn run(config: Config, stop: watch::Receiver<bool>) -> Result<(), Star
         claims.push(
             claim_database(repos[&db.repository].primary(), name)
                 .await
-                .map_err(StartError)?,
+                .map_err(StartError::from)?,
         );
     }
     let grace = config
@@ -613,7 +630,7 @@ pub async fn run(config: Config, stop: watch::Receiver<bool>) -> Result<(), Star
         .shutdown_grace
         .and_then(|g| g.to_std().ok())
         .unwrap_or(std::time::Duration::from_secs(60));
-    let notifier = Notifier::start(&config).map_err(StartError)?;
+    let notifier = Notifier::start(&config).map_err(StartError::from)?;
     let mut workers = Vec::new();
     for (name, db) in &config.databases {
         {

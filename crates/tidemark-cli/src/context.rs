@@ -89,13 +89,30 @@ pub struct Context {
     pub quiet: bool,
 }
 
+/// The text of a config file; a file that is missing, unreadable or not UTF-8 is a usage
+/// error (exit 2), like one that does not parse.
+///
+/// # Errors
+/// `UsageError` naming the file.
+pub fn read_config(p: &std::path::Path) -> Result<String> {
+    std::fs::read_to_string(p).map_err(|e| {
+        let why = match e.kind() {
+            std::io::ErrorKind::InvalidData => "it is not UTF-8 text".to_owned(),
+            _ => e.to_string(),
+        };
+        usage(
+            format!("failed to read config file {}: {why}", p.display()),
+            "check the path given with --config or TIDEMARK_CONFIG",
+        )
+    })
+}
+
 impl Context {
     /// Resolve flags, environment and config file.
     pub fn resolve(g: &Global) -> Result<Context> {
         let file = match &g.config {
             Some(p) => {
-                let text = std::fs::read_to_string(p)
-                    .with_context(|| format!("failed to read config file {}", p.display()))?;
+                let text = read_config(p)?;
                 serde_yaml_ng::from_str::<ConfigFile>(&text).map_err(|e| {
                     usage(format!("config file {} is invalid: {e}", p.display()), "fix the file; keys are repository, options, password_file, key_file, limit_upload, limit_download")
                 })?

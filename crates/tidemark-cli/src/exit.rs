@@ -106,6 +106,12 @@ pub fn is_broken_pipe(e: &anyhow::Error) -> bool {
 
 /// The error and its causes on one line, without repeating a cause already in the message.
 pub fn one_line(e: &anyhow::Error) -> String {
+    message(e).replace('\n', " ")
+}
+
+/// The error and its causes, each said once, joined by ": ". A message of several lines (a
+/// config file's problems, one per line) keeps its lines; `one_line` is for logs that take one.
+pub fn message(e: &anyhow::Error) -> String {
     let mut out = String::new();
     for cause in e.chain() {
         let s = cause.to_string();
@@ -117,5 +123,5 @@ pub fn one_line(e: &anyhow::Error) -> String {
         }
         out.push_str(&s);
     }
-    out.replace('\n', " ")
+    out
 }

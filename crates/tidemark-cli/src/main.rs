@@ -71,7 +71,7 @@ fn main() {
         Err(e) if exit::is_broken_pipe(&e) => std::process::exit(exit::OK),
         Err(e) => {
             let (code, hint) = exit::classify(&e);
-            eprintln!("tidemark: {}", exit::one_line(&e));
+            eprintln!("tidemark: {}", exit::message(&e));
             if let Some(hint) = hint {
                 eprintln!("hint: {hint}");
             }

@@ -417,6 +417,27 @@ fn configuration_errors_name_the_field_and_what_to_do() {
         assert!(err.contains(says), "{to}: {err}");
         assert!(err.contains("hint: fix the fields named above"), "{err}");
     }
+    // Two problems: one per line, as docs/agent.md shows, not flattened onto one.
+    let o = check(
+        &env,
+        &good.replacen("'0 2 * * *'", "'0 2 * * * * *'", 1).replacen(
+            "repository: main",
+            "repository: other",
+            1,
+        ),
+    );
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    let lines: Vec<&str> = err.lines().collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.trim_start().starts_with("databases.app.repository:"))
+            && lines.iter().any(|l| l
+                .trim_start()
+                .starts_with("databases.app.schedules[0].cron:")),
+        "{err}"
+    );
     let o = env.cmd(&["agent"]).output().unwrap();
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("--config"));
@@ -752,7 +773,8 @@ fn a_wrong_repository_password_stops_the_agent_at_start_with_the_repository_name
         .cmd(&["agent", "--config", config.to_str().unwrap()])
         .output()
         .unwrap();
-    assert_eq!(o.status.code(), Some(2));
+    // The CLI's codes (README): 4 for a wrong password, 3 for no repository.
+    assert_eq!(o.status.code(), Some(4));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
         err.contains("failed to open repository \"main\" at location \"local\"")
@@ -762,6 +784,18 @@ fn a_wrong_repository_password_stops_the_agent_at_start_with_the_repository_name
     assert!(
         !err.contains("not the password") && !err.contains("panicked"),
         "{err}"
+    );
+    std::fs::remove_dir_all(env.path("repo")).unwrap();
+    std::fs::create_dir(env.path("repo")).unwrap();
+    let o = env
+        .cmd(&["agent", "--config", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
     );
 }
 

@@ -131,6 +131,24 @@ fn a_corrupt_config_has_exit_code_6_and_names_the_config() {
     assert!(stderr(&o).contains("config is damaged"), "{}", stderr(&o));
 }
 
+/// Issue #15 point 6: a config file that cannot be read is a config error (2), like one that
+/// does not parse.
+#[test]
+fn an_unreadable_config_file_exits_2_naming_the_file() {
+    let env = Env::new();
+    std::fs::write(env.path("latin1.yaml"), b"repository: /tmp/caf\xe9\n").unwrap();
+    for name in ["missing.yaml", "latin1.yaml"] {
+        let path = env.path(name);
+        let o = env.run(&["--config", path.to_str().unwrap(), "snapshots"]);
+        assert_eq!(code(&o), 2, "{name}: {}", stderr(&o));
+        assert!(
+            stderr(&o).contains(path.to_str().unwrap()),
+            "{}",
+            stderr(&o)
+        );
+    }
+}
+
 #[test]
 fn a_broken_config_file_is_a_usage_error_naming_the_file() {
     let env = Env::new();

@@ -49,8 +49,13 @@ pub async fn run(g: &Global, a: Args) -> Result<i32> {
         return Ok(crate::exit::OK);
     }
     let rx = super::stop_on_signal("stopping: finishing or abandoning running work");
+    // A repository that does not open exits as the CLI does for it (3, 4, 7); anything
+    // else that stops the start is the configuration's (2).
     tidemark_agent::runtime::run(config, rx)
         .await
-        .map_err(|e| usage(e.0, "the agent did not start; nothing was changed"))?;
+        .map_err(|e| match e.cause {
+            Some(_) => anyhow::Error::new(e),
+            None => usage(e.message, "the agent did not start; nothing was changed"),
+        })?;
     Ok(crate::exit::OK)
 }
