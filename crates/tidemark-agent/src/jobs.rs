@@ -259,7 +259,7 @@ fn plan_lines(plan: &tidemark_repo::ops::retention::RetentionPlan) -> Vec<String
             ));
         } else {
             lines.push(format!(
-                "remove snapshot {} of {}",
+                "would remove snapshot {} of {}",
                 d.id.short(),
                 d.time.to_rfc3339()
             ));
@@ -267,7 +267,7 @@ fn plan_lines(plan: &tidemark_repo::ops::retention::RetentionPlan) -> Vec<String
     }
     if !plan.delete_segments.is_empty() {
         lines.push(format!(
-            "remove {} log segment(s)",
+            "would remove {} log segment(s)",
             plan.delete_segments.len()
         ));
     }

@@ -355,10 +355,10 @@ impl Worker {
             },
         };
         if rec.ok {
-            tracing::info!(database = %self.name, snapshot = ?rec.snapshot, "verification restore passed in {:.1}s", rec.rto_seconds);
+            tracing::info!(database = %self.name, snapshot = rec.snapshot.as_deref().unwrap_or("none"), "verification restore passed in {:.1}s", rec.rto_seconds);
         } else {
             let e = rec.error.clone().unwrap_or_default();
-            tracing::error!(database = %self.name, snapshot = ?rec.snapshot, "verification restore failed: {e}");
+            tracing::error!(database = %self.name, snapshot = rec.snapshot.as_deref().unwrap_or("none"), "verification restore failed: {e}");
             let what = rec.snapshot.as_deref().unwrap_or("-");
             self.notifier.send(
                 &self.db.notify,
@@ -546,7 +546,7 @@ impl Worker {
         }
         match result {
             Ok(rec) => {
-                tracing::info!(database = %self.name, kind = kind.as_str(), snapshot = ?rec.snapshot, "backup done in {:.1}s", rec.duration_seconds);
+                tracing::info!(database = %self.name, kind = kind.as_str(), snapshot = rec.snapshot.as_deref().unwrap_or("none"), "backup done in {:.1}s", rec.duration_seconds);
                 self.update(|d| {
                     d.running = None;
                     for (site, run) in &rec.locations {
@@ -659,11 +659,7 @@ pub async fn run(config: Config, stop: watch::Receiver<bool>) -> Result<(), Star
         )));
     }
     status.lock().unwrap_or_else(|p| p.into_inner()).ready = true;
-    tracing::info!(
-        "agent running: {} database(s), listening on {}",
-        config.databases.len(),
-        config.listen()
-    );
+    tracing::info!("{}", started_line(&config, Utc::now()));
     for w in workers {
         let _ = w.await;
     }
@@ -672,6 +668,45 @@ pub async fn run(config: Config, stop: watch::Receiver<bool>) -> Result<(), Star
     }
     let _ = http.await;
     Ok(())
+}
+
+/// The one line an agent logs once it runs: where it listens, and each database with the next
+/// time each of its schedules fires (before jitter and catch-up).
+fn started_line(config: &Config, now: DateTime<Utc>) -> String {
+    let next = |cron: &str| {
+        crate::cron::Schedule::parse(cron)
+            .ok()
+            .and_then(|s| s.next_after(now))
+            .map_or_else(
+                || "never".to_owned(),
+                |t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string(),
+            )
+    };
+    let dbs: Vec<String> = config
+        .databases
+        .iter()
+        .map(|(name, d)| {
+            let mut runs: Vec<String> = d
+                .schedules
+                .iter()
+                .map(|s| format!("{} next at {}", s.kind.as_str(), next(&s.cron)))
+                .collect();
+            if let Some(v) = &d.verification {
+                runs.push(format!("verification next at {}", next(&v.cron)));
+            }
+            let engine = format!("{:?}", d.engine).to_lowercase();
+            if runs.is_empty() {
+                format!("{name} ({engine}, no schedules)")
+            } else {
+                format!("{name} ({engine}: {})", runs.join(", "))
+            }
+        })
+        .collect();
+    format!(
+        "agent running, listening on {}; {}",
+        config.listen(),
+        dbs.join("; ")
+    )
 }
 
 /// Sleep until `t`; forever when there is none.

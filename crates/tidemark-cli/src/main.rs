@@ -37,8 +37,11 @@ fn limit_malloc_arenas() {
 fn main() {
     limit_malloc_arenas();
     let cli = cmd::Cli::parse();
+    // A server says what it does: the agent logs at info unless told otherwise.
+    let server = matches!(cli.command, cmd::Command::Agent(_));
     let filter = match (cli.global.quiet, cli.global.verbose) {
         (true, _) => "error",
+        (_, 0) if server => "info",
         (_, 0) => "warn",
         (_, 1) => "info",
         _ => "debug",

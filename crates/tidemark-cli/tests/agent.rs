@@ -243,7 +243,14 @@ fn an_agent_backs_up_sqlite_every_few_seconds_keeps_its_retention_and_reports_it
         "{out}"
     );
     assert!(out.contains("recoverable: "), "{out}");
-    assert!(out.contains("retention: keep snapshot"), "{out}");
+    assert!(out.contains("retention plan: keep snapshot"), "{out}");
+    // Issue #15 point 11: each removal says whether it is planned or done.
+    for l in out.lines().filter(|l| l.contains("remove")) {
+        assert!(
+            l.contains("retention plan: would remove") || l.contains("retention done: removed"),
+            "{l}"
+        );
+    }
 
     // The newest snapshot restores to the same rows.
     let id = env.snapshots().last().unwrap()["id"]
@@ -760,6 +767,45 @@ notifications:
         .map(|d| d.map(|e| e.unwrap().path()).collect())
         .unwrap_or_default();
     assert!(left.is_empty(), "verification left {left:?}");
+}
+
+/// Issue #15 point 10: at the default log level the agent says where it listens and when each
+/// database runs next, and its log lines carry values, not debug forms.
+#[test]
+fn the_agent_says_where_it_listens_and_when_each_database_runs_next() {
+    let env = Env::new();
+    env.ok(&["init"]);
+    make_db(&env.path("app.db"), 10, 10);
+    let config = env.config(
+        "agent.yaml",
+        "@every 2s",
+        "",
+        "    verification: {cron: '0 3 * * *'}\n",
+    );
+    let log = std::fs::File::create(env.path("agent.log")).unwrap();
+    let agent = Agent(Some(
+        env.cmd(&["agent", "--config", config.to_str().unwrap()])
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    ));
+    env.wait_for("a backup", 30, |s| successes(s) >= 1);
+    env.stop(agent, 20);
+    let log = env.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("agent running"))
+        .unwrap_or_else(|| panic!("no start line:\n{log}"));
+    assert!(
+        line.contains(&format!("listening on 127.0.0.1:{}", env.port))
+            && line.contains("app (sqlite: physical next at ")
+            && line.contains("verification next at ")
+            && line.contains(" 03:00:00 UTC"),
+        "{line}"
+    );
+    assert!(log.contains("backup done"), "{log}");
+    assert!(!log.contains("Some("), "{log}");
 }
 
 #[test]

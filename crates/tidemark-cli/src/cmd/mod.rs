@@ -62,7 +62,8 @@ pub enum Command {
     /// Manage the keys that open the repository.
     #[command(subcommand)]
     Key(key::Command),
-    /// PostgreSQL: logical backups (pg_dump) and restores (pg_restore).
+    /// PostgreSQL: logical and physical backups, WAL streaming, the recoverable window, and
+    /// restores of a database or of a cluster to any point in time (--delta in place).
     #[command(subcommand)]
     Pg(pg::Command),
     /// Archive one WAL file (PostgreSQL's archive_command: `tidemark wal-push %p`).

@@ -144,8 +144,13 @@ pub async fn run(g: &Global, a: Args) -> Result<i32> {
                     .unwrap_or_default()
             );
         }
+        // The plan is what the last dry run found (planned); `retention` is what the last run
+        // did (done).
         for line in &d.retention_plan {
-            println!("  retention: {line}");
+            println!("  retention plan: {line}");
+        }
+        for line in &d.retention {
+            println!("  retention done: {line}");
         }
         if let Some(e) = &d.retention_error {
             println!("  retention FAILED: {e}");
