@@ -14,7 +14,8 @@ pub struct Bar {
 }
 
 impl Bar {
-    /// Start showing `what`; `total` bytes if known.
+    /// Start showing `what`; `total` bytes if known now. A total that a producer sets later
+    /// (`progress.total`) turns the rate-only bar into one with a percentage and an ETA.
     pub fn start(what: &str, total: Option<u64>, progress: Arc<Progress>, quiet: bool) -> Bar {
         if quiet || !std::io::stderr().is_terminal() {
             return Bar {
@@ -22,23 +23,33 @@ impl Bar {
                 task: None,
             };
         }
-        let bar = match total {
-            Some(t) => ProgressBar::new(t).with_style(
+        let sized = |bar: &ProgressBar, t: u64| {
+            bar.set_length(t);
+            bar.set_style(
                 ProgressStyle::with_template(
-                    "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+                    "{msg} [{bar:30}] {percent:>3}% {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
                 )
                 .expect("template")
                 .progress_chars("=> "),
-            ),
-            None => ProgressBar::new_spinner().with_style(
-                ProgressStyle::with_template("{spinner} {msg} {bytes} {bytes_per_sec} {elapsed}")
-                    .expect("template"),
-            ),
+            );
         };
+        let bar = ProgressBar::new_spinner().with_style(
+            ProgressStyle::with_template("{spinner} {msg} {bytes} {bytes_per_sec} {elapsed}")
+                .expect("template"),
+        );
+        let mut known = total.filter(|t| *t > 0);
+        if let Some(t) = known {
+            sized(&bar, t);
+        }
         bar.set_message(what.to_owned());
         let b = bar.clone();
         let task = tokio::spawn(async move {
             loop {
+                let t = Progress::get(&progress.total);
+                if known.is_none() && t > 0 {
+                    sized(&b, t);
+                    known = Some(t);
+                }
                 b.set_position(Progress::get(&progress.bytes));
                 b.tick();
                 tokio::time::sleep(Duration::from_millis(100)).await;

@@ -155,6 +155,9 @@ impl Engine for Sqlite {
             path: copy.display().to_string(),
             source: e,
         })?;
+        if let Ok(m) = file.metadata() {
+            backup.expect_bytes(m.len());
+        }
         backup
             .add_stream(STREAM, EntryType::Stream, file, None, None)
             .await?;

@@ -11,6 +11,8 @@ pub struct Progress {
     pub stored: AtomicU64,
     /// Items (streams, files, packs) finished.
     pub items: AtomicU64,
+    /// Bytes `bytes` will reach in all, where a producer knows it (0: unknown).
+    pub total: AtomicU64,
 }
 
 impl Progress {

@@ -134,6 +134,12 @@ async fn backup(ctx: &Context, targets: &Targets, a: Args) -> Result<i32> {
         opts.engine = "files".into();
         opts.kind = SnapshotKind::Files;
         let mut b = targets.start(opts, progress.clone()).await?;
+        let paths = a.paths.clone();
+        b.expect_bytes(
+            tokio::task::spawn_blocking(move || paths.iter().map(|p| tree_size(p)).sum())
+                .await
+                .unwrap_or(0),
+        );
         for p in &a.paths {
             let base = p
                 .file_name()
@@ -188,6 +194,23 @@ fn mode(m: &std::fs::Metadata) -> Option<u32> {
 }
 
 /// Add `path` as `name`, recursing into directories in name order.
+/// Bytes of the regular files under `path` (symbolic links not followed), for the progress
+/// bar's total; what cannot be read counts nothing here and fails in the backup itself.
+fn tree_size(path: &Path) -> u64 {
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return 0;
+    };
+    if meta.is_file() {
+        return meta.len();
+    }
+    if !meta.is_dir() {
+        return 0;
+    }
+    std::fs::read_dir(path)
+        .map(|d| d.flatten().map(|e| tree_size(&e.path())).sum())
+        .unwrap_or(0)
+}
+
 async fn add_path(b: &mut Backup<'_>, path: &Path, name: &str) -> Result<()> {
     let meta = std::fs::symlink_metadata(path)
         .map_err(|e| SourceFailed(format!("failed to read {}: {e}", path.display())))?;

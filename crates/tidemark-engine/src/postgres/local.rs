@@ -481,6 +481,24 @@ pub(super) async fn backup(
     })
     .await
     .map_err(|e| pg.db_error("back up", e))??;
+    let sized: Vec<std::path::PathBuf> = walk
+        .items
+        .iter()
+        .filter_map(|i| match &i.what {
+            What::File(p) => Some(p.clone()),
+            _ => None,
+        })
+        .collect();
+    let total = tokio::task::spawn_blocking(move || {
+        sized
+            .iter()
+            .filter_map(|p| std::fs::metadata(p).ok())
+            .map(|m| m.len())
+            .sum::<u64>()
+    })
+    .await
+    .unwrap_or(0);
+    backup.expect_bytes(total);
 
     let mut lines = Vec::new();
     for item in walk.items {

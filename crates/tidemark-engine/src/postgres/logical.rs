@@ -337,6 +337,7 @@ pub async fn restore(
     progress: Arc<Progress>,
 ) -> Result<RestoreReport> {
     let (source, entry) = pick_stream(id, snapshot, o.source.as_deref())?;
+    Progress::add(&progress.total, entry.size);
     let target = o.target.clone().unwrap_or(source);
     let info = pg.server_info().await?;
 

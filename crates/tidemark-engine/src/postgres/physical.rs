@@ -157,13 +157,16 @@ fn first_row(rows: &[Vec<Option<String>>]) -> (u64, u32) {
     )
 }
 
-/// Run BASE_BACKUP on `conn` and hand each member to `tx`, in archive order.
+/// Run BASE_BACKUP on `conn` and hand each member to `tx`, in archive order. The server sizes
+/// each tablespace first (PROGRESS), and the sum goes to `progress` as the expected total.
 async fn receive(
     mut conn: Connection,
     tx: mpsc::Sender<(String, Member)>,
+    progress: std::sync::Arc<tidemark_repo::progress::Progress>,
 ) -> Result<Ended, WireError> {
-    const COMMAND: &str = "BASE_BACKUP (LABEL 'tidemark', CHECKPOINT 'fast', WAIT true, \
-                           MANIFEST 'yes', MANIFEST_CHECKSUMS 'CRC32C', TARGET 'client')";
+    const COMMAND: &str = "BASE_BACKUP (LABEL 'tidemark', PROGRESS true, CHECKPOINT 'fast', \
+                           WAIT true, MANIFEST 'yes', MANIFEST_CHECKSUMS 'CRC32C', \
+                           TARGET 'client')";
     let server = conn.server().to_owned();
     let closed = || protocol(&server, "the backup was abandoned by the reader");
     conn.start_query(COMMAND).await?;
@@ -195,7 +198,15 @@ async fn receive(
                 results += 1;
                 match results {
                     1 => (ended.start_lsn, ended.start_tli) = first_row(&rows),
-                    2 => ended.tablespaces = rows.len(),
+                    2 => {
+                        ended.tablespaces = rows.len();
+                        // (spcoid, spclocation, size in kB).
+                        let kb: u64 = rows
+                            .iter()
+                            .filter_map(|r| r.get(2).cloned().flatten()?.parse::<u64>().ok())
+                            .sum();
+                        tidemark_repo::progress::Progress::add(&progress.total, kb * 1024);
+                    }
                     3 => (ended.end_lsn, ended.end_tli) = first_row(&rows),
                     _ => {}
                 }
@@ -499,7 +510,7 @@ async fn replicate(pg: &Postgres, backup: &mut Backup<'_>, block: usize) -> Resu
         .map_err(|e| pg.db_error("open a replication connection to", e))?;
     let seg_size = wal_segment_size(&mut conn).await;
     let (tx, mut rx) = mpsc::channel::<(String, Member)>(4);
-    let receiver = tokio::spawn(receive(conn, tx));
+    let receiver = tokio::spawn(receive(conn, tx, backup.progress()));
     let added: Result<()> = async {
         while let Some((prefix, m)) = rx.recv().await {
             match m {
@@ -818,6 +829,10 @@ pub async fn restore(
         .find(|s| s.name == MANIFEST)
         .ok_or_else(|| wrong("it has no backup manifest"))?;
     let places = tablespace_places(snapshot, &o.tablespace_map).map_err(|r| wrong(&r))?;
+    tidemark_repo::progress::Progress::add(
+        &progress.total,
+        snapshot.streams.iter().map(|s| s.size).sum(),
+    );
     let busy = |dir: &std::path::Path, reason: String| Error::Database {
         action: "restore into",
         database: dir.display().to_string(),

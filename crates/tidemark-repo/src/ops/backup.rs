@@ -335,6 +335,17 @@ struct Done {
 }
 
 impl<'l> Backup<'l> {
+    /// Say that `n` more bytes will be read, where the source knows its size (files, a copy
+    /// of a database, a base backup the server has sized): progress then shows a total.
+    pub fn expect_bytes(&self, n: u64) {
+        Progress::add(&self.progress.total, n);
+    }
+
+    /// The counters this backup updates.
+    pub fn progress(&self) -> Arc<Progress> {
+        self.progress.clone()
+    }
+
     /// Start a backup under a shared lock: loads the index for deduplication.
     ///
     /// # Errors
