@@ -10,6 +10,8 @@ pub mod crypto;
 pub mod dict;
 pub mod duration;
 mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod id;
 pub mod index;
 pub mod key;

@@ -227,16 +227,27 @@ async fn segment_info_here(repo: &Repository, stream: &str, name: &str) -> Resul
         .keys()
         .open(&footer_aad(stream, name), &footer)
         .map_err(|_| Error::corrupt(&path, "footer authentication failed"))?;
-    let info: SegmentInfo = serde_json::from_slice(&plain)
-        .map_err(|e| Error::corrupt(&path, format!("footer: {e}")))?;
-    let end = size - 4 - len;
-    if info.frames.iter().any(|[off, len, _]| off + len > end)
-        || info.frames.iter().map(|f| f[2]).sum::<u64>() != info.raw_size
-    {
-        return Err(Error::corrupt(
-            &path,
-            "frame table does not fit the segment",
-        ));
+    footer_info(&plain, size - 4 - len, &path)
+}
+
+/// Decode an opened footer of a segment whose frames end at byte `end`, and check that its
+/// frame table fits (with no arithmetic a hostile table can overflow).
+///
+/// # Errors
+/// `Corrupt` naming `path`.
+pub(crate) fn footer_info(plain: &[u8], end: u64, path: &str) -> Result<SegmentInfo> {
+    let info: SegmentInfo =
+        serde_json::from_slice(plain).map_err(|e| Error::corrupt(path, format!("footer: {e}")))?;
+    let fits = info
+        .frames
+        .iter()
+        .all(|[off, len, _]| off.checked_add(*len).is_some_and(|e| e <= end));
+    let raw = info
+        .frames
+        .iter()
+        .try_fold(0u64, |sum, f| sum.checked_add(f[2]));
+    if !fits || raw != Some(info.raw_size) {
+        return Err(Error::corrupt(path, "frame table does not fit the segment"));
     }
     Ok(info)
 }

@@ -338,6 +338,15 @@ pub fn read_header_tail(
     let header = keys
         .open(aad::PACK_HEADER, &pack[local_start..pack.len() - 4])
         .map_err(|_| bad("header authentication failed"))?;
+    parse_header(&header, start, object)
+}
+
+/// Decode an opened pack header whose sealed form starts at byte `start` of its pack.
+///
+/// # Errors
+/// `Corrupt` naming `object`; `UnsupportedVersion`.
+pub(crate) fn parse_header(header: &[u8], start: usize, object: &str) -> Result<Vec<PackEntry>> {
+    let bad = |reason: &str| Error::corrupt(object, reason);
     if header.len() < 9 || &header[..4] != MAGIC {
         return Err(bad("header has no magic"));
     }

@@ -398,8 +398,19 @@ impl Repository {
             .keys
             .open(aad, &bytes)
             .map_err(|AuthFailed| Error::corrupt(path, "authentication failed"))?;
+        decode_json(&compressed, path)
+    }
+}
+
+/// Decode the opened content of a sealed JSON object: zstd (at most `MAX_JSON` bytes out),
+/// JSON, version 1.
+///
+/// # Errors
+/// `Corrupt` naming `path`; `UnsupportedVersion`.
+pub(crate) fn decode_json<T: DeserializeOwned>(compressed: &[u8], path: &str) -> Result<T> {
+    {
         let mut json = Vec::new();
-        zstd::stream::read::Decoder::new(&compressed[..])
+        zstd::stream::read::Decoder::new(compressed)
             .and_then(|d| d.take(MAX_JSON).read_to_end(&mut json))
             .map_err(|e| Error::corrupt(path, format!("zstd: {e}")))?;
         let value: serde_json::Value = serde_json::from_slice(&json)
@@ -413,7 +424,9 @@ impl Repository {
         }
         serde_json::from_value(value).map_err(|e| Error::corrupt(path, format!("JSON: {e}")))
     }
+}
 
+impl Repository {
     /// Objects under `dir/` whose names are ids.
     pub async fn list_objects(&self, dir: &str) -> Result<Vec<ObjectMeta>> {
         let mut v = self.storage.list(&format!("{dir}/")).await?;
@@ -708,7 +721,15 @@ fn read_config(keys: &Keys, bytes: &[u8]) -> Result<RepoConfig> {
             "authentication failed (the config object was modified or replaced)",
         )
     })?;
-    let value: serde_json::Value = serde_json::from_slice(&plain)
+    decode_config(&plain)
+}
+
+/// Decode an opened `config` object.
+///
+/// # Errors
+/// `Corrupt`; `UnsupportedVersion`.
+pub(crate) fn decode_config(plain: &[u8]) -> Result<RepoConfig> {
+    let value: serde_json::Value = serde_json::from_slice(plain)
         .map_err(|e| Error::corrupt("config", format!("not valid JSON: {e}")))?;
     let version = value.get("version").and_then(|v| v.as_u64()).unwrap_or(0) as u32;
     if version != 1 {

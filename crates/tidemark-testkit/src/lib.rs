@@ -4,6 +4,7 @@
 //! A missing server binary is a test failure with a message saying how to install it, never a
 //! silent skip: `.ci/run` installs everything.
 
+pub mod fuzz;
 mod postgres;
 mod process;
 mod servers;

@@ -3,6 +3,8 @@
 
 pub mod archive;
 pub mod conn;
+#[doc(hidden)]
+pub mod fuzzing;
 mod local;
 pub mod logical;
 mod page;
