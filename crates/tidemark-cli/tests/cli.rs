@@ -634,6 +634,22 @@ fn keys_are_managed_from_the_command_line() {
     assert_eq!(code(&o), 4);
 }
 
+/// Issue #15 point 12: the help says what `pg` does now, not only dumps.
+#[test]
+fn the_help_says_what_pg_does() {
+    let env = Env::new();
+    let o = env.run(&["--help"]);
+    let help = String::from_utf8_lossy(&o.stdout);
+    let pg = help
+        .lines()
+        .find(|l| l.trim_start().starts_with("pg "))
+        .unwrap_or_else(|| panic!("{help}"));
+    assert!(
+        pg.contains("physical") && pg.contains("point in time") && pg.contains("WAL"),
+        "{pg}"
+    );
+}
+
 #[test]
 fn the_demo_runs_with_nothing_installed() {
     let o = Command::new(env!("CARGO_BIN_EXE_tidemark"))
