@@ -205,29 +205,12 @@ pub async fn segment_info(repo: &Repository, stream: &str, name: &str) -> Result
 async fn segment_info_here(repo: &Repository, stream: &str, name: &str) -> Result<SegmentInfo> {
     let path = path(stream, name)?;
     let size = repo.storage().head(&path).await?.size;
-    if size < 9 {
-        return Err(Error::corrupt(&path, "too short for a log segment"));
-    }
-    let len = u32::from_le_bytes(
-        repo.storage().get_range(&path, size - 4..size).await?[..]
-            .try_into()
-            .expect("4 bytes"),
-    ) as u64;
-    if len + 9 > size {
-        return Err(Error::corrupt(
-            &path,
-            "footer length is beyond the start of the segment",
-        ));
-    }
-    let footer = repo
-        .storage()
-        .get_range(&path, size - 4 - len..size - 4)
-        .await?;
+    let (end, footer) = repo.sealed_tail(&path, size, 5, "log segment").await?;
     let plain = repo
         .keys()
         .open(&footer_aad(stream, name), &footer)
         .map_err(|_| Error::corrupt(&path, "footer authentication failed"))?;
-    footer_info(&plain, size - 4 - len, &path)
+    footer_info(&plain, end, &path)
 }
 
 /// Decode an opened footer of a segment whose frames end at byte `end`, and check that its

@@ -310,21 +310,6 @@ impl PackBuilder {
 /// # Errors
 /// `Corrupt` naming `object` when the trailer or header is damaged.
 pub fn read_header(keys: &Keys, pack: &[u8], object: &str) -> Result<Vec<PackEntry>> {
-    read_header_tail(keys, pack, 0, object)
-}
-
-/// Read the header from the end of a pack: `tail` is the pack from byte `tail_offset` to its
-/// end, and must hold the whole header and trailer (ranged reads fetch only that much).
-///
-/// # Errors
-/// `Corrupt` naming `object` when the trailer or header is damaged.
-pub fn read_header_tail(
-    keys: &Keys,
-    tail: &[u8],
-    tail_offset: u64,
-    object: &str,
-) -> Result<Vec<PackEntry>> {
-    let pack = tail;
     let bad = |reason: &str| Error::corrupt(object, reason);
     if pack.len() < 4 {
         return Err(bad("too short for a pack"));
@@ -333,10 +318,9 @@ pub fn read_header_tail(
     if hlen + 4 > pack.len() {
         return Err(bad("header length is beyond the start of the pack"));
     }
-    let local_start = pack.len() - 4 - hlen;
-    let start = tail_offset as usize + local_start;
+    let start = pack.len() - 4 - hlen;
     let header = keys
-        .open(aad::PACK_HEADER, &pack[local_start..pack.len() - 4])
+        .open(aad::PACK_HEADER, &pack[start..pack.len() - 4])
         .map_err(|_| bad("header authentication failed"))?;
     parse_header(&header, start, object)
 }

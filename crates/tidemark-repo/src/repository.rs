@@ -427,6 +427,39 @@ pub(crate) fn decode_json<T: DeserializeOwned>(compressed: &[u8], path: &str) ->
 }
 
 impl Repository {
+    /// The sealed tail of an object of `size` bytes that ends with it and its length (u32 LE),
+    /// as packs and log segments do, with at least `before` bytes ahead of it: where it starts,
+    /// and its bytes. Two ranged reads.
+    ///
+    /// # Errors
+    /// Storage errors; `Corrupt` naming the object (`what`) when the length does not fit.
+    pub(crate) async fn sealed_tail(
+        &self,
+        path: &str,
+        size: u64,
+        before: u64,
+        what: &str,
+    ) -> Result<(u64, Bytes)> {
+        if size < 4 + before {
+            return Err(Error::corrupt(path, format!("too short for a {what}")));
+        }
+        let trailer = self.storage.get_range(path, size - 4..size).await?;
+        let len = u32::from_le_bytes(
+            trailer
+                .as_ref()
+                .try_into()
+                .map_err(|_| Error::corrupt(path, "the trailer was cut short"))?,
+        ) as u64;
+        if len + 4 + before > size {
+            return Err(Error::corrupt(
+                path,
+                format!("the trailer's length is beyond the start of the {what}"),
+            ));
+        }
+        let start = size - 4 - len;
+        Ok((start, self.storage.get_range(path, start..size - 4).await?))
+    }
+
     /// Objects under `dir/` whose names are ids.
     pub async fn list_objects(&self, dir: &str) -> Result<Vec<ObjectMeta>> {
         let mut v = self.storage.list(&format!("{dir}/")).await?;

@@ -13,11 +13,12 @@ use std::collections::HashSet;
 
 use futures::StreamExt;
 
+use crate::crypto::aad;
 use crate::error::{Error, Result};
 use crate::id::{ChunkId, IndexId, PackId};
 use crate::index::{IndexFile, IndexPack, MasterIndex};
 use crate::lock::LockGuard;
-use crate::pack::{read_header_tail, PackEntry};
+use crate::pack::{parse_header, PackEntry};
 use crate::repository::{index_of, Repository};
 
 use super::prune::copy_blobs;
@@ -64,31 +65,16 @@ pub struct Unindexed {
 /// Storage errors; `Corrupt` naming the pack for a damaged or cut-off header.
 pub async fn pack_header(repo: &Repository, id: &PackId, size: u64) -> Result<Vec<PackEntry>> {
     let path = id.path();
-    if size < 4 {
-        return Err(Error::corrupt(&path, "too short for a pack"));
-    }
-    let trailer = repo.storage().get_range(&path, size - 4..size).await?;
-    let hlen = u32::from_le_bytes(
-        trailer
-            .as_ref()
-            .try_into()
-            .map_err(|_| Error::corrupt(&path, "the trailer was cut short"))?,
-    ) as u64;
-    if hlen + 4 > size {
-        return Err(Error::corrupt(
-            &path,
-            "header length is beyond the start of the pack",
-        ));
-    }
-    let tail = repo
-        .storage()
-        .get_range(&path, size - 4 - hlen..size)
-        .await?;
+    let (start, sealed) = repo.sealed_tail(&path, size, 0, "pack").await?;
     let keys = repo.keys().clone();
-    let start = size - 4 - hlen;
-    tokio::task::spawn_blocking(move || read_header_tail(&keys, &tail, start, &path))
-        .await
-        .map_err(|e| Error::Invalid(format!("header task failed: {e}")))?
+    tokio::task::spawn_blocking(move || {
+        let header = keys
+            .open(aad::PACK_HEADER, &sealed)
+            .map_err(|_| Error::corrupt(&path, "header authentication failed"))?;
+        parse_header(&header, start as usize, &path)
+    })
+    .await
+    .map_err(|e| Error::Invalid(format!("header task failed: {e}")))?
 }
 
 /// The packs in storage that `index` does not list, read from their headers.
