@@ -317,6 +317,14 @@ fn walk(data: &[u8], start: u64, page: u64, visit: &mut dyn FnMut(Record)) -> (S
     if page < 64 || !page.is_power_of_two() {
         return (scan, Stop::Invalid(start, "not a WAL page size"));
     }
+    // Every position below is at most a page past the data's end: one that could not be
+    // represented is not WAL (found by fuzzing with overflow checks).
+    if start.checked_add(data.len() as u64 + 2 * page).is_none() {
+        return (
+            scan,
+            Stop::Invalid(start, "a position past the end of the WAL"),
+        );
+    }
     let pages = Pages { data, start, page };
     let Some(first) = data.get(..24) else {
         return (scan, Stop::End);
