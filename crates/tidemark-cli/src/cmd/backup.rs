@@ -134,12 +134,12 @@ async fn backup(ctx: &Context, targets: &Targets, a: Args) -> Result<i32> {
         opts.engine = "files".into();
         opts.kind = SnapshotKind::Files;
         let mut b = targets.start(opts, progress.clone()).await?;
-        let paths = a.paths.clone();
-        b.expect_bytes(
-            tokio::task::spawn_blocking(move || paths.iter().map(|p| tree_size(p)).sum())
-                .await
-                .unwrap_or(0),
-        );
+        // Sized beside the backup (as restic's scanner does), so that it starts at once.
+        let (paths, sizing) = (a.paths.clone(), b.progress());
+        tokio::task::spawn_blocking(move || {
+            let total = paths.iter().map(|p| tree_size(p)).sum();
+            Progress::add(&sizing.total, total);
+        });
         for p in &a.paths {
             let base = p
                 .file_name()

@@ -203,6 +203,8 @@ fn temporary(name: &str) -> bool {
 struct Walk {
     items: Vec<Item>,
     tablespaces: usize,
+    /// Bytes of the files found, as listed (the progress bar's total).
+    bytes: u64,
     /// The `PG_<major>_` prefix of a tablespace's version directory.
     version_dir: String,
 }
@@ -293,6 +295,7 @@ impl Walk {
                     manifest == "base/",
                 )?;
             } else if kind.is_file() {
+                self.bytes += meta.len();
                 self.items.push(item(What::File(path)));
             }
         }
@@ -465,11 +468,13 @@ pub(super) async fn backup(
         let mut w = Walk {
             items: Vec::new(),
             tablespaces: 0,
+            bytes: 0,
             version_dir: format!("PG_{major}_"),
         };
         w.dir(&root, DATA, "", false)?;
         let control = root.join(CONTROL);
         let meta = std::fs::metadata(&control).map_err(|e| io_err("read", &control, e))?;
+        w.bytes += meta.len();
         w.items.push(Item {
             name: format!("{DATA}{CONTROL}"),
             manifest: CONTROL.to_owned(),
@@ -481,24 +486,7 @@ pub(super) async fn backup(
     })
     .await
     .map_err(|e| pg.db_error("back up", e))??;
-    let sized: Vec<std::path::PathBuf> = walk
-        .items
-        .iter()
-        .filter_map(|i| match &i.what {
-            What::File(p) => Some(p.clone()),
-            _ => None,
-        })
-        .collect();
-    let total = tokio::task::spawn_blocking(move || {
-        sized
-            .iter()
-            .filter_map(|p| std::fs::metadata(p).ok())
-            .map(|m| m.len())
-            .sum::<u64>()
-    })
-    .await
-    .unwrap_or(0);
-    backup.expect_bytes(total);
+    backup.expect_bytes(walk.bytes);
 
     let mut lines = Vec::new();
     for item in walk.items {

@@ -199,24 +199,25 @@ pub async fn prune(
             unindexed.push((id, m.size));
         }
     }
+    let headers = super::repair::read_headers(repo, unindexed).await;
+    for p in headers.packs {
+        if p.chunks
+            .iter()
+            .any(|c| used.contains(&c.id) && !listed.contains(&c.id))
+        {
+            tracing::warn!(pack = %p.id, "a pack no index lists holds chunks that snapshots need; indexing it again (run `tidemark check`)");
+            listed.extend(p.chunks.iter().map(|c| c.id));
+            report.packs_reindexed += 1;
+            kept.push(p);
+        } else {
+            to_delete.push((p.id, p.size));
+        }
+    }
     let mut unreadable = Vec::new();
-    for (id, size) in unindexed {
-        match super::repair::pack_header(repo, &id, size).await {
-            Ok(entries) => {
-                if entries
-                    .iter()
-                    .any(|e| used.contains(&e.id) && !listed.contains(&e.id))
-                {
-                    tracing::warn!(pack = %id, "a pack no index lists holds chunks that snapshots need; indexing it again (run `tidemark check`)");
-                    listed.extend(entries.iter().map(|e| e.id));
-                    report.packs_reindexed += 1;
-                    kept.push(IndexPack::new(id, size, &entries));
-                } else {
-                    to_delete.push((id, size));
-                }
-            }
-            Err(Error::Corrupt { .. }) => unreadable.push((id, size)),
-            Err(e) => return Err(e),
+    for (id, size, e) in headers.unreadable {
+        match e {
+            Error::Corrupt { .. } => unreadable.push((id, size)),
+            e => return Err(e),
         }
     }
     if !unreadable.is_empty() {

@@ -90,7 +90,12 @@ pub async fn unindexed_packs(repo: &Repository, index: &MasterIndex) -> Result<U
             (!index.has_pack(&id)).then_some((id, m.size))
         })
         .collect();
-    let read: Vec<(PackId, u64, Result<Vec<PackEntry>>)> = futures::stream::iter(wanted)
+    Ok(read_headers(repo, wanted).await)
+}
+
+/// The headers of `packs` (id and stored size), `HEADER_READS` at a time.
+pub(crate) async fn read_headers(repo: &Repository, packs: Vec<(PackId, u64)>) -> Unindexed {
+    let read: Vec<(PackId, u64, Result<Vec<PackEntry>>)> = futures::stream::iter(packs)
         .map(|(id, size)| async move { (id, size, pack_header(repo, &id, size).await) })
         .buffer_unordered(HEADER_READS)
         .collect()
@@ -104,7 +109,7 @@ pub async fn unindexed_packs(repo: &Repository, index: &MasterIndex) -> Result<U
     }
     out.packs.sort_by_key(|p| p.id);
     out.unreadable.sort_by_key(|u| u.0);
-    Ok(out)
+    out
 }
 
 /// Rebuild the index from the packs' headers. Idempotent: a second run finds nothing to do.
